@@ -1,0 +1,26 @@
+"""neurokern: fused GPU and CPU kernels for spiking neural networks (PLIF, SpikGRU2+).
+
+    import neurokern
+    s = neurokern.plif(x, alpha)                 # [T, B, C, ...] -> spikes
+    gru = neurokern.nn.SpikGRU2Plus(512, 1024, num_layers=3, bidirectional=True)
+    neurokern.backends()                         # what runs where on this machine
+"""
+
+from neurokern import dispatch, functional, nn, reference
+from neurokern.dispatch import BackendUnavailableError, backends
+from neurokern.functional import plif, signed_spike, spike, spikgru2plus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "backends",
+    "dispatch",
+    "functional",
+    "nn",
+    "plif",
+    "reference",
+    "signed_spike",
+    "spike",
+    "spikgru2plus",
+]

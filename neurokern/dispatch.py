@@ -1,0 +1,184 @@
+"""Backend registry and selection: which implementation runs an op on a device.
+
+Backends:
+    "reference"  pure PyTorch (`neurokern.reference`), any device and dtype, slow.
+    "cpu"        fused C++ kernels in `neurokern._C`, CPU tensors.
+    "triton"     Triton kernels in `neurokern.triton_kernels`, CUDA tensors (CPU tensors only
+                 under the Triton interpreter, `TRITON_INTERPRET=1`, for testing).
+    "cuda"       fused CUDA C++ kernels in `neurokern._C`, CUDA tensors.
+    "auto"       the fastest available one for the op and device (see `AUTO_ORDER`).
+
+The default is "auto", or the value of the environment variable `NEUROKERN_BACKEND`.
+An explicitly requested backend that cannot run raises `BackendUnavailableError` with the
+reason. "auto" logs its choice once per op and device (logger "neurokern"); when it has to use
+the reference although a fused backend exists for the op, it logs a warning saying why.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "Availability", "backends", "resolve"]
+
+logger = logging.getLogger("neurokern")
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+OPS = ("spike", "signed_spike", "plif", "spikgru2plus")
+DEVICES = ("cpu", "cuda")
+ENV_BACKEND = "NEUROKERN_BACKEND"
+
+# Preference of "auto" per device type, fastest first.
+AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on this device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run an op on a device, and why not if it cannot."""
+
+    available: bool
+    reason: str = ""
+
+    def __str__(self):
+        return "available" if self.available else f"unavailable: {self.reason}"
+
+
+# (op, backend) -> implementation with the signature of the matching `neurokern.reference` op.
+_IMPLEMENTATIONS: Dict[Tuple[str, str], Callable] = {}
+_logged_choices = set()
+
+
+def register(op: str, backend: str):
+    """Decorator: register `fn` as the implementation of `op` on `backend`."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+
+    def decorator(fn):
+        _IMPLEMENTATIONS[(op, backend)] = fn
+        return fn
+
+    return decorator
+
+
+def _extension_status(device_type: str) -> Optional[str]:
+    """None if `neurokern._C` is loaded and was built for `device_type`, else the reason."""
+    from neurokern import _extension
+
+    if _extension.error is not None:
+        return f"the C++ extension neurokern._C did not load ({_extension.error})"
+    if device_type == "cuda" and not _extension.built_with_cuda():
+        return "neurokern._C was built without its CUDA part (see docs/install.md)"
+    return None
+
+
+def _triton_status(device_type: str) -> Optional[str]:
+    from neurokern import triton_kernels
+
+    if triton_kernels.triton_error is not None:
+        return f"triton is not importable ({triton_kernels.triton_error})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels run on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def availability(op: str, backend: str, device_type: str) -> Availability:
+    """Whether `backend` can run `op` on tensors of `device_type` ("cpu" or "cuda")."""
+    if backend == "reference":
+        return Availability(True)
+    if backend == "cpu" and device_type != "cpu":
+        return Availability(False, "the cpu backend runs CPU tensors only")
+    if backend == "cuda" and device_type != "cuda":
+        return Availability(False, "the cuda backend runs CUDA tensors only")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return Availability(False, "no CUDA device is available to this torch build")
+    if (op, backend) not in _IMPLEMENTATIONS:
+        return Availability(False, f"no {backend} kernel implements {op} yet")
+    reason = _triton_status(device_type) if backend == "triton" else _extension_status(device_type)
+    return Availability(reason is None, reason or "")
+
+
+def backends() -> Dict[str, Dict[str, Dict[str, Availability]]]:
+    """For this machine: `{op: {device_type: {backend: Availability}}}`.
+
+    `str(availability)` reads "available" or "unavailable: <reason>".
+    """
+    return {
+        op: {dev: {b: availability(op, b, dev) for b in BACKENDS} for dev in DEVICES}
+        for op in OPS
+    }
+
+
+def default_backend() -> str:
+    """The backend used when an op is called with `backend="auto"`: `$NEUROKERN_BACKEND` or auto."""
+    name = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"environment variable {ENV_BACKEND}={name!r} is not a backend; "
+            f"choose one of {('auto',) + BACKENDS}"
+        )
+    return name
+
+
+def check_backend_name(backend) -> None:
+    """Raise ValueError naming the `backend` argument unless it is a known backend name."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
+    """The `(name, implementation)` that runs `op` on `device` for the requested `backend`."""
+    check_backend_name(backend)
+    if backend == "auto":
+        backend = default_backend()
+    device_type = device.type
+    if backend != "auto":
+        status = availability(op, backend, device_type)
+        if not status.available:
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot run {op} on {device_type}: {status.reason}"
+            )
+        return backend, _implementation(op, backend)
+
+    if device_type not in AUTO_ORDER:
+        raise BackendUnavailableError(f"{op}: no backend supports {device_type} tensors")
+    skipped = []
+    for name in AUTO_ORDER[device_type]:
+        status = availability(op, name, device_type)
+        if status.available:
+            _log_choice(op, device_type, name, skipped)
+            return name, _implementation(op, name)
+        skipped.append((name, status.reason))
+    raise BackendUnavailableError(f"{op}: no backend can run on {device_type}: {skipped}")
+
+
+def _implementation(op: str, backend: str) -> Callable:
+    if backend == "reference":
+        from neurokern import reference
+
+        return getattr(reference, op)
+    return _IMPLEMENTATIONS[(op, backend)]
+
+
+def _log_choice(op, device_type, name, skipped):
+    key = (op, device_type)
+    if key in _logged_choices:
+        return
+    _logged_choices.add(key)
+    why = "; ".join(f"{b}: {reason}" for b, reason in skipped)
+    if name == "reference" and any((op, b) in _IMPLEMENTATIONS for b, _ in skipped):
+        # A fused kernel exists for this op but cannot run here: say so loudly.
+        logger.warning("neurokern: %s on %s runs the slow reference backend (%s)", op, device_type, why)
+    else:
+        logger.info("neurokern: %s on %s uses the %s backend%s", op, device_type, name,
+                    f" ({why})" if why else "")

@@ -1,0 +1,242 @@
+"""Public functional API: validates arguments, picks a backend, runs the op.
+
+Every op takes `backend=` ("auto", "reference", "cpu", "triton", "cuda"; see
+`neurokern.backends`). All arguments are checked before anything is computed; a bad argument
+raises `TypeError` or `ValueError` naming it.
+"""
+
+import math
+import numbers
+
+import torch
+
+from neurokern import dispatch as _dispatch
+
+__all__ = ["spike", "signed_spike", "plif", "spikgru2plus"]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_like(name, t, x, *, parameter=False):
+    """`t` is a float tensor on `x`'s device with `x`'s dtype.
+
+    A parameter (weight, bias, leak) may also be float32 when `x` is float16/bfloat16: mixed
+    precision keeps parameters in float32 and the kernels compute in float32 anyway.
+    """
+    _check_tensor(name, t)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dtype != x.dtype and not (parameter and t.dtype == torch.float32 and x.dtype in _HALF_DTYPES):
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+
+
+def _check_shape(name, t, shape):
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
+def _check_time(x, time_dim):
+    if x.shape[time_dim] == 0:
+        raise ValueError(f"x has T = 0 time steps (dim {time_dim} of shape {list(x.shape)})")
+
+
+def _run(op, backend, x, *args, **kwargs):
+    _, impl = _dispatch.resolve(op, backend, x.device)
+    return impl(x, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+
+
+def spike(x, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
+    """Heaviside spike `1 if x >= v_th else 0` with the arctan surrogate gradient
+    `1 / (1 + gamma (x - v_th)^2)` (SPEC.md 1).
+
+    `spiking=False` returns the surrogate's primitive instead of the step (smooth mode), so the
+    op is an ordinary differentiable function whose exact derivative is the surrogate.
+    Output has `x`'s shape and dtype.
+    """
+    _check_tensor("x", x)
+    _check_positive("v_th", v_th)
+    _check_positive("gamma", gamma)
+    _dispatch.check_backend_name(backend)
+    return _run("spike", backend, x, float(v_th), float(gamma), spiking=bool(spiking))
+
+
+def signed_spike(x, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
+    """Ternary spike `+1 if x >= v_th, -1 if x <= -v_th, else 0` with the normalised two-sided
+    arctan surrogate of SPEC.md 1. See `spike` for `spiking`."""
+    _check_tensor("x", x)
+    _check_positive("v_th", v_th)
+    _check_positive("gamma", gamma)
+    _dispatch.check_backend_name(backend)
+    return _run("signed_spike", backend, x, float(v_th), float(gamma), spiking=bool(spiking))
+
+
+def plif(
+    x,
+    alpha,
+    *,
+    v_th=1.0,
+    gamma=10.0,
+    signed=False,
+    batch_first=False,
+    state=None,
+    return_state=False,
+    detach_reset=False,
+    spiking=True,
+    backend="auto",
+):
+    """Multi-step PLIF neuron (SPEC.md 2), all T steps in one call.
+
+        v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1},   s_t = act(v_t)
+
+    Args:
+        x: input current `[T, B, C, ...]`, or `[B, T, C, ...]` with `batch_first=True`.
+        alpha: leak per channel, a `[C]` tensor (channel = dim 2), or a scalar (float or 0-d
+            tensor). `alpha=1.0` is the IF neuron.
+        v_th, gamma: threshold and surrogate sharpness, both > 0.
+        signed: use `signed_spike` instead of `spike`.
+        state: initial `(v_0, s_0)`, each `[B, C, ...]`; zeros if None.
+        return_state: also return the final `(v_T, s_T)` (to carry into the next chunk).
+        detach_reset: stop the gradient through the reset term (default off, as the paper).
+        spiking: False for smooth mode (see `spike`).
+
+    Returns:
+        spikes `s` shaped like `x`, or `(s, (v_T, s_T))` if `return_state`.
+    """
+    _check_tensor("x", x)
+    if x.dim() < 3:
+        layout = "[B, T, C, ...]" if batch_first else "[T, B, C, ...]"
+        raise ValueError(f"x must have shape {layout} (rank >= 3), got shape {list(x.shape)}")
+    time_dim = 1 if batch_first else 0
+    _check_time(x, time_dim)
+    channels = x.shape[2]
+    if isinstance(alpha, torch.Tensor):
+        _check_like("alpha", alpha, x, parameter=True)
+        if alpha.dim() > 1 or (alpha.dim() == 1 and alpha.shape[0] != channels):
+            raise ValueError(
+                f"alpha must be a scalar or have shape [C] = [{channels}] (C = dim 2 of x), "
+                f"got shape {list(alpha.shape)}"
+            )
+    elif isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a tensor or a real number, got {type(alpha).__name__}")
+    else:
+        alpha = float(alpha)
+    _check_positive("v_th", v_th)
+    _check_positive("gamma", gamma)
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError("state must be a pair (v_0, s_0) of tensors")
+        step_shape = x.shape[:time_dim] + x.shape[time_dim + 1:]
+        for name, t in zip(("state[0] (v_0)", "state[1] (s_0)"), state):
+            _check_like(name, t, x)
+            _check_shape(name, t, step_shape)
+        state = tuple(state)
+    _dispatch.check_backend_name(backend)
+    return _run(
+        "plif", backend, x, alpha,
+        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), batch_first=bool(batch_first),
+        state=state, return_state=bool(return_state), detach_reset=bool(detach_reset),
+        spiking=bool(spiking),
+    )
+
+
+def spikgru2plus(
+    x,
+    weight_ih,
+    weight_hh,
+    bias_ih,
+    bias_hh,
+    alpha,
+    *,
+    v_th=1.0,
+    gamma=10.0,
+    signed=True,
+    reset_gate=True,
+    batch_first=False,
+    state=None,
+    spiking=True,
+    backend="auto",
+):
+    """One SpikGRU2+ layer in one direction over a whole sequence (SPEC.md 3, paper eqs. 10-14).
+
+        r_t = sigmoid(W_r x_t + b_ir + U_r s_{t-1} + b_hr)       (1 if not reset_gate)
+        z_t = sigmoid(W_z x_t + b_iz + U_z s_{t-1} + b_hz)
+        i_t = alpha * i_{t-1} + W_i x_t + b_ii + (U_i s_{t-1} + b_hi) * r_t
+        v_t = z_t * v_{t-1} + (1 - z_t) * i_t - v_th * s_{t-1}
+        s_t = signed_spike(v_t)                                  (spike if not signed)
+
+    Args:
+        x: `[T, B, I]`, or `[B, T, I]` with `batch_first=True`.
+        weight_ih: `[3H, I]`, weight_hh: `[3H, H]`, rows in (r, z, i) order like `nn.GRU`.
+        bias_ih, bias_hh: `[3H]` or None.
+        alpha: leak of the input current, `[H]`.
+        state: initial `(v_0, i_0, s_0)`, each `[B, H]`; zeros if None.
+
+    Returns:
+        `(s, (v_T, i_T, s_T))`: spikes `[T, B, H]` (or `[B, T, H]`) and the final state.
+    """
+    _check_tensor("x", x)
+    if x.dim() != 3:
+        layout = "[B, T, I]" if batch_first else "[T, B, I]"
+        raise ValueError(f"x must have shape {layout} (rank 3), got shape {list(x.shape)}")
+    time_dim = 1 if batch_first else 0
+    _check_time(x, time_dim)
+    batch, input_size = x.shape[1 - time_dim], x.shape[2]
+    _check_like("weight_hh", weight_hh, x, parameter=True)
+    if weight_hh.dim() != 2 or weight_hh.shape[0] != 3 * weight_hh.shape[1]:
+        raise ValueError(f"weight_hh must have shape [3H, H], got {list(weight_hh.shape)}")
+    hidden = weight_hh.shape[1]
+    _check_like("weight_ih", weight_ih, x, parameter=True)
+    if weight_ih.dim() != 2 or weight_ih.shape[0] != 3 * hidden:
+        raise ValueError(
+            f"weight_ih must have shape [3H, I] = [{3 * hidden}, I] (H = {hidden} from "
+            f"weight_hh), got {list(weight_ih.shape)}"
+        )
+    if weight_ih.shape[1] != input_size:
+        raise ValueError(
+            f"weight_ih has input size {weight_ih.shape[1]} but x has input size {input_size}"
+        )
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None:
+            _check_like(name, b, x, parameter=True)
+            _check_shape(name, b, (3 * hidden,))
+    _check_like("alpha", alpha, x, parameter=True)
+    _check_shape("alpha", alpha, (hidden,))
+    _check_positive("v_th", v_th)
+    _check_positive("gamma", gamma)
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 3:
+            raise TypeError("state must be a triple (v_0, i_0, s_0) of tensors")
+        for name, t in zip(("state[0] (v_0)", "state[1] (i_0)", "state[2] (s_0)"), state):
+            _check_like(name, t, x)
+            _check_shape(name, t, (batch, hidden))
+        state = tuple(state)
+    _dispatch.check_backend_name(backend)
+    return _run(
+        "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
+        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
+        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
+    )

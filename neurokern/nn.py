@@ -1,0 +1,345 @@
+"""Drop-in modules: spike activations, PLIF / IF neurons, and SpikGRU2Plus (replaces nn.GRU).
+
+All modules run through `neurokern.functional`, so they use whichever backend is selected
+(`backend=` argument, or `NEUROKERN_BACKEND`).
+"""
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as torch_F
+
+from neurokern import functional as F
+
+__all__ = ["Spike", "SignedSpike", "PLIF", "IF", "SpikGRU2Plus", "clamp_leaks_"]
+
+
+class _Activation(nn.Module):
+    _op = None  # staticmethod set by subclasses
+
+    def __init__(self, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
+        super().__init__()
+        self.v_th, self.gamma, self.spiking, self.backend = v_th, gamma, spiking, backend
+
+    def forward(self, x):
+        return type(self)._op(x, self.v_th, self.gamma, spiking=self.spiking, backend=self.backend)
+
+    def extra_repr(self):
+        return f"v_th={self.v_th}, gamma={self.gamma}, spiking={self.spiking}, backend={self.backend!r}"
+
+
+class Spike(_Activation):
+    """`spike(x)`: 1 where `x >= v_th` else 0, arctan surrogate gradient (SPEC.md 1)."""
+
+    _op = staticmethod(F.spike)
+
+
+class SignedSpike(_Activation):
+    """`signed_spike(x)`: +1 / 0 / -1 around `±v_th`, two-sided surrogate gradient (SPEC.md 1)."""
+
+    _op = staticmethod(F.signed_spike)
+
+
+class PLIF(nn.Module):
+    """Parametric leaky integrate-and-fire neuron over all time steps (SPEC.md 2).
+
+        v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1},   s_t = act(v_t)
+
+    Args:
+        channels: number of channels C (dim 2 of the input); one leak per channel. None for a
+            single scalar leak shared by all neurons.
+        alpha_init: initial leak (0.9 in the paper).
+        learnable: whether the leak is a trained parameter (else a buffer).
+        leak: "direct" trains `alpha` itself (the paper; clamp it into [0, 1] after each
+            optimiser step with `clamp_leaks_`); "sigmoid" trains `alpha_logit` with
+            `alpha = sigmoid(alpha_logit)` (Fang et al. 2021), which needs no clamping.
+        signed: ternary `signed_spike` instead of `spike`.
+        batch_first: input is `[B, T, C, ...]` instead of `[T, B, C, ...]`.
+        detach_reset: stop the gradient through the reset (default off, as the paper).
+        spiking: False for smooth mode (SPEC.md 1), used by gradient checks.
+
+    Shape: input `[T, B, C, ...]` (or `[B, T, C, ...]`), output the same.
+    """
+
+    def __init__(
+        self,
+        channels,
+        *,
+        alpha_init=0.9,
+        learnable=True,
+        leak="direct",
+        v_th=1.0,
+        gamma=10.0,
+        signed=False,
+        batch_first=False,
+        detach_reset=False,
+        spiking=True,
+        backend="auto",
+    ):
+        super().__init__()
+        if leak not in ("direct", "sigmoid"):
+            raise ValueError(f"leak must be 'direct' or 'sigmoid', got {leak!r}")
+        if channels is not None and (
+            isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1
+        ):
+            raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
+        if leak == "sigmoid" and not 0.0 < alpha_init < 1.0:
+            raise ValueError(f"leak='sigmoid' needs 0 < alpha_init < 1, got {alpha_init}")
+        self.channels, self.leak, self.learnable = channels, leak, learnable
+        self.v_th, self.gamma, self.signed = v_th, gamma, signed
+        self.batch_first, self.detach_reset, self.spiking, self.backend = (
+            batch_first, detach_reset, spiking, backend)
+        shape = () if channels is None else (channels,)
+        init = alpha_init if leak == "direct" else math.log(alpha_init / (1.0 - alpha_init))
+        value = torch.full(shape, float(init))
+        name = "alpha" if leak == "direct" else "alpha_logit"
+        if learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    def leak_value(self):
+        """The leak `alpha` as used in the equation (`[C]` or scalar tensor)."""
+        return self.alpha if self.leak == "direct" else torch.sigmoid(self.alpha_logit)
+
+    def forward(self, x, state=None, *, return_state=False):
+        """`x` `[T, B, C, ...]` -> spikes of the same shape; with `return_state`, also the final
+        `(v_T, s_T)`, which can be passed back as `state` to continue a stream."""
+        return F.plif(
+            x, self.leak_value(), v_th=self.v_th, gamma=self.gamma, signed=self.signed,
+            batch_first=self.batch_first, state=state, return_state=return_state,
+            detach_reset=self.detach_reset, spiking=self.spiking, backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return (f"channels={self.channels}, leak={self.leak!r}, learnable={self.learnable}, "
+                f"v_th={self.v_th}, gamma={self.gamma}, signed={self.signed}, "
+                f"batch_first={self.batch_first}, backend={self.backend!r}")
+
+
+class IF(nn.Module):
+    """Integrate-and-fire neuron: PLIF with `alpha = 1`, nothing learnable (the pooling layers)."""
+
+    def __init__(self, *, v_th=1.0, gamma=10.0, signed=False, batch_first=False,
+                 detach_reset=False, spiking=True, backend="auto"):
+        super().__init__()
+        self.v_th, self.gamma, self.signed = v_th, gamma, signed
+        self.batch_first, self.detach_reset, self.spiking, self.backend = (
+            batch_first, detach_reset, spiking, backend)
+
+    def forward(self, x, state=None, *, return_state=False):
+        return F.plif(
+            x, 1.0, v_th=self.v_th, gamma=self.gamma, signed=self.signed,
+            batch_first=self.batch_first, state=state, return_state=return_state,
+            detach_reset=self.detach_reset, spiking=self.spiking, backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return (f"v_th={self.v_th}, gamma={self.gamma}, signed={self.signed}, "
+                f"batch_first={self.batch_first}, backend={self.backend!r}")
+
+
+class SpikGRU2Plus(nn.Module):
+    """Multi-layer (bidirectional) SpikGRU2+, a drop-in replacement for `torch.nn.GRU`.
+
+    Same arguments, parameter names, shapes and gate order as `nn.GRU` (`weight_ih_l{k}`
+    `[3H, I]`, `weight_hh_l{k}` `[3H, H]`, `bias_ih_l{k}`, `bias_hh_l{k}` `[3H]`, `_reverse`
+    suffix for the backward direction), plus the leak `alpha_l{k}[_reverse]` `[H]`. Each layer
+    computes SPEC.md 3 (see `neurokern.functional.spikgru2plus`); stacking, bidirectionality,
+    dropout between layers and `batch_first` follow `nn.GRU`.
+
+    Variants (paper Table 5): `reset_gate=False` drops r (SpikGRU / SpikGRU+); `signed=False`
+    uses binary spikes (SpikGRU / SpikGRU2).
+
+    forward(input, state=None) -> (output, state)
+        input: `[T, B, I]` (`[B, T, I]` with `batch_first`), or unbatched `[T, I]`.
+        state: `(v, i, s)`, each `[num_layers * directions, B, H]` (`[L * D, H]` unbatched);
+            zeros if None.
+        output: spikes `[T, B, D * H]` (forward and reverse concatenated), and the final state.
+
+    Load a trained `nn.GRU` with `SpikGRU2Plus.from_gru(gru)`, or
+    `model.load_state_dict(gru.state_dict(), strict=False)` (only the leaks are reported
+    missing; they keep `alpha_init`).
+    """
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        bias=True,
+        batch_first=False,
+        dropout=0.0,
+        bidirectional=False,
+        *,
+        signed=True,
+        reset_gate=True,
+        alpha_init=0.9,
+        v_th=1.0,
+        gamma=10.0,
+        spiking=True,
+        backend="auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout acts between layers; with num_layers=1 it has no effect "
+                          "(as in torch.nn.GRU)", stacklevel=2)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional = bidirectional
+        self.signed, self.reset_gate, self.alpha_init = signed, reset_gate, alpha_init
+        self.v_th, self.gamma, self.spiking, self.backend = v_th, gamma, spiking, backend
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else hidden_size * directions
+            for suffix in ("", "_reverse")[:directions]:
+                k = f"l{layer}{suffix}"
+                self.register_parameter(f"weight_ih_{k}", nn.Parameter(
+                    torch.empty(3 * hidden_size, layer_input, **factory)))
+                self.register_parameter(f"weight_hh_{k}", nn.Parameter(
+                    torch.empty(3 * hidden_size, hidden_size, **factory)))
+                if bias:
+                    self.register_parameter(f"bias_ih_{k}", nn.Parameter(
+                        torch.empty(3 * hidden_size, **factory)))
+                    self.register_parameter(f"bias_hh_{k}", nn.Parameter(
+                        torch.empty(3 * hidden_size, **factory)))
+                self.register_parameter(f"alpha_{k}", nn.Parameter(
+                    torch.empty(hidden_size, **factory)))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self):
+        """`nn.GRU`'s initialisation, U(-1/sqrt(H), 1/sqrt(H)); leaks set to `alpha_init`."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("alpha_"):
+                    p.fill_(self.alpha_init)
+                else:
+                    p.uniform_(-bound, bound)
+
+    def flatten_parameters(self):
+        """No-op, for scripts written for `nn.GRU` (which compacts weights for cuDNN)."""
+
+    def layer_parameters(self, layer, direction):
+        """`(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of one layer and direction."""
+        k = f"l{layer}{'_reverse' if direction else ''}"
+        return (
+            getattr(self, f"weight_ih_{k}"),
+            getattr(self, f"weight_hh_{k}"),
+            getattr(self, f"bias_ih_{k}") if self.bias else None,
+            getattr(self, f"bias_hh_{k}") if self.bias else None,
+            getattr(self, f"alpha_{k}"),
+        )
+
+    def forward(self, input, state=None):
+        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+            shape = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"input must be [T, B, I], [B, T, I] (batch_first) or unbatched "
+                             f"[T, I], got {shape}")
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        time_dim = 1 if self.batch_first else 0
+        batch = input.shape[1 - time_dim]
+        layers_dirs = self.num_layers * self.num_directions
+        if state is not None:
+            if not isinstance(state, (tuple, list)) or len(state) != 3:
+                raise TypeError("state must be a triple (v, i, s) of tensors")
+            expected = [layers_dirs, self.hidden_size] if unbatched else \
+                [layers_dirs, batch, self.hidden_size]
+            for name, t in zip("vis", state):
+                if not isinstance(t, torch.Tensor) or list(t.shape) != expected:
+                    got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"state {name} must have shape {expected} "
+                                     f"(num_layers * directions, B, H), got {got}")
+            if unbatched:
+                state = tuple(t.unsqueeze(1) for t in state)
+
+        x = input
+        finals = []  # (v, i, s) per layer and direction, in nn.GRU's order
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                layer_state = None if state is None else tuple(t[index] for t in state)
+                x_dir = x.flip(time_dim) if direction else x
+                out, final = F.spikgru2plus(
+                    x_dir, *self.layer_parameters(layer, direction),
+                    v_th=self.v_th, gamma=self.gamma, signed=self.signed,
+                    reset_gate=self.reset_gate, batch_first=self.batch_first,
+                    state=layer_state, spiking=self.spiking, backend=self.backend,
+                )
+                outputs.append(out.flip(time_dim) if direction else out)
+                finals.append(final)
+            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = torch_F.dropout(x, self.dropout, training=True)
+
+        final_state = tuple(torch.stack([f[n] for f in finals]) for n in range(3))
+        if unbatched:
+            x = x.squeeze(0 if self.batch_first else 1)
+            final_state = tuple(t.squeeze(1) for t in final_state)
+        return x, final_state
+
+    @classmethod
+    def from_gru(cls, gru, **kwargs):
+        """A SpikGRU2Plus with the sizes and trained weights of `gru` (an `nn.GRU`); the leaks
+        start at `alpha_init`. Keyword arguments (signed, reset_gate, alpha_init, v_th, gamma,
+        backend) go to the constructor."""
+        if not isinstance(gru, nn.GRU):
+            raise TypeError(f"gru must be a torch.nn.GRU, got {type(gru).__name__}")
+        if gru.proj_size:
+            raise ValueError("SpikGRU2Plus has no projection; gru.proj_size must be 0")
+        p = next(gru.parameters())
+        model = cls(gru.input_size, gru.hidden_size, gru.num_layers, gru.bias, gru.batch_first,
+                    gru.dropout, gru.bidirectional, device=p.device, dtype=p.dtype, **kwargs)
+        result = model.load_state_dict(gru.state_dict(), strict=False)
+        unexpected = list(result.unexpected_keys) + [
+            k for k in result.missing_keys if not k.startswith("alpha_")]
+        if unexpected:
+            raise RuntimeError(f"state dict of {gru} does not match SpikGRU2Plus: {unexpected}")
+        return model
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s + (f", signed={self.signed}, reset_gate={self.reset_gate}, v_th={self.v_th}, "
+                    f"gamma={self.gamma}, backend={self.backend!r}")
+
+
+@torch.no_grad()
+def clamp_leaks_(module):
+    """Clamp every directly trained leak in `module` into [0, 1], in place (the paper does this
+    after each optimiser step). Sigmoid-parametrised and fixed leaks are left alone.
+    Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, PLIF) and m.leak == "direct" and m.learnable:
+            m.alpha.clamp_(0.0, 1.0)
+        elif isinstance(m, SpikGRU2Plus):
+            for name, p in m.named_parameters(recurse=False):
+                if name.startswith("alpha_"):
+                    p.clamp_(0.0, 1.0)
+    return module

@@ -1,0 +1,256 @@
+"""Pure-PyTorch reference of every neurokern op: the executable form of SPEC.md.
+
+This module is the oracle every fused kernel is tested against, the documentation of the
+semantics, and the fallback backend. It favours clarity over speed: the time loops are plain
+Python loops over steps. It accepts any floating dtype on any device; float16/bfloat16 inputs
+are computed with float32 state (as the fused kernels do) and returned in the input dtype.
+
+Arguments are not validated here; `neurokern.functional` validates before dispatching.
+"""
+
+import math
+
+import torch
+
+__all__ = [
+    "surrogate_spike",
+    "surrogate_signed_spike",
+    "spike",
+    "signed_spike",
+    "plif",
+    "spikgru2plus",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the state and arithmetic for inputs of `dtype`: float32 for half types."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Spike activations (SPEC.md 1)
+# ---------------------------------------------------------------------------------------------
+
+
+def signed_spike_scale(v_th: float, gamma: float) -> float:
+    """The normaliser `c = 1 + 1 / (1 + 4 gamma v_th^2)` that makes the signed surrogate peak at 1."""
+    return 1.0 + 1.0 / (1.0 + 4.0 * gamma * v_th * v_th)
+
+
+def surrogate_spike(v: torch.Tensor, v_th: float, gamma: float) -> torch.Tensor:
+    """Surrogate derivative of `spike`: `1 / (1 + gamma (v - v_th)^2)`."""
+    return 1.0 / (1.0 + gamma * (v - v_th) ** 2)
+
+
+def surrogate_signed_spike(v: torch.Tensor, v_th: float, gamma: float) -> torch.Tensor:
+    """Surrogate derivative of `signed_spike`: the spike surrogate at `+v_th` plus the one at
+    `-v_th`, scaled by `1/c` so that its maximum is 1."""
+    c = signed_spike_scale(v_th, gamma)
+    return (1.0 / (1.0 + gamma * (v - v_th) ** 2) + 1.0 / (1.0 + gamma * (v + v_th) ** 2)) / c
+
+
+def _spike_forward(v, v_th, gamma, spiking):
+    if spiking:
+        return (v >= v_th).to(v.dtype)
+    sg = math.sqrt(gamma)
+    return 0.5 + torch.atan(sg * (v - v_th)) / sg
+
+
+def _signed_spike_forward(v, v_th, gamma, spiking):
+    if spiking:
+        return (v >= v_th).to(v.dtype) - (v <= -v_th).to(v.dtype)
+    sg = math.sqrt(gamma)
+    c = signed_spike_scale(v_th, gamma)
+    return (torch.atan(sg * (v - v_th)) + torch.atan(sg * (v + v_th))) / (c * sg)
+
+
+class SpikeFunction(torch.autograd.Function):
+    """`spike(v)` forward (the step, or its smooth primitive), arctan surrogate backward."""
+
+    @staticmethod
+    def forward(ctx, v, v_th, gamma, spiking):
+        ctx.save_for_backward(v)
+        ctx.v_th, ctx.gamma = v_th, gamma
+        return _spike_forward(v, v_th, gamma, spiking)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (v,) = ctx.saved_tensors
+        return grad_s * surrogate_spike(v, ctx.v_th, ctx.gamma), None, None, None
+
+
+class SignedSpikeFunction(torch.autograd.Function):
+    """`signed_spike(v)` forward (the ternary step, or its smooth primitive), surrogate backward."""
+
+    @staticmethod
+    def forward(ctx, v, v_th, gamma, spiking):
+        ctx.save_for_backward(v)
+        ctx.v_th, ctx.gamma = v_th, gamma
+        return _signed_spike_forward(v, v_th, gamma, spiking)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (v,) = ctx.saved_tensors
+        return grad_s * surrogate_signed_spike(v, ctx.v_th, ctx.gamma), None, None, None
+
+
+def spike(v: torch.Tensor, v_th: float = 1.0, gamma: float = 10.0, spiking: bool = True):
+    """`1` where `v >= v_th` else `0`; backward `1 / (1 + gamma (v - v_th)^2)`.
+
+    With `spiking=False` the forward is the surrogate's primitive
+    `0.5 + atan(sqrt(gamma) (v - v_th)) / sqrt(gamma)`, so the backward is its exact derivative.
+    """
+    return SpikeFunction.apply(v, v_th, gamma, spiking)
+
+
+def signed_spike(v: torch.Tensor, v_th: float = 1.0, gamma: float = 10.0, spiking: bool = True):
+    """`+1` where `v >= v_th`, `-1` where `v <= -v_th`, else `0`; surrogate backward of SPEC.md 1.
+
+    With `spiking=False` the forward is the primitive
+    `[atan(sqrt(gamma) (v - v_th)) + atan(sqrt(gamma) (v + v_th))] / (c sqrt(gamma))`.
+    """
+    return SignedSpikeFunction.apply(v, v_th, gamma, spiking)
+
+
+def activation(signed: bool):
+    """The spike activation of a layer: `signed_spike` if `signed` else `spike`."""
+    return signed_spike if signed else spike
+
+
+# ---------------------------------------------------------------------------------------------
+# PLIF / IF neuron (SPEC.md 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def plif(
+    x: torch.Tensor,
+    alpha,
+    *,
+    v_th: float = 1.0,
+    gamma: float = 10.0,
+    signed: bool = False,
+    batch_first: bool = False,
+    state=None,
+    return_state: bool = False,
+    detach_reset: bool = False,
+    spiking: bool = True,
+):
+    """Multi-step PLIF neuron.
+
+    For `t = 1..T`:  `v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1}`,  `s_t = act(v_t)`.
+
+    Args:
+        x: input current, `[T, B, C, ...]` (or `[B, T, C, ...]` with `batch_first`).
+        alpha: leak, a `[C]` tensor (one per channel, channel = dim 2) or a scalar
+            (float or 0-d tensor). `alpha = 1` is the IF neuron.
+        state: optional initial `(v_0, s_0)`, each `[B, C, ...]`; zeros if omitted.
+        return_state: also return the final `(v_T, s_T)`.
+        detach_reset: stop the gradient through the reset term `v_th * s_{t-1}`.
+
+    Returns:
+        `s` shaped like `x`, or `(s, (v_T, s_T))` with `return_state`.
+    """
+    act = activation(signed)
+    dtype = compute_dtype(x.dtype)
+    time_dim = 1 if batch_first else 0
+    xs = x.to(dtype).unbind(time_dim)  # T tensors [B, C, ...]
+    step_shape = xs[0].shape
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
+        # [C] -> [1, C, 1, ...] to broadcast over one step's [B, C, ...]
+        alpha = alpha.to(dtype).view(1, -1, *([1] * (len(step_shape) - 2)))
+    elif isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(dtype)
+    if state is None:
+        v = torch.zeros(step_shape, dtype=dtype, device=x.device)
+        s = torch.zeros(step_shape, dtype=dtype, device=x.device)
+    else:
+        v, s = (t.to(dtype) for t in state)
+
+    spikes = []
+    for x_t in xs:
+        reset = s.detach() if detach_reset else s
+        v = alpha * v + x_t - v_th * reset
+        s = act(v, v_th, gamma, spiking)
+        spikes.append(s)
+    out = torch.stack(spikes, time_dim).to(x.dtype)
+    if return_state:
+        return out, (v.to(x.dtype), s.to(x.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SpikGRU2+ layer, one direction (SPEC.md 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def spikgru2plus(
+    x: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih,
+    bias_hh,
+    alpha: torch.Tensor,
+    *,
+    v_th: float = 1.0,
+    gamma: float = 10.0,
+    signed: bool = True,
+    reset_gate: bool = True,
+    batch_first: bool = False,
+    state=None,
+    spiking: bool = True,
+):
+    """One SpikGRU2+ layer in one direction over a whole sequence (paper eqs. 10-14).
+
+    With `gi = W x_t + b_ih` and `gh = U s_{t-1} + b_hh`, each split into (r, z, i) thirds:
+
+        r_t = sigmoid(gi_r + gh_r)            (r_t = 1 when reset_gate is False)
+        z_t = sigmoid(gi_z + gh_z)
+        i_t = alpha * i_{t-1} + gi_i + gh_i * r_t
+        v_t = z_t * v_{t-1} + (1 - z_t) * i_t - v_th * s_{t-1}
+        s_t = act(v_t)                         (signed_spike, or spike when signed is False)
+
+    Args:
+        x: `[T, B, I]` (or `[B, T, I]` with `batch_first`).
+        weight_ih: `W`, `[3H, I]`, rows (r, z, i) as `nn.GRU`'s (r, z, n).
+        weight_hh: `U`, `[3H, H]`.
+        bias_ih, bias_hh: `[3H]` or None.
+        alpha: the leak of the input current `i`, `[H]`.
+        state: optional initial `(v_0, i_0, s_0)`, each `[B, H]`; zeros if omitted.
+
+    Returns:
+        `(s, (v_T, i_T, s_T))` with `s` `[T, B, H]` (or `[B, T, H]`).
+    """
+    act = activation(signed)
+    dtype = compute_dtype(x.dtype)
+    time_dim = 1 if batch_first else 0
+    hidden = weight_hh.shape[1]
+    W, U, alpha = weight_ih.to(dtype), weight_hh.to(dtype), alpha.to(dtype)
+
+    # The input projection does not depend on the state: one product for all steps.
+    gi = torch.matmul(x.to(dtype), W.t())  # [T, B, 3H] or [B, T, 3H]
+    if bias_ih is not None:
+        gi = gi + bias_ih.to(dtype)
+    gis = gi.unbind(time_dim)  # T tensors [B, 3H]
+    batch = gis[0].shape[0]
+    if state is None:
+        v, i, s = (torch.zeros(batch, hidden, dtype=dtype, device=x.device) for _ in range(3))
+    else:
+        v, i, s = (t.to(dtype) for t in state)
+
+    spikes = []
+    for gi_t in gis:
+        gh_t = torch.matmul(s, U.t())  # [B, 3H]
+        if bias_hh is not None:
+            gh_t = gh_t + bias_hh.to(dtype)
+        gi_r, gi_z, gi_i = gi_t.chunk(3, dim=1)
+        gh_r, gh_z, gh_i = gh_t.chunk(3, dim=1)
+        z = torch.sigmoid(gi_z + gh_z)
+        if reset_gate:
+            i = alpha * i + gi_i + gh_i * torch.sigmoid(gi_r + gh_r)
+        else:
+            i = alpha * i + gi_i + gh_i
+        v = z * v + (1.0 - z) * i - v_th * s
+        s = act(v, v_th, gamma, spiking)
+        spikes.append(s)
+    out = torch.stack(spikes, time_dim).to(x.dtype)
+    return out, (v.to(x.dtype), i.to(x.dtype), s.to(x.dtype))
