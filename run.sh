@@ -33,7 +33,7 @@ setup() {
     "$PY" -m pip install -q -r requirements-dev.txt
     echo "[setup] building neurokern (C++ extension; about a minute on 2 cores)"
     "$PY" -m pip install -q --no-build-isolation -e .
-    "$PY" -m neurokern | head -4
+    "$PY" -m neurokern --summary
 }
 
 case "${1:-}" in

@@ -1,5 +1,6 @@
 """`python -m neurokern`: what this install was built with and which backend runs what."""
 
+import argparse
 import platform
 
 import torch
@@ -10,6 +11,9 @@ from neurokern.triton_kernels import triton_error
 
 
 def main():
+    parser = argparse.ArgumentParser(prog="python -m neurokern", description=__doc__)
+    parser.add_argument("--summary", action="store_true", help="build info only, no table")
+    args = parser.parse_args()
     print(f"neurokern {neurokern.__version__}  torch {torch.__version__}  "
           f"python {platform.python_version()}")
     if _extension.error is None:
@@ -20,6 +24,8 @@ def main():
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}")
     print(f"default backend: {dispatch.default_backend()} (${dispatch.ENV_BACKEND})")
+    if args.summary:
+        return
     for op, per_device in neurokern.backends().items():
         for device, per_backend in per_device.items():
             for name, status in per_backend.items():
