@@ -7,6 +7,7 @@
 """
 
 from neurokern import dispatch, functional, nn, reference
+from neurokern import plif_ops, spike_ops  # noqa: F401  (register the fused kernels)
 from neurokern.dispatch import BackendUnavailableError, backends
 from neurokern.functional import plif, signed_spike, spike, spikgru2plus
 

@@ -20,3 +20,10 @@ def built_with_cuda() -> bool:
 def build_info() -> dict:
     """What `neurokern._C` was built with (`{}` if it did not load)."""
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension defines `torch.ops.neurokern.<name>` (a stale build may not)."""
+    import torch
+
+    return _C is not None and hasattr(torch.ops.neurokern, name)

@@ -1,0 +1,49 @@
+"""Elementwise spike / signed_spike forward and surrogate backward (SPEC.md 1).
+
+Both kernels treat their tensors as flat arrays of `n` elements (the launcher passes dense
+tensors); one program handles BLOCK consecutive elements.
+"""
+
+import triton
+import triton.language as tl
+
+from .activations import spike_act, spike_surrogate
+
+
+@triton.jit(do_not_specialize=["n"])
+def spike_fwd_kernel(
+    x_ptr,  # [n]
+    params_ptr,  # [2]: v_th, gamma in the compute dtype
+    s_ptr,  # [n] out, x's dtype
+    n,
+    SIGNED: tl.constexpr,
+    SPIKING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    v = tl.load(x_ptr + offs, mask=mask, other=0).to(v_th.dtype)
+    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
+    tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n"])
+def spike_bwd_kernel(
+    grad_ptr,  # [n] dL/ds
+    x_ptr,  # [n]
+    params_ptr,  # [2]: v_th, gamma
+    dx_ptr,  # [n] out
+    n,
+    SIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    v = tl.load(x_ptr + offs, mask=mask, other=0).to(v_th.dtype)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0).to(v_th.dtype)
+    dx = g * spike_surrogate(v, v_th, gamma, SIGNED)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
