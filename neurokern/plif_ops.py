@@ -192,10 +192,12 @@ class PLIFFunction(torch.autograd.Function):
         v_seq, alpha, v0 = ctx.saved_tensors
         v_th, gamma, signed, batch_first, detach_reset, backend = ctx.args
         _, bwd = plif_ops(backend)
-        if grad_s is None:  # only the final state was used
-            shape = (v_seq.shape[0], *grad_v_last.shape) if not batch_first else \
-                (grad_v_last.shape[0], v_seq.shape[0], *grad_v_last.shape[1:])
+        if grad_s is None:  # only the final state was used, if anything
             ref = grad_v_last if grad_v_last is not None else grad_s_last
+            if ref is None:
+                return (None,) * 11
+            steps = v_seq.shape[0]
+            shape = (ref.shape[0], steps, *ref.shape[1:]) if batch_first else (steps, *ref.shape)
             grad_s = ref.new_zeros(shape)
         dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th,
                                      gamma, signed, batch_first, detach_reset)

@@ -1,17 +1,26 @@
 import os
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
+
+# Without a GPU the Triton kernels run under the interpreter, so CI checks them too. This must
+# be set before triton kernels are defined, i.e. before neurokern is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import neurokern  # noqa: E402
+from neurokern import dispatch  # noqa: E402
 
 # "ci" (default): deterministic draws so a CI run is reproducible; "dev": more, random examples.
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
     "dev", max_examples=200, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -19,3 +28,27 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def fused_backends(op, device="cpu"):
+    """pytest params: every fused backend of `op` on `device`, skipped with the reason when it
+    cannot run here."""
+    params = []
+    for name in ("cpu", "triton", "cuda"):
+        status = dispatch.availability(op, name, device)
+        if (op, name) not in dispatch._IMPLEMENTATIONS:
+            continue
+        marks = [] if status.available else [pytest.mark.skip(reason=status.reason)]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture
+def poison_empty():
+    """Tensors from torch.empty are filled with NaN, so an element a kernel forgets to write
+    fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)

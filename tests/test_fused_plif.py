@@ -1,0 +1,244 @@
+"""Fused PLIF backends (C++ CPU, Triton: on the GPU, or on the CPU under the interpreter) against
+the reference: forward, every gradient, smooth-mode gradcheck, torch.library and torch.compile."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import neurokern as nk
+from conftest import fused_backends
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = fused_backends("plif", DEVICE)
+f64 = torch.float64
+
+
+@st.composite
+def plif_cases(draw):
+    big = draw(st.booleans())  # more neurons than one block (256) and than one block per channel
+    spatial = [11, 11] if big else draw(st.lists(st.integers(1, 5), max_size=2))
+    return dict(
+        shape=(draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 4)),
+               *spatial),
+        layout=draw(st.sampled_from(["time_major", "batch_major", "transposed", "strided"])),
+        signed=draw(st.booleans()),
+        scalar_leak=draw(st.booleans()),
+        with_state=draw(st.booleans()),
+        detach_reset=draw(st.booleans()),
+        v_th=draw(st.floats(0.4, 1.5)),
+        gamma=draw(st.floats(1.0, 10.0)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def make_inputs(case):
+    """float64 leaves: x in the case's layout and memory arrangement, alpha, (v0, s0)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    t, b, c, *spatial = case["shape"]
+    rand = lambda *shape: torch.randn(shape, generator=gen, dtype=f64)  # noqa: E731
+    layout = case["layout"]
+    if layout == "time_major":
+        x = 1.3 * rand(t, b, c, *spatial)
+    elif layout == "batch_major":
+        x = 1.3 * rand(b, t, c, *spatial)
+    elif layout == "transposed":  # a time-major view of batch-major memory
+        x = (1.3 * rand(b, t, c, *spatial)).transpose(0, 1)
+    else:  # every other element of a wider last dim: strided spatial dims
+        x = (1.3 * rand(t, b, c, *spatial[:-1], 2 * (spatial[-1] if spatial else 1)))
+        x = x[..., ::2] if spatial else x[..., 0]
+    alpha = torch.rand(() if case["scalar_leak"] else (c,), generator=gen, dtype=f64)
+    state = (rand(b, c, *spatial), torch.rand((b, c, *spatial), generator=gen, dtype=f64)) \
+        if case["with_state"] else None
+    cotangents = [rand(*x.shape), rand(b, c, *spatial), rand(b, c, *spatial)]
+    return x, alpha, state, cotangents
+
+
+def run(case, backend, dtype, x, alpha, state, cotangents, spiking=True):
+    """Forward and gradients (x, alpha, v0, s0) on `backend`, inputs cast to `dtype`."""
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = x.detach().to(DEVICE, dtype).requires_grad_()
+    alpha = alpha.detach().to(DEVICE, param_dtype).requires_grad_()
+    st_ = None if state is None else tuple(
+        t.detach().to(DEVICE, dtype).requires_grad_() for t in state)
+    s, (v_last, s_last) = nk.plif(
+        x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
+        batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
+        detach_reset=case["detach_reset"], spiking=spiking, backend=backend)
+    loss = sum((o.double() * g.to(DEVICE)).sum() for o, g in zip((s, v_last, s_last), cotangents))
+    leaves = [x, alpha] + ([] if st_ is None else list(st_))
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    return [t.detach().double().cpu() for t in (s, v_last, s_last, *grads)]
+
+
+def time_major(t, case):
+    return t.transpose(0, 1) if case["layout"] == "batch_major" else t
+
+
+def flipped_neurons(case, x, alpha, state, s_fused, s_ref):
+    """Neurons whose spike trains differ, as a `[B, C, *S]` mask, after checking that each one
+    first differs where the membrane is within float32 rounding of a threshold (computed in
+    float64 from the spikes both runs agree on before that step)."""
+    x, s_fused, s_ref = (time_major(t, case) for t in (x, s_fused, s_ref))
+    differs = s_fused != s_ref  # [T, B, C, *S]
+    flipped = differs.any(0)
+    if not flipped.any():
+        return flipped
+    a = alpha if alpha.dim() == 0 else alpha.view(1, -1, *([1] * (x.dim() - 3)))
+    v, s = (torch.zeros_like(x[0]), torch.zeros_like(x[0])) if state is None else state
+    seen = torch.zeros_like(flipped)
+    for t in range(x.shape[0]):
+        v = a * v + x[t] - case["v_th"] * s
+        first = differs[t] & ~seen
+        if first.any():
+            margin = torch.minimum((v - case["v_th"]).abs(), (v + case["v_th"]).abs())
+            if not case["signed"]:
+                margin = (v - case["v_th"]).abs()
+            scale = 1 + x.abs().max()
+            assert margin[first].max() < 1e-4 * scale, "a spike differs far from the threshold"
+        seen |= differs[t]
+        s = s_fused[t]
+    assert flipped.double().mean() < 0.05, "too many threshold flips"
+    return flipped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=plif_cases())
+def test_float64_equals_reference(poison_empty, backend, case):
+    x, alpha, state, cot = make_inputs(case)
+    ref = run(case, "reference", f64, x, alpha, state, cot)
+    out = run(case, backend, f64, x, alpha, state, cot)
+    assert torch.equal(out[0], ref[0]), "spikes differ in float64"
+    assert torch.equal(out[2], ref[2])
+    names = ["v_last", "s_last", "dx", "dalpha", "dv0", "ds0"]
+    for name, a, b in zip(names[2:], out[3:], ref[3:]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@given(case=plif_cases())
+def test_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
+    """Spikes equal the reference's in the same dtype except for threshold flips (which must
+    be rare and first occur within rounding of the threshold); every gradient, on neurons
+    without a flip, is as close to the float64 reference as the same-dtype reference is."""
+    x, alpha, state, cot = make_inputs(case)
+    x_q = x.to(dtype).double()  # the inputs as the low-precision runs see them
+    state_q = None if state is None else tuple(t.to(dtype).double() for t in state)
+    alpha_q = alpha.float().double()
+    ref64 = run(case, "reference", f64, x_q, alpha_q, state_q, cot)
+    ref = run(case, "reference", dtype, x, alpha, state, cot)
+    out = run(case, backend, dtype, x, alpha, state, cot)
+    flips = flipped_neurons(case, x_q, alpha_q, state_q, out[0], ref64[0])
+    flips |= flipped_neurons(case, x_q, alpha_q, state_q, ref[0], ref64[0])
+    keep = ~flips  # [B, C, *S]
+    keep_t = keep.unsqueeze(1 if case["layout"] == "batch_major" else 0).expand_as(out[0])
+    assert torch.equal(out[0][keep_t], ref64[0][keep_t])
+    checks = [(out[1], ref[1], ref64[1], keep), (out[3], ref[3], ref64[3], keep_t)]
+    if len(out) > 5:
+        checks += [(out[5], ref[5], ref64[5], keep), (out[6], ref[6], ref64[6], keep)]
+    # Plus one unit in the last place of the output dtype: the Triton interpreter truncates
+    # float32 -> half (the GPU rounds to nearest), so its outputs may sit one ulp further away.
+    ulp = max(torch.finfo(dtype).eps, 1e-5)
+    for got, same_dtype, exact, mask in checks:
+        allowed = 4 * (same_dtype - exact)[mask].abs().max() if mask.any() else 0
+        err = (got - exact)[mask].abs().max() if mask.any() else torch.tensor(0.0)
+        assert err <= allowed + ulp * (1 + exact.abs().max()), (err, allowed)
+    if not flips.any():  # the leak gradient sums over neurons: compare only without flips
+        allowed = 4 * (ref[4] - ref64[4]).abs().max()
+        assert (out[4] - ref64[4]).abs().max() <= allowed + ulp * (1 + ref64[4].abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_output_dtypes(backend, dtype):
+    x = torch.randn(3, 2, 4, 5, device=DEVICE).to(dtype)
+    alpha = torch.full((4,), 0.9, device=DEVICE, dtype=f64 if dtype == f64 else torch.float32)
+    s, (v, s_last) = nk.plif(x, alpha, return_state=True, backend=backend)
+    assert s.dtype == v.dtype == s_last.dtype == dtype
+    assert s.shape == x.shape and v.shape == x.shape[1:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_smooth_gradcheck(backend, signed, batch_first):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, 3, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+    alpha = torch.rand(4, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+    state_shape = (5, 4, 3) if batch_first else (3, 4, 3)
+    v0 = torch.randn(state_shape, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+    s0 = torch.rand(state_shape, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+
+    def fn(x, alpha, v0, s0):
+        s, (v, s_last) = nk.plif(x, alpha, v_th=0.8, gamma=3.0, signed=signed,
+                                 batch_first=batch_first, state=(v0, s0), return_state=True,
+                                 spiking=False, backend=backend)
+        return s, v, s_last
+
+    # fast mode checks random projections of the Jacobian: the interpreter is slow.
+    assert torch.autograd.gradcheck(fn, (x, alpha, v0, s0), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detach_reset_gradient(backend):
+    """detach_reset drops exactly the reset path: equal to the reference with the option."""
+    x = (2 * torch.randn(6, 2, 3, dtype=f64)).to(DEVICE).requires_grad_()
+    alpha = torch.full((3,), 0.8, dtype=f64, device=DEVICE, requires_grad=True)
+    grads = []
+    for be in ("reference", backend):
+        s = nk.plif(x, alpha, detach_reset=True, backend=be)
+        grads.append(torch.autograd.grad((s * torch.arange(s.numel(), device=DEVICE).view(
+            s.shape)).sum(), (x, alpha)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def _opcheck_samples(device):
+    x = torch.randn(4, 2, 3, 5, device=device)
+    alpha = torch.full((3,), 0.9, device=device)
+    state = torch.randn(2, 3, 5, device=device), torch.rand(2, 3, 5, device=device)
+    yield (x, alpha, None, None, 1.0, 10.0, False, False, True, True)
+    yield (x.transpose(0, 1), alpha, *state, 0.5, 4.0, True, True, True, False)
+    yield (x, torch.tensor(0.7, device=device), *state, 1.0, 10.0, True, False, False, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    from neurokern.plif_ops import plif_ops
+
+    fwd, bwd = plif_ops(backend)
+    for args in _opcheck_samples(DEVICE):
+        torch.library.opcheck(fwd, args)
+        s, v_seq, v_last, _ = fwd(*args[:9], True)
+        grads = (torch.randn_like(s), torch.randn_like(v_last), None)
+        bwd_args = (*grads, v_seq, args[1], args[2], args[4], args[5], args[6], args[7], False)
+        torch.library.opcheck(bwd, bwd_args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), nk.nn.PLIF(3, backend=backend))
+    x = torch.randn(4, 2, 3, 5, device=DEVICE)
+    model.to(DEVICE)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert torch.equal(out, eager)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_before_any_kernel(backend, monkeypatch):
+    from neurokern import plif_ops
+
+    monkeypatch.setattr(plif_ops.PLIFFunction, "apply", lambda *a: pytest.fail("kernel ran"))
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="alpha"):
+        nk.plif(x, torch.rand(4, device=DEVICE), backend=backend)
+    with pytest.raises(TypeError, match="alpha has dtype"):
+        nk.plif(x, torch.rand(3, dtype=f64, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="alpha is on meta"):
+        nk.plif(x, torch.rand(3, device="meta"), backend=backend)
