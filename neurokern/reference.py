@@ -65,33 +65,38 @@ def _signed_spike_forward(v, v_th, gamma, spiking):
 
 
 class SpikeFunction(torch.autograd.Function):
-    """`spike(v)` forward (the step, or its smooth primitive), arctan surrogate backward."""
+    """`spike(v)` forward (the step, or its smooth primitive), arctan surrogate backward.
+    Half inputs are computed in float32, like everywhere in neurokern."""
 
     @staticmethod
     def forward(ctx, v, v_th, gamma, spiking):
         ctx.save_for_backward(v)
         ctx.v_th, ctx.gamma = v_th, gamma
-        return _spike_forward(v, v_th, gamma, spiking)
+        return _spike_forward(v.to(compute_dtype(v.dtype)), v_th, gamma, spiking).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
         (v,) = ctx.saved_tensors
-        return grad_s * surrogate_spike(v, ctx.v_th, ctx.gamma), None, None, None
+        surrogate = surrogate_spike(v.to(compute_dtype(v.dtype)), ctx.v_th, ctx.gamma)
+        return (grad_s * surrogate).to(v.dtype), None, None, None
 
 
 class SignedSpikeFunction(torch.autograd.Function):
-    """`signed_spike(v)` forward (the ternary step, or its smooth primitive), surrogate backward."""
+    """`signed_spike(v)` forward (the ternary step, or its smooth primitive), surrogate
+    backward. Half inputs are computed in float32."""
 
     @staticmethod
     def forward(ctx, v, v_th, gamma, spiking):
         ctx.save_for_backward(v)
         ctx.v_th, ctx.gamma = v_th, gamma
-        return _signed_spike_forward(v, v_th, gamma, spiking)
+        return _signed_spike_forward(v.to(compute_dtype(v.dtype)), v_th, gamma,
+                                     spiking).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
         (v,) = ctx.saved_tensors
-        return grad_s * surrogate_signed_spike(v, ctx.v_th, ctx.gamma), None, None, None
+        surrogate = surrogate_signed_spike(v.to(compute_dtype(v.dtype)), ctx.v_th, ctx.gamma)
+        return (grad_s * surrogate).to(v.dtype), None, None, None
 
 
 def spike(v: torch.Tensor, v_th: float = 1.0, gamma: float = 10.0, spiking: bool = True):

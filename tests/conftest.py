@@ -30,16 +30,17 @@ def _seed():
     torch.manual_seed(0)
 
 
-def fused_backends(op, device="cpu"):
-    """pytest params: every fused backend of `op` on `device`, skipped with the reason when it
-    cannot run here."""
+def fused_backends(op, device="cpu", *, with_op=False):
+    """pytest params: every fused backend of `op` on `device` (as `(op, backend)` pairs with
+    `with_op`), skipped with the reason when it cannot run here."""
     params = []
     for name in ("cpu", "triton", "cuda"):
         status = dispatch.availability(op, name, device)
         if (op, name) not in dispatch._IMPLEMENTATIONS:
             continue
         marks = [] if status.available else [pytest.mark.skip(reason=status.reason)]
-        params.append(pytest.param(name, marks=marks, id=name))
+        values = (op, name) if with_op else (name,)
+        params.append(pytest.param(*values, marks=marks, id=f"{op}-{name}" if with_op else name))
     return params
 
 
