@@ -39,6 +39,8 @@ setup() {
 case "${1:-}" in
     main)
         setup
+        echo "[setup] installing the plotting dependency"
+        "$PY" -m pip install -q -r requirements-bench.txt
         shift
         "$PY" benchmarks/main.py "$@"
         ;;

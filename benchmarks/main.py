@@ -1,67 +1,48 @@
-"""The main job: run every op on the best available backend beside the reference, and say
-which backend ran. `bash run.sh main` runs this; the kernel benchmarks join it as they land.
+"""The main job (`bash run.sh main`): say which backend runs each op on this machine, then run
+the kernel benchmarks (the paper's sizes on a GPU, small ones on a CPU) and plot them.
 
-    python benchmarks/main.py [--device cpu|cuda]
+    python benchmarks/main.py [--device cpu|cuda] [--quick]
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-import neurokern as nk
-from neurokern import dispatch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_plif  # noqa: E402
+import bench_spike  # noqa: E402
+import plot  # noqa: E402
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
-def cases(device):
-    g = dict(device=device)
-    small = device.type == "cpu"
-    t, b = (90, 4) if small else (90, 32)
-    x_act = torch.randn(1 << (20 if small else 26), **g)
-    x_plif = torch.randn(t, b, 64, 11, 11, **g)
-    alpha = torch.full((64,), 0.9, **g)
-    i, h = (256, 256) if small else (512, 1024)
-    gru = nk.nn.SpikGRU2Plus(i, h).to(device)
-    x_gru = torch.randn(t, 8 if small else b, i, **g)
-    weights = gru.layer_parameters(0, 0)
-    return [
-        ("spike", f"{x_act.numel()} elements", lambda be: nk.spike(x_act, backend=be)),
-        ("signed_spike", f"{x_act.numel()} elements",
-         lambda be: nk.signed_spike(x_act, backend=be)),
-        ("plif", f"{list(x_plif.shape)}", lambda be: nk.plif(x_plif, alpha, backend=be)),
-        ("spikgru2plus", f"T={t} B={x_gru.shape[1]} I={i} H={h}",
-         lambda be: nk.spikgru2plus(x_gru, *weights, backend=be)),
-    ]
+import neurokern as nk  # noqa: E402
+from neurokern import dispatch  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="headline sizes only")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"neurokern {nk.__version__}, torch {torch.__version__}, device {name}, "
-          f"forward only, no grad, mean of {args.repeats} runs")
-    print(f"{'op':<13} {'size':<28} {'backend':<10} {'ms':>9} {'reference ms':>13}")
-    with torch.no_grad():
-        for op, size, run in cases(device):
-            chosen, _ = dispatch.resolve(op, "auto", device)
-            ms = timed(lambda: run("auto"), args.repeats)
-            ref = ms if chosen == "reference" else timed(lambda: run("reference"), args.repeats)
-            print(f"{op:<13} {size:<28} {chosen:<10} {ms:9.2f} {ref:13.2f}", flush=True)
+    print(f"neurokern {nk.__version__}, torch {torch.__version__}, device {device}")
+    print("backend chosen by auto:")
+    for op in dispatch.OPS:
+        name, _ = dispatch.resolve(op, "auto", device)
+        print(f"  {op:<13} {name}")
+    common_args = ["--device", args.device]
+    steps = [
+        ("spike activations", lambda: bench_spike.main(common_args)),
+        ("PLIF", lambda: bench_plif.main(common_args + (["--quick"] if args.quick else []))),
+        ("plots", lambda: plot.main([])),
+    ]
+    for k, (title, step) in enumerate(steps, 1):
+        start = time.perf_counter()
+        print(f"\n== [{k}/{len(steps)}] {title}", flush=True)
+        step()
+        print(f"== {title} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
