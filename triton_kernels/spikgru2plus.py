@@ -1,0 +1,135 @@
+"""SpikGRU2+ gate and state arithmetic of one time step (SPEC.md 3), forward and backward, as
+elementwise Triton kernels over the `[B, H]` hidden units. The recurrent products stay outside
+(one `addmm` per step), so that a step is one product plus one kernel.
+
+Forward, with gi = W x_t + b_ih and gh = U s_{t-1} + b_hh, rows (r, z, i):
+    r = sigmoid(gi_r + gh_r) (1 without reset gate),  z = sigmoid(gi_z + gh_z)
+    i_t = alpha i_{t-1} + gi_i + gh_i r,   v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1}
+    s_t = act(v_t)
+
+Backward of a step, given dL/ds_t (everything but the reset and recurrent paths, which the
+caller adds) and the carries dv_next = z_{t+1} dL/dv_{t+1}, di_next = alpha dL/di_{t+1}:
+    dv = ds f'(v_t) + dv_next,   di = (1 - z) dv + di_next
+    d(gi_i) = di,  d(gh_i) = di r,  d(a_r) = di gh_i r (1 - r),  d(a_z) = dv (v_{t-1} - i_t) z (1 - z)
+    carries for step t-1: z dv and alpha di; reset path: -v_th dv onto ds_{t-1}.
+"""
+
+import triton
+import triton.language as tl
+
+from .activations import spike_act, spike_surrogate
+
+
+@triton.jit
+def _gates(gi_row, gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype):
+    """r, z and the input-current term of one [BLOCK] slice of hidden units."""
+    gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
+    gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)
+    gi_i = tl.load(gi_row + 2 * H + h, mask=mask, other=0).to(dtype)
+    gh_i = tl.load(gh_row + 2 * H + h, mask=mask, other=0).to(dtype)
+    z = tl.sigmoid(gi_z + gh_z)
+    if RESET_GATE:
+        gi_r = tl.load(gi_row + h, mask=mask, other=0).to(dtype)
+        gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
+        r = tl.sigmoid(gi_r + gh_r)
+    else:
+        r = tl.full(z.shape, 1, dtype)
+    return r, z, gi_i, gh_i
+
+
+@triton.jit
+def spikgru2plus_step_fwd_kernel(
+    gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
+    gh_ptr,  # [B, 3H] U s_{t-1} + b_hh, contiguous
+    alpha_ptr,  # [H]
+    v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [B, H] state after step t-1, contiguous
+    params_ptr,  # [2]: v_th, gamma in the compute dtype
+    s_ptr, v_ptr, i_ptr,  # [B, H] out: state after step t
+    H, gi_stride,
+    RESET_GATE: tl.constexpr,
+    SIGNED: tl.constexpr,
+    SPIKING: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = h < H
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    dtype = v_th.dtype
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, h, mask, H,
+                              RESET_GATE, dtype)
+    row = b * H + h
+    alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i = alpha * i_prev + gi_i + gh_i * r
+    v = z * v_prev + (1 - z) * i - v_th * s_prev
+    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
+    tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def spikgru2plus_step_bwd_kernel(
+    gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
+    gh_ptr,  # [B, 3H] U s_{t-1} + b_hh, recomputed, contiguous
+    alpha_ptr,  # [H]
+    v_prev_ptr, i_prev_ptr,  # [B, H] state after step t-1
+    v_ptr, i_ptr,  # [B, H] state after step t
+    ds_ptr,  # [B, H] dL/ds_t without the paths through step t+1's products (added here)
+    dv_next_ptr, di_next_ptr,  # [B, H] carries in; overwritten with the carries for t-1
+    params_ptr,  # [2]: v_th, gamma
+    dgi_ptr,  # [B, 3H] out: dL/d(gi_t) (row stride dgi_stride)
+    dgh_ptr,  # [B, 3H] out: dL/d(gh_t), contiguous
+    ds_prev_ptr,  # [B, H] out: the reset path -v_th dv_t plus grad_prev (the output gradient
+    grad_prev_ptr,  # of s_{t-1}, row stride grad_prev_stride, read if HAS_GRAD_PREV)
+    dalpha_ptr,  # [B, H] in/out: running sum of dL/di_t * i_{t-1}
+    H, gi_stride, dgi_stride, grad_prev_stride,
+    RESET_GATE: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_GRAD_PREV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = h < H
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    dtype = v_th.dtype
+    gh_row = gh_ptr + b * 3 * H
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_row, h, mask, H, RESET_GATE, dtype)
+    row = b * H + h
+    alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
+    i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
+    ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
+    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
+                                                                 other=0).to(dtype)
+    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
+    da_z = dv * (v_prev - i) * z * (1 - z)
+    dgi_row = dgi_ptr + b * dgi_stride
+    dgh_row = dgh_ptr + b * 3 * H
+    if RESET_GATE:
+        da_r = di * gh_i * r * (1 - r)
+    else:
+        da_r = tl.zeros_like(di)
+    tl.store(dgi_row + h, da_r.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + h, da_r.to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + H + h, da_z.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + H + h, da_z.to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + 2 * H + h, di.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
+    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
+    ds_prev = -v_th * dv
+    if HAS_GRAD_PREV:
+        ds_prev += tl.load(grad_prev_ptr + b * grad_prev_stride + h, mask=mask,
+                           other=0).to(dtype)
+    tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
+    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
+    tl.store(dalpha_ptr + row, dalpha, mask=mask)
