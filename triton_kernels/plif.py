@@ -23,7 +23,9 @@ def _neuron_offsets(n, C, S1, S2, stride_b, stride_c, stride_1, stride_2):
     return b * stride_b + c * stride_c + i * stride_1 + j * stride_2
 
 
-@triton.jit(do_not_specialize=["T", "N"])
+# T and the strides that change with T (the batch stride of batch-major tensors) are not
+# specialised, so a new sequence length reuses the compiled kernel.
+@triton.jit(do_not_specialize=["T", "N", "sx_t", "sx_b", "ss_t", "ss_b"])
 def plif_fwd_kernel(
     x_ptr,  # [T, B, C, S1, S2] through strides sx_*
     alpha_ptr,  # [C] (stride alpha_stride) or one value (alpha_stride = 0)
@@ -71,7 +73,7 @@ def plif_fwd_kernel(
     tl.store(s_last_ptr + n, s.to(s_last_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["T", "N"])
+@triton.jit(do_not_specialize=["T", "N", "sg_t", "sg_b", "sd_t", "sd_b"])
 def plif_bwd_kernel(
     grad_ptr,  # [T, B, C, S1, S2] dL/ds through strides sg_*
     grad_v_last_ptr, grad_s_last_ptr,  # [N] dL/dv_T, dL/ds_T, read if HAS_GRAD_*
