@@ -1,0 +1,531 @@
+"""Train the paper's lip-reading network (or a variant) on DVS-Lip or synthetic DVS-Lip data.
+
+    python -m neurokern.train --config small --epochs 4                  # synthetic data, CPU
+    python -m neurokern.train --config paper --data-root /data/DVS-Lip   # the paper's recipe
+    torchrun --nproc_per_node=2 -m neurokern.train --config small        # DistributedDataParallel
+
+The recipe (paper Sec. 3.5 and its public code): Adam (betas 0.9, 0.999), lr 3e-4, global batch
+32, one linear warm-up epoch, then constant lr, then cosine annealing to 5e-6 over the last
+`--cosine-epochs` (SNN: 100 + 100 epochs; ANN: cosine over all 100), weight decay 1e-4 (Adam's L2
+term) on every parameter except batch-norm ones, leaks clamped into [0, 1] after every step.
+`--spike-loss LAMBDA` adds the spike loss of eq. 15 (fine-tuning, usually with `--init`).
+See docs/training.md.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as torch_F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from neurokern import data as nkdata
+from neurokern import models
+
+__all__ = ["main", "parse_args", "build_optimizer", "lr_factor"]
+
+PAPER_EPOCHS = 200          # SNN: 100 constant + 100 cosine (paper Sec. 3.5)
+FINAL_LR = 5e-6             # the public code's eta_min of the cosine phase
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m neurokern.train",
+        description="Train the SpikGRU2+ lip-reading network (paper Sec. 3.5 recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="small", choices=models.CONFIGS,
+                   help="model configuration (neurokern.models.get_config)")
+    p.add_argument("--data-root", default=None,
+                   help="a DVS-Lip folder (train/<word>/*.npy, test/<word>/*.npy); "
+                        "synthetic data when omitted")
+    p.add_argument("--synthetic-dir", default=None,
+                   help="where to write / reuse the synthetic dataset (default: a folder in the "
+                        "temp directory named after its parameters)")
+    p.add_argument("--synthetic-classes", type=int, default=None,
+                   help="classes of the synthetic dataset (default: the config's num_classes)")
+    p.add_argument("--synthetic-train", type=int, default=20, help="synthetic samples per class")
+    p.add_argument("--synthetic-test", type=int, default=5, help="synthetic test samples per class")
+    p.add_argument("--augment", default="paper", choices=("paper", "baseline", "none"),
+                   help="training augmentation: the paper's full set (temporal masks scaled to "
+                        "T), the baseline (crops and flip), or none (centre crop)")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="time steps T per sample (default: the config's num_steps)")
+    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="total epochs")
+    p.add_argument("--cosine-epochs", type=int, default=None,
+                   help="final epochs with cosine-annealed lr (default: half of --epochs for an "
+                        "SNN, all of them for the ANN twin)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="stop each epoch after this many steps (default: the whole train set)")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="evaluate on at most this many test batches per process")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="global batch size, split over the processes")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--final-lr", type=float, default=FINAL_LR, help="lr at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="Adam L2 weight decay on every parameter except batch-norm ones")
+    p.add_argument("--spike-loss", type=float, default=0.0, metavar="LAMBDA",
+                   help="add the spike loss (paper eq. 15) with this lambda")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from the model weights of a checkpoint (fine-tuning; fresh "
+                        "optimiser and schedule)")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue an interrupted run from its checkpoint")
+    p.add_argument("--out", default="runs/train", help="folder for checkpoints and metrics")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="also keep each epoch's checkpoint as epoch<N>.pt (beside last.pt and "
+                        "best.pt)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (torch.set_num_threads; default: torch's, which "
+                        "is 1 under torchrun unless OMP_NUM_THREADS is set)")
+    p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="synchronise batch-norm statistics across processes")
+    args = p.parse_args(argv)
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if args.cosine_epochs is not None and not 0 <= args.cosine_epochs <= args.epochs:
+        p.error("--cosine-epochs must be in [0, --epochs]")
+    if args.resume and args.init:
+        p.error("give --resume or --init, not both")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup
+# ---------------------------------------------------------------------------------------------
+
+
+class _Dist:
+    """Process group state; a single process is world size 1, rank 0."""
+
+    def __init__(self, device_arg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank if self.world > 1 else 0)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        self.initialised_here = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.initialised_here = True
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values):
+        """Sum a list of floats over processes."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def _comm_device(self):
+        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+    def close(self):
+        if self.initialised_here:
+            dist.destroy_process_group()
+
+
+def _print(d, *a):
+    if d.main:
+        print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _synthetic_root(args, num_classes, d):
+    root = Path(args.synthetic_dir) if args.synthetic_dir else Path(tempfile.gettempdir()) / (
+        f"neurokern-synthetic-dvslip-c{num_classes}-n{args.synthetic_train}-"
+        f"{args.synthetic_test}-s{args.seed}")
+    marker = root / ".complete"
+    if d.main and not marker.exists():
+        # Written to a scratch folder and renamed, so a concurrent run never sees half of it.
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if root.exists():         # left incomplete by an interrupted run
+            shutil.rmtree(root, ignore_errors=True)
+        scratch = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+        nkdata.make_synthetic_dvslip(scratch, num_classes, args.synthetic_train,
+                                     args.synthetic_test, seed=args.seed)
+        (scratch / ".complete").touch()
+        try:
+            os.replace(scratch, root)
+        except OSError:           # another run finished first (non-empty target)
+            shutil.rmtree(scratch, ignore_errors=True)
+    d.barrier()
+    return root
+
+
+def _train_transform(kind, num_steps):
+    if kind == "paper":
+        transform = nkdata.train_transform()
+        if num_steps != 90:
+            # The paper's masks (up to 18 of 90 frames, 240 ms) keep their duration at other T.
+            length = max(1, round(18 * num_steps / 90))
+            transform.transforms = [
+                nkdata.TemporalMask(masks=6, max_length=length)
+                if isinstance(t, nkdata.TemporalMask) else t for t in transform.transforms]
+        return transform
+    if kind == "baseline":
+        return nkdata.Compose([nkdata.CenterCrop(96), nkdata.RandomCrop(88),
+                               nkdata.HorizontalFlip(0.5)])
+    return nkdata.test_transform()
+
+
+def build_data(args, config, d):
+    steps = args.num_steps or config.num_steps
+    if args.data_root:
+        root = Path(args.data_root)
+    else:
+        root = _synthetic_root(args, args.synthetic_classes or config.num_classes, d)
+    train_set = nkdata.DVSLip(root, "train", num_steps=steps,
+                              transform=_train_transform(args.augment, steps))
+    test_set = nkdata.DVSLip(root, "test", num_steps=steps)
+    if d.world > 1 and args.batch_size % d.world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the "
+                         f"{d.world} processes")
+    batch = args.batch_size // d.world
+    sampler = DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    pin = d.device.type == "cuda"
+    train_loader = DataLoader(train_set, batch, sampler=sampler, num_workers=args.num_workers,
+                              pin_memory=pin, drop_last=True)
+    # (No persistent workers: each epoch's workers are seeded from that epoch's seed, which
+    # keeps a resumed run identical to an uninterrupted one.)
+    # Each process evaluates its own share of the test set, no padding; counts are summed.
+    shard = Subset(test_set, range(d.rank, len(test_set), d.world))
+    test_loader = DataLoader(shard, batch, shuffle=False, num_workers=args.num_workers,
+                             pin_memory=pin)
+    if len(train_loader) == 0:
+        raise ValueError(f"the train set ({len(train_set)} samples) is smaller than one batch "
+                         f"({batch} per process)")
+    return train_set, train_loader, sampler, test_loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model, lr, weight_decay):
+    """Adam; weight decay on every parameter except batch-norm weights and biases.
+
+    The paper: "a weight decay of 1e-4 is applied to all parameters, except BN parameters". Its
+    public code decays everything else, leaks and biases included (torch.optim.Adam's
+    `weight_decay`, an L2 term in the gradient), and so does this."""
+    norm, other = [], []
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        (norm if isinstance(module, nn.modules.batchnorm._NormBase) else other).extend(params)
+    groups = [{"params": other, "weight_decay": weight_decay},
+              {"params": norm, "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def lr_factor(step, steps_per_epoch, epochs, cosine_epochs, warmup_epochs, final_ratio):
+    """Multiplier of the base lr at optimiser step `step` (0-based): a linear warm-up from
+    1 / warmup_steps to 1 over `warmup_epochs`, times the base schedule: constant for
+    `epochs - cosine_epochs` epochs, then cosine from 1 to `final_ratio`."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    constant_steps = (epochs - cosine_epochs) * steps_per_epoch
+    if step < constant_steps or cosine_epochs == 0:
+        return warm
+    progress = min(1.0, (step - constant_steps) / (cosine_epochs * steps_per_epoch))
+    return warm * (final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt_time(seconds):
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _bar(done, total, width=20):
+    filled = int(width * done / max(total, 1))
+    return "#" * filled + "-" * (width - filled)
+
+
+def _seed_epoch(seed, rank, epoch):
+    # Dropout, augmentation and worker seeds of an epoch depend only on (seed, rank, epoch),
+    # so a run resumed at an epoch boundary continues exactly as if never interrupted.
+    torch.manual_seed((seed * 1_000_003 + rank * 10_007 + epoch) % (2 ** 63))
+
+
+def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step,
+                steps_per_epoch, total_steps, started):
+    model.train()
+    raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    use_spikes = args.spike_loss > 0
+    loss_sum = spike_sum = correct = seen = 0.0
+    window = time.perf_counter()
+    window_steps = 0
+    for step, (x, y) in enumerate(loader):
+        if step >= steps_per_epoch:
+            break
+        x = x.to(d.device, non_blocking=True)
+        y = y.to(d.device, non_blocking=True)
+        if use_spikes:
+            logits, records = model(x, return_spikes=True)
+            classification = torch_F.cross_entropy(logits, y)
+            sparsity = models.spike_loss(records, args.spike_loss)
+            loss = classification + sparsity
+            spike_sum += sparsity.item() * y.shape[0]
+        else:
+            logits = model(x)
+            loss = classification = torch_F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        models.clamp_leaks_(raw)
+        global_step += 1
+        window_steps += 1
+        loss_sum += classification.item() * y.shape[0]
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+        if d.main and (window_steps == args.log_every or step + 1 == steps_per_epoch):
+            now = time.perf_counter()
+            rate = window_steps / (now - window)
+            window, window_steps = now, 0
+            left = total_steps - global_step
+            print(f"epoch {epoch + 1}/{args.epochs} [{_bar(step + 1, steps_per_epoch)}] "
+                  f"{step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
+                  + (f"spike loss {spike_sum / seen:.4f} " if use_spikes else "")
+                  + f"acc {correct / seen:.3f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  f"{rate:.2f} steps/s ETA {_fmt_time(left / rate)} "
+                  f"(elapsed {_fmt_time(time.perf_counter() - started)})", flush=True)
+    loss_sum, spike_sum, correct, seen = d.sum([loss_sum, spike_sum, correct, seen])
+    seen = max(seen, 1)
+    return global_step, loss_sum / seen, spike_sum / seen, correct / seen
+
+
+def _reduce_meter(meter, d):
+    """Sum an EfficiencyMeter's counters over processes (same layers on every process)."""
+    if d.world == 1:
+        return meter
+    keys = list(meter.layers)
+    sources = list(meter.rates)
+    flat = [meter.layers[k]["ops"] for k in keys] + [meter.layers[k]["sample_steps"] for k in keys]
+    flat += [meter.rates[s][0] for s in sources] + [meter.rates[s][1] for s in sources]
+    flat = d.sum(flat) if flat else flat
+    n, m = len(keys), len(sources)
+    for i, k in enumerate(keys):
+        meter.layers[k]["ops"], meter.layers[k]["sample_steps"] = flat[i], int(flat[n + i])
+    for j, s in enumerate(sources):
+        meter.rates[s] = (flat[2 * n + j], int(flat[2 * n + m + j]))
+    return meter
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, d):
+    """Test accuracy and, from the same forward passes, the efficiency summary (spike rates,
+    OPs/syn, GOPs/s), over all processes' shares of the test set."""
+    model.eval()
+    meter = models.EfficiencyMeter()
+    correct = seen = 0.0
+    for step, (x, y) in enumerate(loader):
+        if args.eval_steps is not None and step >= args.eval_steps:
+            break
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        logits, records = model(x, return_spikes=True)
+        meter.update(records)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+    correct, seen = d.sum([correct, seen])
+    summary = _reduce_meter(meter, d).summary()
+    return correct / max(seen, 1), summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, global_step, config, args, history):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,                       # epochs completed
+        "global_step": global_step,
+        "config": dataclasses.asdict(config),
+        "args": vars(args),
+        "history": history,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)                     # never a half-written checkpoint
+
+
+def load_checkpoint(path, device="cpu"):
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def _config_from(state):
+    fields = dict(state["config"])
+    for key, value in fields.items():
+        if isinstance(value, list):
+            fields[key] = tuple(value)
+    return models.ModelConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def _format_rates(rates):
+    return " ".join(f"{name} {rate:.3f}" for name, rate in rates.items())
+
+
+def main(argv=None):
+    """Run training with command-line arguments `argv` (a list; default `sys.argv[1:]`).
+
+    Returns `{"history": [per-epoch metrics], "out": folder, "model": the trained bare model}`
+    (this process's)."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = _Dist(args.device)
+    try:
+        return _run(args, d)
+    finally:
+        d.close()
+
+
+def _run(args, d):
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume:                                # the checkpoint's model, whatever --config says
+        args.config = resume["args"]["config"]
+    config = _config_from(resume) if resume else models.get_config(args.config)
+    if args.num_steps:
+        config = config.replace(num_steps=args.num_steps)
+    if args.spike_loss > 0 and config.ann:
+        raise ValueError("--spike-loss needs a spiking model; the ANN twin has no spikes")
+
+    train_set, train_loader, sampler, test_loader = build_data(args, config, d)
+    if len(train_set.classes) != config.num_classes:
+        config = config.replace(num_classes=len(train_set.classes))
+
+    torch.manual_seed(args.seed)              # identical initial weights on every process
+    model = models.LipReadingNet(config).to(d.device)
+    if args.init:
+        model.load_state_dict(load_checkpoint(args.init)["model"])
+    if d.world > 1 and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw = model
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    steps_per_epoch = len(train_loader)
+    if args.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
+    cosine_epochs = args.cosine_epochs
+    if cosine_epochs is None:
+        cosine_epochs = args.epochs if config.ann else args.epochs // 2
+    optimizer = build_optimizer(raw, args.lr, args.weight_decay)
+    final_ratio = args.final_lr / args.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, steps_per_epoch, args.epochs, cosine_epochs, args.warmup_epochs, final_ratio))
+
+    start_epoch, global_step, history = 0, 0, []
+    if resume:
+        raw.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch, global_step = resume["epoch"], resume["global_step"]
+        history = list(resume["history"])
+
+    out = Path(args.out)
+    total_steps = args.epochs * steps_per_epoch
+    _print(d, f"neurokern.train: config {args.config} ({models.count_parameters(raw) / 1e6:.3f} M "
+              f"parameters), {len(train_set)} train samples, {len(train_set.classes)} classes, "
+              f"T = {config.num_steps}, batch {args.batch_size} over {d.world} process(es) on "
+              f"{d.device}, {args.epochs} epochs ({cosine_epochs} cosine) x {steps_per_epoch} "
+              f"steps" + (f", resumed after epoch {start_epoch}" if resume else ""))
+    started = time.perf_counter()
+    best = max((h["test_acc"] for h in history), default=-1.0)
+    for epoch in range(start_epoch, args.epochs):
+        _seed_epoch(args.seed, d.rank, epoch)
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        global_step, train_loss, train_spike_loss, train_acc = train_epoch(
+            model, train_loader, optimizer, scheduler, args, d, epoch, global_step,
+            steps_per_epoch, total_steps, started)
+        train_time = time.perf_counter() - t0
+        if d.world > 1:
+            # DDP keeps parameters identical but each process updates its own batch-norm
+            # statistics; evaluate and save rank 0's everywhere.
+            for buffer in raw.buffers():
+                dist.broadcast(buffer.data, 0)
+        test_acc, eff = evaluate(raw, test_loader, args, d)
+        record = dict(epoch=epoch + 1, step=global_step, train_loss=train_loss,
+                      train_spike_loss=train_spike_loss, train_acc=train_acc, test_acc=test_acc,
+                      lr=scheduler.get_last_lr()[0], seconds=train_time,
+                      seconds_per_step=train_time / max(steps_per_epoch, 1),
+                      ops_per_synapse=eff["ops_per_synapse"], gops=eff["gops"],
+                      ann_gops=eff["ann_gops"], spike_rates=dict(eff["spike_rates"]))
+        history.append(record)
+        spikes = f" + spike loss {train_spike_loss:.4f}" if args.spike_loss > 0 else ""
+        _print(d, f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}{spikes} acc "
+                  f"{train_acc:.3f} | test acc {test_acc:.3f} | {train_time:.1f} s "
+                  f"({record['seconds_per_step']:.3f} s/step)")
+        if not config.ann:
+            _print(d, f"  OPs/syn {eff['ops_per_synapse']:.4f}, {eff['gops']:.3f} GOPs/s at "
+                      f"{models.STEPS_PER_SECOND:.0f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
+                      f"spike rates: {_format_rates(eff['spike_rates'])}")
+        if d.main:
+            save_checkpoint(out / "last.pt", raw, optimizer, scheduler, epoch + 1, global_step,
+                            config, args, history)
+            if args.keep_epochs:
+                shutil.copyfile(out / "last.pt", out / f"epoch{epoch + 1}.pt")
+            if test_acc > best:
+                best = test_acc
+                shutil.copyfile(out / "last.pt", out / "best.pt")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        d.barrier()
+    _print(d, f"done: best test acc {max(best, 0.0):.3f}; checkpoints in {out}")
+    return {"history": history, "out": out, "model": raw}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
