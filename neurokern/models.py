@@ -44,7 +44,6 @@ __all__ = [
     "small_config",
     "get_config",
     "count_parameters",
-    "clamp_leaks_",
     "spike_loss",
     "spike_rates",
     "efficiency",
@@ -535,17 +534,6 @@ def count_parameters(model, trainable_only=True):
 
 
 @torch.no_grad()
-def clamp_leaks_(model):
-    """Clamp every directly trained leak into [0, 1] after an optimiser step (the paper's public
-    code): `neurokern.nn.clamp_leaks_` for PLIF / SpikGRU2Plus, plus `LeakyIntegratorFC`'s
-    `alpha` and `beta`. Returns `model`."""
-    snn.clamp_leaks_(model)
-    for m in model.modules():
-        if isinstance(m, LeakyIntegratorFC):
-            m.clamp_leaks_()
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Spike loss (paper eq. 15) and spike rates (Fig. 7)
 # ---------------------------------------------------------------------------------------------

@@ -333,13 +333,17 @@ class SpikGRU2Plus(nn.Module):
 @torch.no_grad()
 def clamp_leaks_(module):
     """Clamp every directly trained leak in `module` into [0, 1], in place (the paper does this
-    after each optimiser step). Sigmoid-parametrised and fixed leaks are left alone.
-    Returns `module`."""
+    after each optimiser step). Sigmoid-parametrised and fixed leaks are left alone. Any other
+    submodule with leaks of its own takes part by defining a `clamp_leaks_()` method (e.g.
+    `neurokern.models.LeakyIntegratorFC`). Returns `module`."""
     for m in module.modules():
-        if isinstance(m, PLIF) and m.leak == "direct" and m.learnable:
-            m.alpha.clamp_(0.0, 1.0)
+        if isinstance(m, PLIF):
+            if m.leak == "direct" and m.learnable:
+                m.alpha.clamp_(0.0, 1.0)
         elif isinstance(m, SpikGRU2Plus):
             for name, p in m.named_parameters(recurse=False):
                 if name.startswith("alpha_"):
                     p.clamp_(0.0, 1.0)
+        elif callable(getattr(m, "clamp_leaks_", None)):
+            m.clamp_leaks_()
     return module

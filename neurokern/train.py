@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from neurokern import data as nkdata
 from neurokern import models
+from neurokern import nn as snn
 
 __all__ = ["main", "parse_args", "build_optimizer", "lr_factor"]
 
@@ -312,7 +313,7 @@ def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step
         loss.backward()
         optimizer.step()
         scheduler.step()
-        models.clamp_leaks_(raw)
+        snn.clamp_leaks_(raw)
         global_step += 1
         window_steps += 1
         loss_sum += classification.item() * y.shape[0]

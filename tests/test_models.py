@@ -376,7 +376,7 @@ def test_clamp_leaks_covers_every_leak():
         for name, p in model.named_parameters():
             if name.endswith(("alpha", "beta")) or ".alpha_" in name:
                 p.fill_(1.7)
-    M.clamp_leaks_(model)
+    snn.clamp_leaks_(model)
     leaks = [p for n, p in model.named_parameters() if n.endswith(("alpha", "beta"))]
     assert len(leaks) == 1 + 2 * 4 + 2
     assert all(bool((p <= 1.0).all()) for p in leaks)
@@ -385,6 +385,6 @@ def test_clamp_leaks_covers_every_leak():
         for name, p in model.named_parameters():
             if "alpha" in name:
                 p.fill_(-0.5)
-    M.clamp_leaks_(model)
+    snn.clamp_leaks_(model)
     assert all(bool((p >= 0.0).all()) for n, p in model.named_parameters() if "alpha" in n)
     assert model.backend.layers[0].alpha_l0.detach().min().item() == 0.0
