@@ -1,12 +1,14 @@
 // CPU kernels of the multi-step PLIF neuron (SPEC.md 2): neurokern::plif_fwd and plif_bwd.
 //
-// Work split: x is viewed as [T, B, M] with M = C * prod(S) neurons per batch row. Each batch
-// row's M neurons are cut into chunks of at most kMaxChunk neurons; at::parallel_for runs over
-// the (b, chunk) pairs, and each task carries its chunk's state through all T steps in small
-// local buffers, so the state never leaves the cache. The innermost loop runs over the chunk's
-// contiguous neuron index, without branches (spikes are comparisons producing 0/1), and
-// vectorises. Arithmetic follows neurokern.reference's operation order in the compute dtype
-// (float32 for float16/bfloat16 inputs), so float64 and float32 spikes and membranes equal the
+// Work split: x is viewed as [T, B, M] with M = C * prod(S) neurons per batch row (all B * M
+// neurons as one row when the batch rows lie back to back, see Chunking). Each row is cut into
+// chunks of at most kMaxChunk neurons; at::parallel_for runs over the (row, chunk) pairs, and
+// each task carries its chunk's state through all T steps in small local buffers, so the state
+// never leaves the cache. The innermost loop runs over the chunk's contiguous neuron index,
+// without branches (spikes are comparisons producing 0/1), and vectorises; on x86-64 it is
+// compiled for both SSE2 and AVX2 and the AVX2 copy runs where the CPU has it. Arithmetic follows
+// neurokern.reference's operation order in the compute dtype (float32 for float16/bfloat16
+// inputs), without fused multiply-adds, so float64 and float32 spikes and membranes equal the
 // reference's bit for bit in spiking mode.
 //
 // Layouts: the time and batch dims may have any strides (a transposed [B, T] <-> [T, B] view is
@@ -17,16 +19,45 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
+
+#include "activations.h"
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+// x86-64 with GCC or Clang: the task functions are also compiled for AVX2 (8 float lanes instead
+// of SSE2's 4), chosen at run time. No FMA: the arithmetic must round like the reference's.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define NEUROKERN_HAVE_AVX2_TARGET 1
+#endif
+
 namespace {
+
+using neurokern::Activation;
+using neurokern::dispatch_bools;
+using neurokern::Surrogate;
+
+// Whether to run the AVX2 copies: the CPU has AVX2 and torch's ATEN_CPU_CAPABILITY does not ask
+// for less (ATEN_CPU_CAPABILITY=default selects the baseline copies, as for torch's own kernels).
+bool use_avx2() {
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+  static const bool value = [] {
+    const std::string capability = at::get_cpu_capability();
+    return __builtin_cpu_supports("avx2") && (capability == "AVX2" || capability == "AVX512");
+  }();
+  return value;
+#else
+  return false;
+#endif
+}
 
 // Neurons per task: the task's buffers (a few arrays of this length) stay in L1/L2.
 constexpr int64_t kMaxChunk = 1024;
@@ -34,74 +65,6 @@ constexpr int64_t kMaxChunk = 1024;
 constexpr int64_t kMinChunk = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// c = 1 + 1 / (1 + 4 gamma v_th^2), the normaliser of the signed surrogate (SPEC.md 1).
-double signed_spike_scale(double v_th, double gamma) {
-  return 1.0 + 1.0 / (1.0 + 4.0 * gamma * v_th * v_th);
-}
-
-// act(v) of SPEC.md 1 (the same as in spike_cpu.cpp): spike or signed_spike, the step or
-// (smooth mode) its primitive. Branch-free in spiking mode.
-template <typename T, bool SIGNED, bool SPIKING>
-struct Activation {
-  T v_th, sqrt_gamma, c_sqrt_gamma;
-
-  Activation(double v_th_, double gamma)
-      : v_th(static_cast<T>(v_th_)),
-        sqrt_gamma(static_cast<T>(std::sqrt(gamma))),
-        c_sqrt_gamma(static_cast<T>(signed_spike_scale(v_th_, gamma) * std::sqrt(gamma))) {}
-
-  inline T operator()(T v) const {
-    if constexpr (SPIKING) {
-      if constexpr (SIGNED) {
-        return static_cast<T>(v >= v_th) - static_cast<T>(v <= -v_th);
-      } else {
-        return static_cast<T>(v >= v_th);
-      }
-    } else {
-      if constexpr (SIGNED) {
-        return (std::atan(sqrt_gamma * (v - v_th)) + std::atan(sqrt_gamma * (v + v_th))) /
-               c_sqrt_gamma;
-      } else {
-        return T(0.5) + std::atan(sqrt_gamma * (v - v_th)) / sqrt_gamma;
-      }
-    }
-  }
-};
-
-// Surrogate derivative of act (SPEC.md 1, the same as in spike_cpu.cpp).
-template <typename T, bool SIGNED>
-struct Surrogate {
-  T v_th, gamma, c;
-
-  Surrogate(double v_th_, double gamma_)
-      : v_th(static_cast<T>(v_th_)),
-        gamma(static_cast<T>(gamma_)),
-        c(static_cast<T>(signed_spike_scale(v_th_, gamma_))) {}
-
-  inline T operator()(T v) const {
-    const T dm = v - v_th;
-    const T lower = T(1) / (T(1) + gamma * (dm * dm));
-    if constexpr (SIGNED) {
-      const T dp = v + v_th;
-      return (lower + T(1) / (T(1) + gamma * (dp * dp))) / c;
-    } else {
-      return lower;
-    }
-  }
-};
-
-// Calls fn(std::integral_constant<bool, a>{}, std::integral_constant<bool, b>{}).
-template <typename Fn>
-void dispatch_bools(bool a, bool b, Fn&& fn) {
-  using T = std::true_type;
-  using F = std::false_type;
-  if (a) {
-    b ? fn(T{}, T{}) : fn(T{}, F{});
-  } else {
-    b ? fn(F{}, T{}) : fn(F{}, F{});
-  }
-}
 
 // The [T, B, M] view of a [T, B, C, *S] (or [B, T, C, *S]) tensor: strides of time and batch,
 // in elements; the M = C * prod(S) neurons of one (t, b) are contiguous.
@@ -137,22 +100,31 @@ std::vector<int64_t> state_shape(const at::Tensor& seq, bool batch_first) {
   return shape;
 }
 
-// How the N = B * M neurons are cut into tasks (see the header).
+// How the N = B * M neurons are cut into tasks (see the header). They are taken as `rows` runs
+// of `row_len` neurons that are contiguous in every [T, B, M] view involved: one run per batch
+// row, or a single run of all N neurons when the batch rows lie back to back in all the views
+// (time-major contiguous tensors), which keeps the vector loops long when M is small.
 struct Chunking {
-  int64_t chunk;     // neurons per task (the last task of a batch row may have fewer)
-  int64_t per_row;   // tasks per batch row
+  int64_t rows;
+  int64_t row_len;
+  int64_t chunk;    // neurons per task (the last task of a row may have fewer)
+  int64_t per_row;  // tasks per row
 };
 
-Chunking make_chunking(int64_t B, int64_t M) {
-  if (M == 0) return {1, 0};
+Chunking make_chunking(int64_t B, int64_t M, std::initializer_list<SeqView> views) {
+  bool merge = B > 1;
+  for (const SeqView& view : views) merge = merge && view.stride_b == M;
+  const int64_t rows = merge ? 1 : B;
+  const int64_t row_len = merge ? B * M : M;
+  if (row_len == 0) return {rows, row_len, 1, 0};
   // Enough tasks to balance the threads (4 per thread), none longer than kMaxChunk, none
-  // shorter than kMinChunk unless M itself is.
-  const int64_t wanted = ceil_div(4 * at::get_num_threads(), std::max<int64_t>(B, 1));
-  int64_t per_row = std::max(ceil_div(M, kMaxChunk), std::min(wanted, ceil_div(M, kMinChunk)));
-  // Round the chunk up to a multiple of 16 elements so that vector loops start aligned.
-  int64_t chunk = ceil_div(ceil_div(M, per_row), 16) * 16;
-  chunk = std::min(chunk, M);
-  return {chunk, ceil_div(M, chunk)};
+  // shorter than kMinChunk unless the row itself is.
+  const int64_t wanted = ceil_div(4 * at::get_num_threads(), std::max<int64_t>(rows, 1));
+  const int64_t per_row = std::max(ceil_div(row_len, kMaxChunk),
+                                   std::min(wanted, ceil_div(row_len, kMinChunk)));
+  // A multiple of 16 neurons, so that tasks start on the same vector alignment as their row.
+  const int64_t chunk = std::min(ceil_div(ceil_div(row_len, per_row), 16) * 16, row_len);
+  return {rows, row_len, chunk, ceil_div(row_len, chunk)};
 }
 
 void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
@@ -193,13 +165,34 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// Pointers and sizes of one plif_fwd call; the neuron index n = b * M + m is row-major in
+// [B, C, *S], so neuron n has channel (n / P) % C.
+template <typename scalar_t, typename opmath_t>
+struct PlifFwdParams {
+  const scalar_t* x;       // [T, B, M] view: x + t * x_view.stride_t + b * x_view.stride_b + m
+  SeqView x_view;
+  const opmath_t* alpha;   // [C], or [1] if scalar_alpha
+  bool scalar_alpha;
+  const opmath_t* v0;      // [N] or null (zeros)
+  const opmath_t* s0;      // [N] or null (zeros)
+  scalar_t* s;             // [T, B, M] view like x, contiguous in x's logical layout
+  SeqView s_view;
+  opmath_t* v_seq;         // [T, N], or null without save_v
+  scalar_t* v_last;        // [N]
+  scalar_t* s_last;        // [N]
+  int64_t T, N, C, P;      // P = prod(S), neurons per channel
+  opmath_t v_th;
+  Chunking chunking;
+};
+
 // One time step for L neurons: v = a v + x - v_th s; s = act(v). Writes the spikes to `out` and,
 // if SAVE_V, the membranes to `v_save`.
 template <typename scalar_t, typename opmath_t, typename Act, bool SAVE_V>
-inline void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
-                          const opmath_t* __restrict__ a, opmath_t* __restrict__ v,
-                          opmath_t* __restrict__ s, scalar_t* __restrict__ out,
-                          opmath_t* __restrict__ v_save, opmath_t v_th, const Act& act) {
+NEUROKERN_INLINE void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
+                                    const opmath_t* __restrict__ a, opmath_t* __restrict__ v,
+                                    opmath_t* __restrict__ s, scalar_t* __restrict__ out,
+                                    opmath_t* __restrict__ v_save, opmath_t v_th,
+                                    const Act& act) {
   for (int64_t j = 0; j < L; ++j) {
     // Same order as the reference: (alpha * v + x_t) - v_th * s.
     const opmath_t vj = a[j] * v[j] + static_cast<opmath_t>(x[j]) - v_th * s[j];
@@ -211,75 +204,109 @@ inline void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
   }
 }
 
+// Runs tasks [begin, end): each carries one chunk of neurons through all T steps.
+// buffer: 3 * chunking.chunk elements.
+template <typename scalar_t, typename opmath_t, typename Act>
+NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act,
+                                     int64_t begin, int64_t end, opmath_t* buffer) {
+  const Chunking& ch = p.chunking;
+  opmath_t* v = buffer;           // [chunk] membrane
+  opmath_t* sp = v + ch.chunk;    // [chunk] last spikes
+  opmath_t* a = sp + ch.chunk;    // [chunk] leak of each neuron
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t row = task / ch.per_row;
+    const int64_t m0 = (task % ch.per_row) * ch.chunk;
+    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
+    const int64_t n0 = row * ch.row_len + m0;
+    for (int64_t j = 0; j < L; ++j) {
+      a[j] = p.scalar_alpha ? p.alpha[0] : p.alpha[((n0 + j) / p.P) % p.C];
+      v[j] = p.v0 ? p.v0[n0 + j] : opmath_t(0);
+      sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+    }
+    for (int64_t t = 0; t < p.T; ++t) {
+      const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
+      scalar_t* st = p.s + t * p.s_view.stride_t + row * p.s_view.stride_b + m0;
+      if (p.v_seq) {
+        plif_fwd_step<scalar_t, opmath_t, Act, true>(L, xt, a, v, sp, st, p.v_seq + t * p.N + n0,
+                                                     p.v_th, act);
+      } else {
+        plif_fwd_step<scalar_t, opmath_t, Act, false>(L, xt, a, v, sp, st, nullptr, p.v_th, act);
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      p.v_last[n0 + j] = static_cast<scalar_t>(v[j]);
+      p.s_last[n0 + j] = static_cast<scalar_t>(sp[j]);
+    }
+  }
+}
+
+// The same code compiled twice: for the baseline ISA and for AVX2 (see use_avx2()).
+template <typename scalar_t, typename opmath_t, typename Act>
+void plif_fwd_tasks_default(const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act,
+                            int64_t begin, int64_t end, opmath_t* buffer) {
+  plif_fwd_tasks(p, act, begin, end, buffer);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename scalar_t, typename opmath_t, typename Act>
+__attribute__((target("avx2"))) void plif_fwd_tasks_avx2(
+    const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act, int64_t begin, int64_t end,
+    opmath_t* buffer) {
+  plif_fwd_tasks(p, act, begin, end, buffer);
+}
+#endif
+
 template <typename scalar_t, bool SIGNED, bool SPIKING>
-void plif_fwd_kernel(const at::Tensor& x,             // [T, B, C, *S] or [B, T, C, *S]
-                     const at::Tensor& alpha,         // [C] or 0-d, compute dtype
+void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [B, T, C, *S]
+                     const at::Tensor& alpha,              // [C] or 0-d, compute dtype
                      const std::optional<at::Tensor>& v0,  // [B, C, *S] compute dtype
                      const std::optional<at::Tensor>& s0,  // [B, C, *S] compute dtype
-                     double v_th_d, double gamma, bool batch_first,
+                     double v_th, double gamma, bool batch_first,
                      at::Tensor& s,         // x's shape, contiguous
-                     at::Tensor& v_seq,     // [T, N] or empty
+                     at::Tensor& v_seq,     // [T, N], or [0] without save_v
                      at::Tensor& v_last,    // [B, C, *S]
                      at::Tensor& s_last) {  // [B, C, *S]
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(batch_first ? 1 : 0);
+  using Act = Activation<opmath_t, SIGNED, SPIKING>;
   const int64_t B = x.size(batch_first ? 0 : 1);
   const int64_t C = x.size(2);
   const int64_t M = c10::multiply_integers(x.sizes().slice(2));
-  const int64_t P = C == 0 ? 0 : M / C;  // neurons per channel, prod(S)
-  const int64_t N = B * M;
-  const SeqView xv = seq_view(x, batch_first);
-  const SeqView sv = seq_view(s, batch_first);
-  const bool save_v = v_seq.numel() > 0;
-  const bool scalar_alpha = alpha.dim() == 0;
+  PlifFwdParams<scalar_t, opmath_t> p;
+  p.x = x.const_data_ptr<scalar_t>();
+  p.x_view = seq_view(x, batch_first);
+  p.alpha = alpha.const_data_ptr<opmath_t>();
+  p.scalar_alpha = alpha.dim() == 0;
+  p.v0 = ptr_or_null<opmath_t>(v0);
+  p.s0 = ptr_or_null<opmath_t>(s0);
+  p.s = s.mutable_data_ptr<scalar_t>();
+  p.s_view = seq_view(s, batch_first);
+  p.v_seq = v_seq.numel() > 0 ? v_seq.mutable_data_ptr<opmath_t>() : nullptr;
+  p.v_last = v_last.mutable_data_ptr<scalar_t>();
+  p.s_last = s_last.mutable_data_ptr<scalar_t>();
+  p.T = x.size(batch_first ? 1 : 0);
+  p.C = C;
+  p.P = M / C;
+  p.N = B * M;
+  p.v_th = static_cast<opmath_t>(v_th);
+  p.chunking = make_chunking(B, M, {p.x_view, p.s_view});
+  const Act act(v_th, gamma);
+  const bool avx2 = use_avx2();
 
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const opmath_t* alpha_ptr = alpha.const_data_ptr<opmath_t>();
-  const opmath_t* v0_ptr = ptr_or_null<opmath_t>(v0);
-  const opmath_t* s0_ptr = ptr_or_null<opmath_t>(s0);
-  scalar_t* s_ptr = s.mutable_data_ptr<scalar_t>();
-  opmath_t* vseq_ptr = save_v ? v_seq.mutable_data_ptr<opmath_t>() : nullptr;
-  scalar_t* vlast_ptr = v_last.mutable_data_ptr<scalar_t>();
-  scalar_t* slast_ptr = s_last.mutable_data_ptr<scalar_t>();
-
-  const Activation<opmath_t, SIGNED, SPIKING> act(v_th_d, gamma);
-  const opmath_t v_th = static_cast<opmath_t>(v_th_d);
-  const Chunking ch = make_chunking(B, M);
-
-  at::parallel_for(0, B * ch.per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buffer(3 * ch.chunk);
-    opmath_t* v = buffer.data();         // [chunk] membrane
-    opmath_t* sp = v + ch.chunk;         // [chunk] last spikes
-    opmath_t* a = sp + ch.chunk;         // [chunk] leak of each neuron
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ch.per_row;
-      const int64_t m0 = (task % ch.per_row) * ch.chunk;
-      const int64_t L = std::min(ch.chunk, M - m0);
-      const int64_t n0 = b * M + m0;  // first neuron, row-major in [B, C, *S]
-      for (int64_t j = 0; j < L; ++j) {
-        a[j] = scalar_alpha ? alpha_ptr[0] : alpha_ptr[(m0 + j) / P];
-        v[j] = v0_ptr ? v0_ptr[n0 + j] : opmath_t(0);
-        sp[j] = s0_ptr ? s0_ptr[n0 + j] : opmath_t(0);
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t* xt = x_ptr + t * xv.stride_t + b * xv.stride_b + m0;
-        scalar_t* st = s_ptr + t * sv.stride_t + b * sv.stride_b + m0;
-        if (save_v) {
-          plif_fwd_step<scalar_t, opmath_t, decltype(act), true>(L, xt, a, v, sp, st,
-                                                                 vseq_ptr + t * N + n0, v_th, act);
-        } else {
-          plif_fwd_step<scalar_t, opmath_t, decltype(act), false>(L, xt, a, v, sp, st, nullptr,
-                                                                  v_th, act);
-        }
-      }
-      for (int64_t j = 0; j < L; ++j) {
-        vlast_ptr[n0 + j] = static_cast<scalar_t>(v[j]);
-        slast_ptr[n0 + j] = static_cast<scalar_t>(sp[j]);
-      }
+  at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buffer(3 * p.chunking.chunk);
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+    if (avx2) {
+      plif_fwd_tasks_avx2(p, act, begin, end, buffer.data());
+      return;
     }
+#endif
+    plif_fwd_tasks_default(p, act, begin, end, buffer.data());
   });
 }
 
+// For t = 0..T-1: v = alpha_c v + x_t - v_th s; s = act(v), from (v0, s0) (zeros if None), with
+// the state in the compute dtype. Returns s (x's shape and dtype, contiguous), v_seq ([T, N] in
+// the compute dtype, v after every step, if save_v), v_last and s_last ([B, C, *S], x's dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool is_signed,
@@ -301,7 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
   const auto s0 = checked_state(s0_in, st_shape, opmath, op, "s0");
 
   at::Tensor s = at::empty(x.sizes(), x.options());
-  at::Tensor v_seq = at::empty({save_v ? T : 0, save_v ? N : 0}, x.options().dtype(opmath));
+  // Without save_v, v_seq is an empty [0] tensor (the shape plif_ops.py's fake gives it).
+  at::Tensor v_seq = save_v ? at::empty({T, N}, x.options().dtype(opmath))
+                            : at::empty({0}, x.options().dtype(opmath));
   at::Tensor v_last = at::empty(st_shape, x.options());
   at::Tensor s_last = at::empty(st_shape, x.options());
   if (N == 0) return {s, v_seq, v_last, s_last};
@@ -320,23 +349,135 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// One reverse time step for L neurons (see plif_bwd_cpu). HAS_PREV: v_prev holds v_{t-1}
+// Pointers and sizes of one plif_bwd call (neuron index n = b * M + m as in the forward).
+template <typename scalar_t, typename opmath_t>
+struct PlifBwdParams {
+  const scalar_t* grad_s;       // [T, B, M] view
+  SeqView g_view;
+  const opmath_t* grad_v_last;  // [N] or null (zeros)
+  const opmath_t* grad_s_last;  // [N] or null (zeros)
+  const opmath_t* v_seq;        // [T, N]
+  const opmath_t* alpha;        // [C], or [1] if scalar_alpha
+  bool scalar_alpha;
+  const opmath_t* v0;           // [N] or null (zeros)
+  scalar_t* dx;                 // [T, B, M] view, contiguous in x's logical layout
+  SeqView dx_view;
+  opmath_t* dalpha;             // [N]
+  scalar_t* dv0;                // [N]
+  scalar_t* ds0;                // [N]
+  int64_t T, N, C, P;
+  opmath_t neg_v_th;
+  Chunking chunking;
+};
+
+// One reverse step for L neurons. dv_next holds dL/dv_{t+1} (all paths), from which the carries
+// into step t follow: dL/ds_t += -v_th dv_{t+1} (unless DETACH), dL/dv_t += alpha dv_{t+1}.
+// With EXPLICIT_CARRY (the last step, t = T-1) the carries are given instead: ds_carry, and
+// dv_next holding the dv carry. On return dv_next holds dL/dv_t. HAS_PREV: v_prev holds v_{t-1}
 // (otherwise v_{t-1} = 0 and dalpha gets nothing).
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool HAS_PREV>
-inline void plif_bwd_step(int64_t L, const scalar_t* __restrict__ grad_s,
-                          const opmath_t* __restrict__ v_t, const opmath_t* __restrict__ v_prev,
-                          const opmath_t* __restrict__ a, opmath_t* __restrict__ dv_carry,
-                          opmath_t* __restrict__ ds_carry, opmath_t* __restrict__ dalpha,
-                          scalar_t* __restrict__ dx, opmath_t neg_v_th, const Sur& sur) {
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY,
+          bool HAS_PREV>
+NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* __restrict__ grad_s,
+                                    const opmath_t* __restrict__ v_t,
+                                    const opmath_t* __restrict__ v_prev,
+                                    const opmath_t* __restrict__ a,
+                                    const opmath_t* __restrict__ ds_carry,
+                                    opmath_t* __restrict__ dv_next,
+                                    opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
+                                    opmath_t neg_v_th, const Sur& sur) {
   for (int64_t j = 0; j < L; ++j) {
-    const opmath_t ds = static_cast<opmath_t>(grad_s[j]) + ds_carry[j];
-    const opmath_t dv = ds * sur(v_t[j]) + dv_carry[j];
+    opmath_t ds = static_cast<opmath_t>(grad_s[j]);
+    opmath_t dv_carry;
+    if constexpr (EXPLICIT_CARRY) {
+      ds = ds + ds_carry[j];
+      dv_carry = dv_next[j];
+    } else {
+      if constexpr (!DETACH) ds = ds + neg_v_th * dv_next[j];
+      dv_carry = a[j] * dv_next[j];
+    }
+    const opmath_t dv = ds * sur(v_t[j]) + dv_carry;
     dx[j] = static_cast<scalar_t>(dv);
     if constexpr (HAS_PREV) dalpha[j] += dv * v_prev[j];
-    ds_carry[j] = DETACH ? opmath_t(0) : neg_v_th * dv;
-    dv_carry[j] = a[j] * dv;
+    dv_next[j] = dv;
   }
 }
+
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY>
+NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* grad_s, const opmath_t* v_t,
+                                    const opmath_t* v_prev, const opmath_t* a,
+                                    const opmath_t* ds_carry, opmath_t* dv_next,
+                                    opmath_t* dalpha, scalar_t* dx, opmath_t neg_v_th,
+                                    const Sur& sur) {
+  if (v_prev) {
+    plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, EXPLICIT_CARRY, true>(
+        L, grad_s, v_t, v_prev, a, ds_carry, dv_next, dalpha, dx, neg_v_th, sur);
+  } else {
+    plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, EXPLICIT_CARRY, false>(
+        L, grad_s, v_t, v_prev, a, ds_carry, dv_next, dalpha, dx, neg_v_th, sur);
+  }
+}
+
+// Runs tasks [begin, end): each carries one chunk of neurons from t = T-1 down to 0.
+// buffer: 4 * chunking.chunk elements.
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
+NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
+                                     int64_t begin, int64_t end, opmath_t* buffer) {
+  const Chunking& ch = p.chunking;
+  opmath_t* dv = buffer;                 // [chunk] dL/dv of the step after the current one
+  opmath_t* ds_carry = dv + ch.chunk;    // [chunk] grad_s_last, the carry into step T-1
+  opmath_t* dalpha = ds_carry + ch.chunk;  // [chunk] sum over t of dv_t * v_{t-1}
+  opmath_t* a = dalpha + ch.chunk;       // [chunk] leak of each neuron
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t row = task / ch.per_row;
+    const int64_t m0 = (task % ch.per_row) * ch.chunk;
+    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
+    const int64_t n0 = row * ch.row_len + m0;
+    for (int64_t j = 0; j < L; ++j) {
+      a[j] = p.scalar_alpha ? p.alpha[0] : p.alpha[((n0 + j) / p.P) % p.C];
+      dv[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
+      ds_carry[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
+      dalpha[j] = opmath_t(0);
+    }
+    for (int64_t t = p.T - 1; t >= 0; --t) {
+      const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
+      scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
+      const opmath_t* vt = p.v_seq + t * p.N + n0;
+      const opmath_t* vprev = t > 0 ? vt - p.N : (p.v0 ? p.v0 + n0 : nullptr);
+      if (t == p.T - 1) {
+        plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, true>(L, gt, vt, vprev, a, ds_carry, dv,
+                                                             dalpha, dxt, p.neg_v_th, sur);
+      } else {
+        plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, false>(L, gt, vt, vprev, a, nullptr, dv,
+                                                              dalpha, dxt, p.neg_v_th, sur);
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      p.dalpha[n0 + j] = dalpha[j];
+      if (p.T == 0) {  // nothing to go through: the gradients of the state pass unchanged
+        p.dv0[n0 + j] = static_cast<scalar_t>(dv[j]);
+        p.ds0[n0 + j] = static_cast<scalar_t>(ds_carry[j]);
+      } else {
+        p.dv0[n0 + j] = static_cast<scalar_t>(a[j] * dv[j]);
+        p.ds0[n0 + j] = static_cast<scalar_t>(DETACH ? opmath_t(0) : p.neg_v_th * dv[j]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
+void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
+                            int64_t begin, int64_t end, opmath_t* buffer) {
+  plif_bwd_tasks<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
+__attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
+    const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur, int64_t begin, int64_t end,
+    opmath_t* buffer) {
+  plif_bwd_tasks<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer);
+}
+#endif
 
 template <typename scalar_t, bool SIGNED, bool DETACH>
 void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
@@ -351,67 +492,42 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
                      at::Tensor& dv0,                // [B, C, *S]
                      at::Tensor& ds0) {              // [B, C, *S]
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t T = grad_s.size(batch_first ? 1 : 0);
+  using Sur = Surrogate<opmath_t, SIGNED>;
   const int64_t B = grad_s.size(batch_first ? 0 : 1);
   const int64_t C = grad_s.size(2);
   const int64_t M = c10::multiply_integers(grad_s.sizes().slice(2));
-  const int64_t P = C == 0 ? 0 : M / C;
-  const int64_t N = B * M;
-  const SeqView gv = seq_view(grad_s, batch_first);
-  const SeqView dxv = seq_view(dx, batch_first);
-  const bool scalar_alpha = alpha.dim() == 0;
+  PlifBwdParams<scalar_t, opmath_t> p;
+  p.grad_s = grad_s.const_data_ptr<scalar_t>();
+  p.g_view = seq_view(grad_s, batch_first);
+  p.grad_v_last = ptr_or_null<opmath_t>(grad_v_last);
+  p.grad_s_last = ptr_or_null<opmath_t>(grad_s_last);
+  p.v_seq = v_seq.const_data_ptr<opmath_t>();
+  p.alpha = alpha.const_data_ptr<opmath_t>();
+  p.scalar_alpha = alpha.dim() == 0;
+  p.v0 = ptr_or_null<opmath_t>(v0);
+  p.dx = dx.mutable_data_ptr<scalar_t>();
+  p.dx_view = seq_view(dx, batch_first);
+  p.dalpha = dalpha_per_neuron.mutable_data_ptr<opmath_t>();
+  p.dv0 = dv0.mutable_data_ptr<scalar_t>();
+  p.ds0 = ds0.mutable_data_ptr<scalar_t>();
+  p.T = grad_s.size(batch_first ? 1 : 0);
+  p.C = C;
+  p.P = M / C;
+  p.N = B * M;
+  p.neg_v_th = -static_cast<opmath_t>(v_th);
+  p.chunking = make_chunking(B, M, {p.g_view, p.dx_view});
+  const Sur sur(v_th, gamma);
+  const bool avx2 = use_avx2();
 
-  const scalar_t* g_ptr = grad_s.const_data_ptr<scalar_t>();
-  const opmath_t* gvl_ptr = ptr_or_null<opmath_t>(grad_v_last);
-  const opmath_t* gsl_ptr = ptr_or_null<opmath_t>(grad_s_last);
-  const opmath_t* vseq_ptr = v_seq.const_data_ptr<opmath_t>();
-  const opmath_t* alpha_ptr = alpha.const_data_ptr<opmath_t>();
-  const opmath_t* v0_ptr = ptr_or_null<opmath_t>(v0);
-  scalar_t* dx_ptr = dx.mutable_data_ptr<scalar_t>();
-  opmath_t* dalpha_ptr = dalpha_per_neuron.mutable_data_ptr<opmath_t>();
-  scalar_t* dv0_ptr = dv0.mutable_data_ptr<scalar_t>();
-  scalar_t* ds0_ptr = ds0.mutable_data_ptr<scalar_t>();
-
-  const Surrogate<opmath_t, SIGNED> sur(v_th, gamma);
-  const opmath_t neg_v_th = -static_cast<opmath_t>(v_th);
-  const Chunking ch = make_chunking(B, M);
-
-  at::parallel_for(0, B * ch.per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buffer(4 * ch.chunk);
-    opmath_t* dv_carry = buffer.data();       // [chunk] dL/dv_{t} through v_{t+1}
-    opmath_t* ds_carry = dv_carry + ch.chunk;  // [chunk] dL/ds_{t} through v_{t+1}
-    opmath_t* dalpha = ds_carry + ch.chunk;    // [chunk] sum over t of dv_t * v_{t-1}
-    opmath_t* a = dalpha + ch.chunk;           // [chunk] leak of each neuron
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / ch.per_row;
-      const int64_t m0 = (task % ch.per_row) * ch.chunk;
-      const int64_t L = std::min(ch.chunk, M - m0);
-      const int64_t n0 = b * M + m0;
-      for (int64_t j = 0; j < L; ++j) {
-        a[j] = scalar_alpha ? alpha_ptr[0] : alpha_ptr[(m0 + j) / P];
-        dv_carry[j] = gvl_ptr ? gvl_ptr[n0 + j] : opmath_t(0);
-        ds_carry[j] = gsl_ptr ? gsl_ptr[n0 + j] : opmath_t(0);
-        dalpha[j] = opmath_t(0);
-      }
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const scalar_t* gt = g_ptr + t * gv.stride_t + b * gv.stride_b + m0;
-        scalar_t* dxt = dx_ptr + t * dxv.stride_t + b * dxv.stride_b + m0;
-        const opmath_t* vt = vseq_ptr + t * N + n0;
-        const opmath_t* vprev = t > 0 ? vt - N : (v0_ptr ? v0_ptr + n0 : nullptr);
-        if (vprev) {
-          plif_bwd_step<scalar_t, opmath_t, decltype(sur), DETACH, true>(
-              L, gt, vt, vprev, a, dv_carry, ds_carry, dalpha, dxt, neg_v_th, sur);
-        } else {
-          plif_bwd_step<scalar_t, opmath_t, decltype(sur), DETACH, false>(
-              L, gt, vt, nullptr, a, dv_carry, ds_carry, dalpha, dxt, neg_v_th, sur);
-        }
-      }
-      for (int64_t j = 0; j < L; ++j) {
-        dalpha_ptr[n0 + j] = dalpha[j];
-        dv0_ptr[n0 + j] = static_cast<scalar_t>(dv_carry[j]);
-        ds0_ptr[n0 + j] = static_cast<scalar_t>(ds_carry[j]);
-      }
+  at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buffer(4 * p.chunking.chunk);
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+    if (avx2) {
+      plif_bwd_tasks_avx2<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer.data());
+      return;
     }
+#endif
+    plif_bwd_tasks_default<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer.data());
   });
 }
 

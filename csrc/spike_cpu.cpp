@@ -11,82 +11,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <type_traits>
+#include "activations.h"
 
 namespace {
 
+using neurokern::Activation;
+using neurokern::dispatch_bools;
+using neurokern::Surrogate;
+
 // Elements per parallel task: large enough that the OpenMP overhead is negligible.
 constexpr int64_t kGrain = 32768;
-
-// c = 1 + 1 / (1 + 4 gamma v_th^2), the normaliser of the signed surrogate (SPEC.md 1).
-double signed_spike_scale(double v_th, double gamma) {
-  return 1.0 + 1.0 / (1.0 + 4.0 * gamma * v_th * v_th);
-}
-
-// act(v) of SPEC.md 1: spike or signed_spike, the step or (smooth mode) its primitive.
-// Branch-free in spiking mode: comparisons produce 0/1, so loops over it vectorise.
-template <typename T, bool SIGNED, bool SPIKING>
-struct Activation {
-  T v_th, sqrt_gamma, c_sqrt_gamma;
-
-  Activation(double v_th_, double gamma)
-      : v_th(static_cast<T>(v_th_)),
-        sqrt_gamma(static_cast<T>(std::sqrt(gamma))),
-        c_sqrt_gamma(static_cast<T>(signed_spike_scale(v_th_, gamma) * std::sqrt(gamma))) {}
-
-  inline T operator()(T v) const {
-    if constexpr (SPIKING) {
-      if constexpr (SIGNED) {
-        return static_cast<T>(v >= v_th) - static_cast<T>(v <= -v_th);
-      } else {
-        return static_cast<T>(v >= v_th);
-      }
-    } else {
-      if constexpr (SIGNED) {
-        return (std::atan(sqrt_gamma * (v - v_th)) + std::atan(sqrt_gamma * (v + v_th))) /
-               c_sqrt_gamma;
-      } else {
-        return T(0.5) + std::atan(sqrt_gamma * (v - v_th)) / sqrt_gamma;
-      }
-    }
-  }
-};
-
-// Surrogate derivative of act (SPEC.md 1): 1 / (1 + gamma (v - v_th)^2), or for signed spikes
-// (1/c) [1 / (1 + gamma (v - v_th)^2) + 1 / (1 + gamma (v + v_th)^2)].
-template <typename T, bool SIGNED>
-struct Surrogate {
-  T v_th, gamma, c;
-
-  Surrogate(double v_th_, double gamma_)
-      : v_th(static_cast<T>(v_th_)),
-        gamma(static_cast<T>(gamma_)),
-        c(static_cast<T>(signed_spike_scale(v_th_, gamma_))) {}
-
-  inline T operator()(T v) const {
-    const T dm = v - v_th;
-    const T lower = T(1) / (T(1) + gamma * (dm * dm));
-    if constexpr (SIGNED) {
-      const T dp = v + v_th;
-      return (lower + T(1) / (T(1) + gamma * (dp * dp))) / c;
-    } else {
-      return lower;
-    }
-  }
-};
-
-// Calls fn(std::integral_constant<bool, a>{}, std::integral_constant<bool, b>{}).
-template <typename Fn>
-void dispatch_bools(bool a, bool b, Fn&& fn) {
-  using T = std::true_type;
-  using F = std::false_type;
-  if (a) {
-    b ? fn(T{}, T{}) : fn(T{}, F{});
-  } else {
-    b ? fn(F{}, T{}) : fn(F{}, F{});
-  }
-}
 
 template <typename scalar_t, typename Act>
 void spike_fwd_loop(const scalar_t* __restrict__ x, scalar_t* __restrict__ s, int64_t n,
@@ -107,10 +41,10 @@ void spike_bwd_loop(const scalar_t* __restrict__ grad_s, const scalar_t* __restr
   }
 }
 
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "neurokern CPU spike kernel: ", name,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "neurokern CPU spike kernel: ", name,
+void check_input(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
@@ -118,7 +52,7 @@ void check_input(const at::Tensor& t, const char* name) {
 // Returns s, contiguous, with x's shape and dtype.
 at::Tensor spike_fwd_cpu(const at::Tensor& x, double v_th, double gamma, bool is_signed,
                          bool spiking) {
-  check_input(x, "x");
+  check_input(x, "neurokern::spike_fwd", "x");
   TORCH_CHECK(spiking || gamma > 0, "neurokern::spike_fwd: smooth mode needs gamma > 0, got ",
               gamma);
   const at::Tensor xc = x.contiguous();
@@ -144,8 +78,8 @@ at::Tensor spike_fwd_cpu(const at::Tensor& x, double v_th, double gamma, bool is
 // x's shape and dtype.
 at::Tensor spike_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& x, double v_th,
                          double gamma, bool is_signed) {
-  check_input(grad_s, "grad_s");
-  check_input(x, "x");
+  check_input(grad_s, "neurokern::spike_bwd", "grad_s");
+  check_input(x, "neurokern::spike_bwd", "x");
   TORCH_CHECK(grad_s.sizes() == x.sizes(), "neurokern::spike_bwd: grad_s must have x's shape ",
               x.sizes(), ", got ", grad_s.sizes());
   TORCH_CHECK(grad_s.scalar_type() == x.scalar_type(),

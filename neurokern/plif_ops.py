@@ -138,21 +138,18 @@ if triton_available():
 
 
 def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, save_v):
-    time_dim = 1 if batch_first else 0
-    n = x.numel() // x.shape[time_dim] if x.shape[time_dim] else 0
-    s = x.new_empty(x.shape)
-    v_seq = x.new_empty((x.shape[time_dim], n) if save_v else (0,),
-                        dtype=compute_dtype(x.dtype))
     v_last = x.new_empty(_state_shape(x, batch_first))
+    s = x.new_empty(x.shape)
+    steps = x.shape[1 if batch_first else 0]
+    v_seq = x.new_empty((steps, v_last.numel()) if save_v else (0,),
+                        dtype=compute_dtype(x.dtype))
     return s, v_seq, v_last, torch.empty_like(v_last)
 
 
 def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th, gamma, signed,
                    batch_first, detach_reset):
-    time_dim = 1 if batch_first else 0
-    n = grad_s.numel() // grad_s.shape[time_dim] if grad_s.shape[time_dim] else 0
     dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
-    return (grad_s.new_empty(grad_s.shape), v_seq.new_empty((n,)), dv0,
+    return (grad_s.new_empty(grad_s.shape), v_seq.new_empty((dv0.numel(),)), dv0,
             torch.empty_like(dv0))
 
 
