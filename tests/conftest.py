@@ -30,12 +30,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-def fused_backends(op, device="cpu", *, with_op=False):
-    """pytest params: every fused backend of `op` on `device` (as `(op, backend)` pairs with
-    `with_op`), skipped with the reason when it cannot run here."""
+def backend_device(backend):
+    """The device a backend is tested on: the C++ CPU kernels on the CPU, the others on the GPU
+    when there is one (else the Triton kernels run on the CPU under the interpreter)."""
+    return "cpu" if backend == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
+def fused_backends(op, *, with_op=False):
+    """pytest params: every fused backend of `op` (as `(op, backend)` pairs with `with_op`),
+    skipped with the reason when it cannot run here (on `backend_device(backend)`)."""
     params = []
     for name in ("cpu", "triton", "cuda"):
-        status = dispatch.availability(op, name, device)
+        status = dispatch.availability(op, name, backend_device(name))
         if (op, name) not in dispatch._IMPLEMENTATIONS:
             continue
         marks = [] if status.available else [pytest.mark.skip(reason=status.reason)]

@@ -7,10 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import neurokern as nk
-from conftest import fused_backends
+from conftest import backend_device, fused_backends
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = fused_backends("plif", DEVICE)
+BACKENDS = fused_backends("plif")
 f64 = torch.float64
 
 
@@ -54,18 +53,19 @@ def make_inputs(case):
     return x, alpha, state, cotangents
 
 
-def run(case, backend, dtype, x, alpha, state, cotangents, spiking=True):
-    """Forward and gradients (x, alpha, v0, s0) on `backend`, inputs cast to `dtype`."""
+def run(case, backend, dtype, x, alpha, state, cotangents, device):
+    """Forward and gradients (x, alpha, v0, s0) on `backend` and `device`, inputs cast to
+    `dtype`."""
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    x = x.detach().to(DEVICE, dtype).requires_grad_()
-    alpha = alpha.detach().to(DEVICE, param_dtype).requires_grad_()
+    x = x.detach().to(device, dtype).requires_grad_()
+    alpha = alpha.detach().to(device, param_dtype).requires_grad_()
     st_ = None if state is None else tuple(
-        t.detach().to(DEVICE, dtype).requires_grad_() for t in state)
+        t.detach().to(device, dtype).requires_grad_() for t in state)
     s, (v_last, s_last) = nk.plif(
         x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
         batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
-        detach_reset=case["detach_reset"], spiking=spiking, backend=backend)
-    loss = sum((o.double() * g.to(DEVICE)).sum() for o, g in zip((s, v_last, s_last), cotangents))
+        detach_reset=case["detach_reset"], backend=backend)
+    loss = sum((o.double() * g.to(device)).sum() for o, g in zip((s, v_last, s_last), cotangents))
     leaves = [x, alpha] + ([] if st_ is None else list(st_))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     return [t.detach().double().cpu() for t in (s, v_last, s_last, *grads)]
@@ -105,9 +105,10 @@ def flipped_neurons(case, x, alpha, state, s_fused, s_ref):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=plif_cases())
 def test_float64_equals_reference(poison_empty, backend, case):
+    device = backend_device(backend)
     x, alpha, state, cot = make_inputs(case)
-    ref = run(case, "reference", f64, x, alpha, state, cot)
-    out = run(case, backend, f64, x, alpha, state, cot)
+    ref = run(case, "reference", f64, x, alpha, state, cot, device)
+    out = run(case, backend, f64, x, alpha, state, cot, device)
     assert torch.equal(out[0], ref[0]), "spikes differ in float64"
     assert torch.equal(out[2], ref[2])
     names = ["v_last", "s_last", "dx", "dalpha", "dv0", "ds0"]
@@ -123,13 +124,14 @@ def test_low_precision_against_float64_reference(poison_empty, backend, dtype, c
     """Spikes equal the reference's in the same dtype except for threshold flips (which must
     be rare and first occur within rounding of the threshold); every gradient, on neurons
     without a flip, is as close to the float64 reference as the same-dtype reference is."""
+    device = backend_device(backend)
     x, alpha, state, cot = make_inputs(case)
     x_q = x.to(dtype).double()  # the inputs as the low-precision runs see them
     state_q = None if state is None else tuple(t.to(dtype).double() for t in state)
     alpha_q = alpha.float().double()
-    ref64 = run(case, "reference", f64, x_q, alpha_q, state_q, cot)
-    ref = run(case, "reference", dtype, x, alpha, state, cot)
-    out = run(case, backend, dtype, x, alpha, state, cot)
+    ref64 = run(case, "reference", f64, x_q, alpha_q, state_q, cot, device)
+    ref = run(case, "reference", dtype, x, alpha, state, cot, device)
+    out = run(case, backend, dtype, x, alpha, state, cot, device)
     flips = flipped_neurons(case, x_q, alpha_q, state_q, out[0], ref64[0])
     flips |= flipped_neurons(case, x_q, alpha_q, state_q, ref[0], ref64[0])
     keep = ~flips  # [B, C, *S]
@@ -153,8 +155,9 @@ def test_low_precision_against_float64_reference(poison_empty, backend, dtype, c
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_output_dtypes(backend, dtype):
-    x = torch.randn(3, 2, 4, 5, device=DEVICE).to(dtype)
-    alpha = torch.full((4,), 0.9, device=DEVICE, dtype=f64 if dtype == f64 else torch.float32)
+    device = backend_device(backend)
+    x = torch.randn(3, 2, 4, 5, device=device).to(dtype)
+    alpha = torch.full((4,), 0.9, device=device, dtype=f64 if dtype == f64 else torch.float32)
     s, (v, s_last) = nk.plif(x, alpha, return_state=True, backend=backend)
     assert s.dtype == v.dtype == s_last.dtype == dtype
     assert s.shape == x.shape and v.shape == x.shape[1:]
@@ -164,12 +167,13 @@ def test_output_dtypes(backend, dtype):
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_smooth_gradcheck(backend, signed, batch_first):
+    device = backend_device(backend)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 3, 4, 3, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
-    alpha = torch.rand(4, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+    x = torch.randn(5, 3, 4, 3, generator=gen, dtype=f64).to(device).requires_grad_()
+    alpha = torch.rand(4, generator=gen, dtype=f64).to(device).requires_grad_()
     state_shape = (5, 4, 3) if batch_first else (3, 4, 3)
-    v0 = torch.randn(state_shape, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
-    s0 = torch.rand(state_shape, generator=gen, dtype=f64).to(DEVICE).requires_grad_()
+    v0 = torch.randn(state_shape, generator=gen, dtype=f64).to(device).requires_grad_()
+    s0 = torch.rand(state_shape, generator=gen, dtype=f64).to(device).requires_grad_()
 
     def fn(x, alpha, v0, s0):
         s, (v, s_last) = nk.plif(x, alpha, v_th=0.8, gamma=3.0, signed=signed,
@@ -184,12 +188,13 @@ def test_smooth_gradcheck(backend, signed, batch_first):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_detach_reset_gradient(backend):
     """detach_reset drops exactly the reset path: equal to the reference with the option."""
-    x = (2 * torch.randn(6, 2, 3, dtype=f64)).to(DEVICE).requires_grad_()
-    alpha = torch.full((3,), 0.8, dtype=f64, device=DEVICE, requires_grad=True)
+    device = backend_device(backend)
+    x = (2 * torch.randn(6, 2, 3, dtype=f64)).to(device).requires_grad_()
+    alpha = torch.full((3,), 0.8, dtype=f64, device=device, requires_grad=True)
     grads = []
     for be in ("reference", backend):
         s = nk.plif(x, alpha, detach_reset=True, backend=be)
-        grads.append(torch.autograd.grad((s * torch.arange(s.numel(), device=DEVICE).view(
+        grads.append(torch.autograd.grad((s * torch.arange(s.numel(), device=device).view(
             s.shape)).sum(), (x, alpha)))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
@@ -206,10 +211,11 @@ def _opcheck_samples(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
+    device = backend_device(backend)
     from neurokern.plif_ops import plif_ops
 
     fwd, bwd = plif_ops(backend)
-    for args in _opcheck_samples(DEVICE):
+    for args in _opcheck_samples(device):
         torch.library.opcheck(fwd, args)
         s, v_seq, v_last, _ = fwd(*args[:9], True)
         grads = (torch.randn_like(s), torch.randn_like(v_last), None)
@@ -219,10 +225,11 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph(backend):
+    device = backend_device(backend)
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(5, 5), nk.nn.PLIF(3, backend=backend))
-    x = torch.randn(4, 2, 3, 5, device=DEVICE)
-    model.to(DEVICE)
+    x = torch.randn(4, 2, 3, 5, device=device)
+    model.to(device)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
@@ -232,13 +239,14 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_raises_before_any_kernel(backend, monkeypatch):
+    device = backend_device(backend)
     from neurokern import plif_ops
 
     monkeypatch.setattr(plif_ops.PLIFFunction, "apply", lambda *a: pytest.fail("kernel ran"))
-    x = torch.randn(4, 2, 3, device=DEVICE)
+    x = torch.randn(4, 2, 3, device=device)
     with pytest.raises(ValueError, match="alpha"):
-        nk.plif(x, torch.rand(4, device=DEVICE), backend=backend)
+        nk.plif(x, torch.rand(4, device=device), backend=backend)
     with pytest.raises(TypeError, match="alpha has dtype"):
-        nk.plif(x, torch.rand(3, dtype=f64, device=DEVICE), backend=backend)
+        nk.plif(x, torch.rand(3, dtype=f64, device=device), backend=backend)
     with pytest.raises(ValueError, match="alpha is on meta"):
         nk.plif(x, torch.rand(3, device="meta"), backend=backend)

@@ -1,0 +1,412 @@
+"""Fused SpikGRU2+ backends (C++ CPU; GPU ones when they exist) against the reference: forward and
+every gradient, float32 threshold flips, smooth-mode gradcheck of a 2-layer bidirectional module,
+streaming, half inputs, torch.library and torch.compile, argument checks."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+import neurokern as nk
+from conftest import fused_backends
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = fused_backends("spikgru2plus", DEVICE)
+f64 = torch.float64
+LEAVES = ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "alpha", "v0", "i0", "s0")
+
+
+@st.composite
+def gru_cases(draw):
+    return dict(
+        steps=draw(st.integers(1, 7)),
+        batch=draw(st.integers(1, 4)),
+        inputs=draw(st.integers(1, 9)),
+        # 24 and 37: 3H spans full column tiles of the spike sums (64 floats, 32 doubles) plus a
+        # partial one; none is a multiple of 8 except 24 and 8 itself.
+        hidden=draw(st.sampled_from([1, 3, 5, 8, 13, 24, 37])),
+        batch_first=draw(st.booleans()),
+        signed=draw(st.booleans()),
+        reset_gate=draw(st.booleans()),
+        state=draw(st.sampled_from([None, "ternary", "real"])),  # s0 spikes, or any real value
+        bias=draw(st.booleans()),
+        drive=draw(st.sampled_from([1.0, 1.0, 6.0])),  # 6: most neurons spike (dense products)
+        v_th=draw(st.floats(0.5, 1.5)),
+        gamma=draw(st.floats(1.0, 10.0)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def make_inputs(case):
+    """float64 leaves {name: tensor or None} and cotangents for (s, v_T, i_T, s_T)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    t, b, n_in, h = case["steps"], case["batch"], case["inputs"], case["hidden"]
+    rand = lambda *shape: torch.randn(shape, generator=gen, dtype=f64)  # noqa: E731
+    uniform = lambda *shape: 2 * torch.rand(shape, generator=gen, dtype=f64) - 1  # noqa: E731
+    x = case["drive"] * rand(*((b, t, n_in) if case["batch_first"] else (t, b, n_in)))
+    k = 3 * h ** -0.5  # 3x nn.GRU's init, so that neurons spike
+    leaves = dict(x=x, weight_ih=k * uniform(3 * h, n_in), weight_hh=k * uniform(3 * h, h),
+                  bias_ih=rand(3 * h) if case["bias"] else None,
+                  bias_hh=rand(3 * h) if case["bias"] else None,
+                  alpha=torch.rand(h, generator=gen, dtype=f64), v0=None, i0=None, s0=None)
+    if case["state"] is not None:
+        leaves["v0"], leaves["i0"] = rand(b, h), rand(b, h)
+        leaves["s0"] = (torch.randint(-1, 2, (b, h), generator=gen).to(f64)
+                        if case["state"] == "ternary" else rand(b, h))
+    seq_shape = (b, t, h) if case["batch_first"] else (t, b, h)
+    cotangents = [rand(*seq_shape), rand(b, h), rand(b, h), rand(b, h)]
+    return leaves, cotangents
+
+
+def run(case, backend, dtype, leaves, cotangents, spiking=True):
+    """Outputs (s, v_T, i_T, s_T) and the gradients of every leaf given (None for absent ones),
+    all as float64 CPU tensors; x and the state in `dtype`, parameters in float32 for half
+    dtypes."""
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    args = {}
+    for name, t in leaves.items():
+        if t is not None:
+            d = dtype if name in ("x", "v0", "i0", "s0") else param_dtype
+            args[name] = t.detach().to(DEVICE, d).requires_grad_()
+    state = (args["v0"], args["i0"], args["s0"]) if "v0" in args else None
+    s, final = nk.spikgru2plus(
+        args["x"], args["weight_ih"], args["weight_hh"], args.get("bias_ih"), args.get("bias_hh"),
+        args["alpha"], v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
+        reset_gate=case["reset_gate"], batch_first=case["batch_first"], state=state,
+        spiking=spiking, backend=backend)
+    outs = (s, *final)
+    loss = sum((o.double() * g.to(DEVICE)).sum() for o, g in zip(outs, cotangents))
+    grads = dict(zip(args, torch.autograd.grad(loss, list(args.values()))))
+    return ([o.detach().double().cpu() for o in outs],
+            {n: None if n not in grads else grads[n].double().cpu() for n in LEAVES})
+
+
+def time_major(t, case):
+    return t.transpose(0, 1) if case["batch_first"] else t
+
+
+def quantized(leaves, dtype):
+    """The leaves as runs in `dtype` see them (parameters in float32), back in float64."""
+    out = {}
+    for name, t in leaves.items():
+        d = dtype if name in ("x", "v0", "i0", "s0") else torch.float32
+        out[name] = None if t is None else t.to(d).double()
+    return out
+
+
+def reference_membranes(case, leaves):
+    """v_t of every step [T, B, H] of the float64 reference, by chaining one-step calls."""
+    x = time_major(leaves["x"], case)
+    state = None if leaves["v0"] is None else (leaves["v0"], leaves["i0"], leaves["s0"])
+    membranes = []
+    for t in range(x.shape[0]):
+        _, state = nk.reference.spikgru2plus(
+            x[t:t + 1], leaves["weight_ih"], leaves["weight_hh"], leaves["bias_ih"],
+            leaves["bias_hh"], leaves["alpha"], v_th=case["v_th"], gamma=case["gamma"],
+            signed=case["signed"], reset_gate=case["reset_gate"], state=state)
+        membranes.append(state[0])
+    return torch.stack(membranes)
+
+
+def flipped_sequences(case, s_low, s64, v64):
+    """Batch elements whose spike trains differ from the float64 reference's, as a [B] mask,
+    after checking that each first differs where the float64 membrane is within float32
+    rounding of a threshold. A flip changes everything after it in its sequence (through U and
+    the state), so only the first differing step of a sequence says anything."""
+    differs = time_major(s_low, case) != time_major(s64, case)  # [T, B, H]
+    flipped = differs.flatten(2).any(2).any(0)  # [B]
+    tol = 1e-4 * (1 + v64.abs().max())
+    for b in torch.nonzero(flipped).flatten().tolist():
+        t = int(torch.nonzero(differs[:, b].any(1))[0])
+        v = v64[t, b][differs[t, b]]
+        margin = (v - case["v_th"]).abs()
+        if case["signed"]:
+            margin = torch.minimum(margin, (v + case["v_th"]).abs())
+        assert margin.max() < tol, f"spike differs at step {t} with margin {margin.max():.3g}"
+    return flipped
+
+
+def assert_outputs_and_grads_close(out, ref, rtol, atol):
+    names = ["v_T", "i_T", "s_T"]
+    for name, a, b in zip(names, out[0][1:], ref[0][1:]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+    for name in LEAVES:
+        a, b = out[1][name], ref[1][name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=gru_cases())
+def test_float64_equals_reference(poison_empty, backend, case):
+    leaves, cot = make_inputs(case)
+    ref = run(case, "reference", f64, leaves, cot)
+    out = run(case, backend, f64, leaves, cot)
+    assert torch.equal(out[0][0], ref[0][0]), "spikes differ in float64"
+    assert torch.equal(out[0][3], ref[0][3]), "final spikes differ in float64"
+    assert_outputs_and_grads_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=gru_cases())
+def test_float32_against_float64_reference(poison_empty, backend, case):
+    """Spikes equal the float64 reference's except for threshold flips, which must first occur
+    within rounding of ±v_th and hit at most half the sequences; outputs and gradients of the
+    unflipped sequences (all gradients when nothing flipped) are as close to float64 as a small
+    multiple of the float32 reference's own error."""
+    leaves, cot = make_inputs(case)
+    leaves_q = quantized(leaves, torch.float32)
+    ref64 = run(case, "reference", f64, leaves_q, cot)
+    ref32 = run(case, "reference", torch.float32, leaves, cot)
+    out = run(case, backend, torch.float32, leaves, cot)
+    v64 = reference_membranes(case, leaves_q)
+    flips = flipped_sequences(case, out[0][0], ref64[0][0], v64)
+    assert flips.sum() <= (case["batch"] + 1) // 2, "threshold flips in too many sequences"
+    keep = ~(flips | flipped_sequences(case, ref32[0][0], ref64[0][0], v64))  # [B]
+    if not keep.any():
+        return
+    batch_dim = 0 if case["batch_first"] else 1
+    checks = [(out[0][0].select(batch_dim, b), ref32[0][0].select(batch_dim, b),
+               ref64[0][0].select(batch_dim, b)) for b in torch.nonzero(keep).flatten()]
+    for k in (1, 2, 3):  # final state [B, H]
+        checks.append((out[0][k][keep], ref32[0][k][keep], ref64[0][k][keep]))
+    for name in ("x", "v0", "i0", "s0"):  # per sequence
+        if out[1][name] is not None:
+            dim = batch_dim if name == "x" else 0
+            idx = torch.nonzero(keep).flatten()
+            checks.append(tuple(r[1][name].index_select(dim, idx) for r in (out, ref32, ref64)))
+    if keep.all():  # parameters sum over all sequences
+        checks += [tuple(r[1][n] for r in (out, ref32, ref64))
+                   for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "alpha")
+                   if out[1][n] is not None]
+    eps = torch.finfo(torch.float32).eps
+    for got, same_dtype, exact in checks:
+        allowed = 4 * (same_dtype - exact).abs().max() + 16 * eps * (1 + exact.abs().max())
+        assert (got - exact).abs().max() <= allowed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_flip_rate(backend):
+    """Over many sequences, float32 threshold flips are rare and each is at the threshold."""
+    case = dict(steps=20, batch=64, inputs=16, hidden=48, batch_first=False, signed=True,
+                reset_gate=True, state=None, bias=True, drive=1.0, v_th=1.0, gamma=10.0,
+                seed=7)
+    leaves, cot = make_inputs(case)
+    leaves_q = quantized(leaves, torch.float32)
+    ref64 = run(case, "reference", f64, leaves_q, cot)
+    out = run(case, backend, torch.float32, leaves, cot)
+    assert out[0][0].abs().mean() > 0.05, "too few spikes for the test to mean anything"
+    flips = flipped_sequences(case, out[0][0], ref64[0][0],
+                              reference_membranes(case, leaves_q))
+    assert flips.double().mean() <= 0.1, f"{int(flips.sum())} of 64 sequences flipped"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signed,reset_gate,batch_first", [(True, True, False),
+                                                          (False, False, True)])
+def test_smooth_gradcheck_two_layer_bidirectional(backend, signed, reset_gate, batch_first):
+    """Smooth-mode gradcheck of the fused loop inside the whole stack: input, initial state and
+    every parameter (weights, biases, leaks), through the output and the final state."""
+    torch.manual_seed(0)
+    model = nk.nn.SpikGRU2Plus(3, 5, 2, bidirectional=True, batch_first=batch_first,
+                               signed=signed, reset_gate=reset_gate, spiking=False, v_th=0.6,
+                               gamma=2.0, backend=backend).double().to(DEVICE)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn((2, 4, 3) if batch_first else (4, 2, 3), dtype=f64, device=DEVICE,
+                    requires_grad=True)
+    state = tuple(torch.randn(4, 2, 5, dtype=f64, device=DEVICE, requires_grad=True)
+                  for _ in range(3))
+
+    def fn(x, v0, i0, s0, *ps):
+        out, (v, i, s) = functional_call(model, dict(zip(names, ps)), (x, (v0, i0, s0)))
+        return out, v, i, s
+
+    assert torch.autograd.gradcheck(fn, (x, *state, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_streaming_two_chunks_equals_one_pass(backend, batch_first):
+    case = dict(steps=9, batch=3, inputs=4, hidden=13, batch_first=batch_first, signed=True,
+                reset_gate=True, state="real", bias=True, drive=1.0, v_th=0.8, gamma=5.0,
+                seed=3)
+    leaves, _ = make_inputs(case)
+    args = {n: t.to(DEVICE).requires_grad_() for n, t in leaves.items()}
+    params = [args[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "alpha")]
+    state = (args["v0"], args["i0"], args["s0"])
+    kw = dict(v_th=0.8, gamma=5.0, batch_first=batch_first, backend=backend)
+    t_dim = 1 if batch_first else 0
+    x = args["x"]
+    s, final = nk.spikgru2plus(x, *params, state=state, **kw)
+    s1, mid = nk.spikgru2plus(x.narrow(t_dim, 0, 4), *params, state=state, **kw)
+    s2, final_c = nk.spikgru2plus(x.narrow(t_dim, 4, 5), *params, state=mid, **kw)
+    chunked = torch.cat([s1, s2], t_dim)
+    assert s.abs().sum() > 0
+    assert torch.equal(chunked, s)
+    for a, b in zip(final_c, final):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    w = torch.randn(s.shape, dtype=f64, device=DEVICE)
+    loss = lambda o, f: (o * w).sum() + f[0].sum() + 2 * f[1].sum()  # noqa: E731
+    leaves_list = [x, *params, *state]
+    g = torch.autograd.grad(loss(s, final), leaves_list)
+    g_c = torch.autograd.grad(loss(chunked, final_c), leaves_list)
+    for a, b in zip(g_c, g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_of_final_state_only(backend):
+    """Only v_T is used: the spike output gets no gradient, the op still runs its backward."""
+    case = dict(steps=5, batch=2, inputs=3, hidden=7, batch_first=False, signed=False,
+                reset_gate=True, state="real", bias=False, drive=1.0, v_th=0.7, gamma=4.0,
+                seed=11)
+    leaves, _ = make_inputs(case)
+    grads = []
+    for be in ("reference", backend):
+        args = {n: t.to(DEVICE).requires_grad_() for n, t in leaves.items() if t is not None}
+        _, (v, _, _) = nk.spikgru2plus(
+            args["x"], args["weight_ih"], args["weight_hh"], None, None, args["alpha"],
+            v_th=0.7, gamma=4.0, signed=False,
+            state=(args["v0"], args["i0"], args["s0"]), backend=be)
+        grads.append(torch.autograd.grad(v.sum(), list(args.values())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_is_computed_in_float32(backend, dtype):
+    """float16/bfloat16 inputs run as their float32 upcast (as the reference computes them);
+    outputs come back in the input dtype, parameter gradients in the parameters' dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(6, 3, 5, generator=gen)).to(DEVICE, dtype)
+    params = [p.to(DEVICE) for p in (torch.randn(12, 5, generator=gen), torch.randn(12, 4, generator=gen),
+                                     torch.randn(12, generator=gen), torch.randn(12, generator=gen),
+                                     torch.rand(4, generator=gen))]
+    runs = []
+    for inp in (x, x.float()):
+        leaves = [inp.detach().requires_grad_(), *(p.detach().requires_grad_() for p in params)]
+        s, (v, i, s_last) = nk.spikgru2plus(*leaves, backend=backend)
+        grads = torch.autograd.grad((s.float() * torch.arange(s.numel(), device=DEVICE).view(
+            s.shape)).sum() + v.float().sum(), leaves)
+        runs.append(((s, v, i, s_last), grads))
+    (outs, grads), (outs32, grads32) = runs
+    for o, o32 in zip(outs, outs32):
+        assert o.dtype == dtype
+        assert torch.equal(o, o32.to(dtype))
+    assert grads[0].dtype == dtype and torch.equal(grads[0], grads32[0].to(dtype))
+    for g, g32 in zip(grads[1:], grads32[1:]):
+        assert g.dtype == torch.float32 and torch.equal(g, g32)
+
+
+def _op_samples(device):
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, hidden = 4, 3, 5
+    gi = torch.randn(steps, batch, 3 * hidden, generator=gen).to(device)
+    weight_hh = torch.randn(3 * hidden, hidden, generator=gen).to(device)
+    bias_hh = torch.randn(3 * hidden, generator=gen).to(device)
+    alpha = torch.rand(hidden, generator=gen).to(device)
+    state = tuple(torch.randn(batch, hidden, generator=gen).to(device) for _ in range(3))
+    yield (gi, weight_hh, None, alpha, None, None, None, 1.0, 10.0, True, True, True)
+    yield (gi, weight_hh, bias_hh, alpha, *state, 0.5, 4.0, False, True, True)
+    yield (gi.double(), weight_hh.double(), bias_hh.double(), alpha.double(),
+           *(t.double() for t in state), 0.7, 3.0, True, False, False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    from neurokern.spikgru2plus_ops import spikgru2plus_ops
+
+    fwd, bwd = spikgru2plus_ops(backend)
+    for args in _op_samples(DEVICE):
+        torch.library.opcheck(fwd, args)
+        s_seq, v_seq, i_seq = fwd(*args)
+        gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate, _ = args
+        grad_last = torch.randn_like(s_seq[0])
+        for grads in ((torch.randn_like(s_seq), None, None, None),
+                      (torch.randn_like(s_seq), grad_last, grad_last, grad_last),
+                      (torch.randn_like(s_seq).transpose(0, 1).contiguous().transpose(0, 1),
+                       None, grad_last, None)):
+            torch.library.opcheck(bwd, (*grads, gi, weight_hh, bias_hh, alpha, s_seq, v_seq,
+                                        i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nk.nn.SpikGRU2Plus(5, 6, 2, bidirectional=True, batch_first=True,
+                               backend=backend).to(DEVICE)
+    x = 2 * torch.randn(3, 7, 5, device=DEVICE)
+    eager, eager_state = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, state = compiled(x)
+    assert eager.abs().sum() > 0
+    assert torch.equal(out, eager)
+    for a, b in zip(state, eager_state):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum() + state[0].sum(), list(model.parameters()))
+    eager_grads = torch.autograd.grad(eager.sum() + eager_state[0].sum(),
+                                      list(model.parameters()))
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_raises_before_any_kernel(backend, monkeypatch):
+    from neurokern import spikgru2plus_ops
+
+    monkeypatch.setattr(spikgru2plus_ops.SpikGRU2PlusFunction, "apply",
+                        lambda *a: pytest.fail("kernel ran"))
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    w_ih, w_hh = torch.randn(15, 3, device=DEVICE), torch.randn(15, 5, device=DEVICE)
+    b, alpha = torch.randn(15, device=DEVICE), torch.rand(5, device=DEVICE)
+    state = tuple(torch.randn(2, 5, device=DEVICE) for _ in range(3))
+    run_ = lambda *args, **kw: nk.spikgru2plus(*args, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="weight_ih must have shape"):  # hidden size mismatch
+        run_(x, torch.randn(12, 3, device=DEVICE), w_hh, b, b, alpha)
+    with pytest.raises(ValueError, match="input size"):
+        run_(x, torch.randn(15, 4, device=DEVICE), w_hh, b, b, alpha)
+    with pytest.raises(ValueError, match="weight_hh is on meta"):
+        run_(x, w_ih, w_hh.to("meta"), b, b, alpha)
+    with pytest.raises(ValueError, match="bias_hh must have shape"):
+        run_(x, w_ih, w_hh, b, b[:12], alpha)
+    with pytest.raises(TypeError, match="alpha has dtype"):
+        run_(x, w_ih, w_hh, b, b, alpha.double())
+    with pytest.raises(ValueError, match=r"state\[1\] \(i0\) must have shape"):
+        run_(x, w_ih, w_hh, b, b, alpha, state=(state[0], state[1][:1], state[2]))
+    with pytest.raises(ValueError, match="T = 0"):
+        run_(x[:0], w_ih, w_hh, b, b, alpha)
+
+
+def test_cpu_op_checks_its_arguments():
+    """The C++ ops check shapes, dtypes and devices themselves, naming the argument."""
+    if ("spikgru2plus", "cpu") not in nk.dispatch._IMPLEMENTATIONS or \
+            not nk.dispatch.availability("spikgru2plus", "cpu", "cpu").available:
+        pytest.skip("the cpu backend of spikgru2plus is not available")
+    fwd = torch.ops.neurokern.spikgru2plus_fwd.default
+    gi, w, alpha = torch.randn(3, 2, 12), torch.randn(12, 4), torch.rand(4)
+    good = (gi, w, None, alpha, None, None, None, 1.0, 10.0, True, True, True)
+
+    def call(**changes):
+        names = ["gi", "weight_hh", "bias_hh", "alpha", "v0", "i0", "s0"]
+        args = list(good)
+        for name, value in changes.items():
+            args[names.index(name)] = value
+        return fwd(*args)
+
+    with pytest.raises(RuntimeError, match="gi has dtype Half"):
+        call(gi=gi.half(), weight_hh=w.half(), alpha=alpha.half())
+    with pytest.raises(RuntimeError, match="weight_hh must have shape"):
+        call(weight_hh=torch.randn(12, 5))
+    with pytest.raises(RuntimeError, match="alpha has dtype Double"):
+        call(alpha=alpha.double())
+    with pytest.raises(RuntimeError, match="bias_hh must have shape"):
+        call(bias_hh=torch.randn(4))
+    with pytest.raises(RuntimeError, match="s0 must have shape"):
+        call(s0=torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match=r"gi must have shape \[T, B, 3H\]"):
+        call(gi=torch.randn(3, 2, 11))
