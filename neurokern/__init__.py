@@ -7,7 +7,8 @@
 """
 
 from neurokern import dispatch, functional, nn, reference
-from neurokern import plif_ops, spike_ops  # noqa: F401  (register the fused kernels)
+# Register the fused kernels with the dispatcher.
+from neurokern import plif_ops, spike_ops, spikgru2plus_ops  # noqa: F401
 from neurokern.dispatch import BackendUnavailableError, backends
 from neurokern.functional import plif, signed_spike, spike, spikgru2plus
 

@@ -1,0 +1,126 @@
+"""SpikGRU2+ benchmark: forward (no grad), backward and forward+backward of every provider side
+by side, with peak memory, appended to results/spikgru2plus.csv.
+
+    python benchmarks/bench_spikgru2plus.py         # GPU: the paper's sizes; CPU: B=8, H=256
+
+Providers, one layer one direction: the reference (careful PyTorch: the input product hoisted,
+one stacked recurrent product per step), the paper-style loop (per-step nn.Linear calls),
+torch.nn.GRU of the same size (cuDNN on a GPU), and neurokern's fused backends available on the
+device. On a GPU also the paper's backend: 3 layers, bidirectional, hidden 1024, as modules.
+fp32 with TF32 off; on a GPU also bf16 (nn.GRU under autocast; neurokern with bf16 input, which
+its kernels compute with float32 state).
+"""
+
+import argparse
+
+import torch
+from torch.nn import functional as torch_F
+
+import neurokern as nk
+from neurokern import dispatch, reference
+
+import common
+
+
+def paper_loop(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v_th=1.0):
+    """The paper's code: per step, one nn.Linear call for the input and one for the state."""
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    v = i = s = x.new_zeros(batch, hidden)
+    out = []
+    for t in range(steps):
+        gi = torch_F.linear(x[t], weight_ih, bias_ih)
+        gh = torch_F.linear(s, weight_hh, bias_hh)
+        r = torch.sigmoid(gi[:, :hidden] + gh[:, :hidden])
+        z = torch.sigmoid(gi[:, hidden:2 * hidden] + gh[:, hidden:2 * hidden])
+        i = alpha * i + gi[:, 2 * hidden:] + gh[:, 2 * hidden:] * r
+        v = z * v + (1 - z) * i - v_th * s
+        s = reference.signed_spike(v, v_th, 10.0)
+        out.append(s)
+    return torch.stack(out)
+
+
+def layer_providers(device, inputs, hidden):
+    layer = nk.nn.SpikGRU2Plus(inputs, hidden).to(device)
+    params = [p.detach().requires_grad_() for p in layer.layer_parameters(0, 0)]
+    gru = torch.nn.GRU(inputs, hidden).to(device)
+    out = {
+        "reference (careful PyTorch)": lambda x: nk.spikgru2plus(x, *params,
+                                                                 backend="reference")[0],
+        "paper loop (nn.Linear)": lambda x: paper_loop(x, *params),
+        "torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""): lambda x: gru(x)[0],
+    }
+    for backend in ("cpu", "triton", "cuda"):
+        if dispatch.availability("spikgru2plus", backend, device.type).available:
+            out[f"neurokern {backend}"] = (
+                lambda x, b=backend: nk.spikgru2plus(x, *params, backend=b)[0])
+    return out, params + list(gru.parameters())
+
+
+def stack_providers(device, inputs, hidden, layers):
+    gru = torch.nn.GRU(inputs, hidden, layers, bidirectional=True, dropout=0.2).to(device)
+    out = {"torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""): lambda x: gru(x)[0]}
+    leaves = list(gru.parameters())
+    for backend in ("reference", "cpu", "triton", "cuda"):
+        if dispatch.availability("spikgru2plus", backend, device.type).available:
+            model = nk.nn.SpikGRU2Plus(inputs, hidden, layers, bidirectional=True, dropout=0.2,
+                                       backend=backend).to(device)
+            leaves += list(model.parameters())
+            out[f"neurokern {backend}"] = lambda x, m=model: m(x)[0]
+    return out, leaves
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-slow", action="store_true",
+                        help="time the Python loops in forward+backward only")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(f"SpikGRU2+ on {common.device_name(device)}, torch {common.versions()[0]}")
+    if gpu:
+        cases = [("layer", 32, 90, 512, 1024, 1), ("stack", 32, 90, 512, 1024, 3)]
+        cases += [("layer", b, 90, 512, h, 1) for b, h in ((8, 1024), (64, 1024), (32, 512))]
+        dtypes = [torch.float32, torch.bfloat16]
+    else:
+        cases = [("layer", 8, 90, 256, 256, 1)]
+        dtypes = [torch.float32]
+    results = common.Results("spikgru2plus", device)
+    for kind, batch, steps, inputs, hidden, layers in cases:
+        for dtype in dtypes:
+            label = f"{kind} L{layers} B{batch} T{steps} I{inputs} H{hidden}"
+            print(f"{label} {str(dtype)[6:]}", flush=True)
+            if kind == "layer":
+                providers, leaves = layer_providers(device, inputs, hidden)
+            else:
+                providers, leaves = stack_providers(device, inputs, hidden, layers)
+            x = torch.randn(steps, batch, inputs, device=device, requires_grad=True)
+            for name, fn in providers.items():
+                slow = "loop" in name or "reference" in name
+                modes = ("fwd+bwd",) if slow and args.skip_slow else (
+                    "forward", "backward", "fwd+bwd")
+                autocast = dtype != torch.float32 and "GRU" in name
+                x_in = x if autocast or dtype == torch.float32 else \
+                    x.detach().to(dtype).requires_grad_()
+
+                def run(fn=fn, x_in=x_in, autocast=autocast):
+                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                        return fn(x_in)
+
+                try:
+                    timings = common.time_modes(run, [x_in, *leaves], device, modes)
+                except Exception as exc:  # a provider refusing a case: say so, go on
+                    print(f"  {name:<22} failed: {exc!r}", flush=True)
+                    continue
+                for mode, (ms, q20, q80, peak) in timings.items():
+                    results.add(op="spikgru2plus", provider=name, size=label,
+                                dtype=str(dtype)[6:], mode=mode, ms=ms, q20_ms=q20, q80_ms=q80,
+                                peak_mb=peak)
+    results.save()
+
+
+if __name__ == "__main__":
+    main()

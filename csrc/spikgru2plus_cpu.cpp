@@ -1,0 +1,912 @@
+// CPU kernels of one SpikGRU2+ layer direction (SPEC.md 3): neurokern::spikgru2plus_fwd and
+// spikgru2plus_bwd, the time loop only. The input projection gi = x W^T + b_ih and, in the
+// backward, dx = dgi W, dW = dgi^T x, db_ih = sum dgi are single products over all steps, done by
+// the caller (neurokern/spikgru2plus_ops.py).
+//
+// Forward, per step t: one recurrent product gh = s_{t-1} U^T ([B, H] x [H, 3H]), then one
+// parallel elementwise pass over the B * H neurons computing r, z, i, v, s and writing s_seq,
+// v_seq, i_seq (the membranes and currents are what the backward needs besides gi and s).
+//
+// Backward: the previous spikes S_prev = [s_0, s_1 .. s_{T-1}] are all known, so gh of every
+// step is recomputed with one product; then the reverse loop runs, per step, one elementwise pass
+// (gate and state gradients, written as dgi and, over the recomputed gh, as dgh) and one product
+// ds_{t-1} += dgh_t U; after the loop dU = dgh^T S_prev is one product, db_hh and dalpha are sums.
+// Its scratch: gh of every step ([T, B, 3H], overwritten by dL/dgh) and S_prev ([T, B, H]).
+//
+// Ternary spikes: in spiking mode s_{t-1} holds -1, 0 or +1 and mostly 0, so s U^T is a signed
+// sum of the rows of U^T that the spikes select: additions only, exact products. The products
+// with a spike factor (s U^T forward; S_prev U^T and S_prev^T dgh backward) take that route when
+// at most kSparseMaxDensity of the factor is nonzero (any real values are handled, e.g. an
+// initial state s0), and at::mm otherwise (smooth mode, dense spiking). The sums are tiled by
+// columns, each tile's partial sums held in registers, and each thread owns the same band of
+// columns at every step, so that its part of U^T stays in its core's cache through the loop.
+//
+// Elementwise passes: 32-byte vectors through GCC/Clang vector extensions (a scalar loop with
+// other compilers), compiled for the baseline ISA and for AVX2 and chosen at run time. Their
+// arithmetic follows neurokern.reference's order of operations without fused multiply-adds;
+// exp is a Cephes-style polynomial (about 1 ulp, as libm's), and the smooth-mode atan is libm's.
+// float32 and float64 only: the caller passes float16/bfloat16 data in float32, which is how the
+// reference computes it.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "activations.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define NEUROKERN_HAVE_VECTOR_EXT 1
+#endif
+
+// x86-64 with GCC or Clang: the loops are also compiled for AVX2 and chosen at run time (no FMA,
+// so that every operation rounds as in the reference).
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define NEUROKERN_HAVE_AVX2_TARGET 1
+#endif
+
+namespace {
+
+constexpr const char* kFwd = "neurokern::spikgru2plus_fwd";
+constexpr const char* kBwd = "neurokern::spikgru2plus_bwd";
+
+// Above this fraction of nonzeros in the spike factor, at::mm beats the signed row sums.
+constexpr double kSparseMaxDensity = 0.5;
+// Neurons per task of the elementwise passes (a few ns each): small steps run on one thread.
+constexpr int64_t kGateGrain = 2048;
+
+// The CPU has AVX2 and ATEN_CPU_CAPABILITY does not ask for less (as in plif_cpu.cpp).
+bool use_avx2() {
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+  static const bool value = [] {
+    const std::string capability = at::get_cpu_capability();
+    return __builtin_cpu_supports("avx2") && (capability == "AVX2" || capability == "AVX512");
+  }();
+  return value;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lanes: 32-byte vectors (8 floats, 4 doubles), or plain scalars without vector extensions
+// ---------------------------------------------------------------------------------------------
+
+#ifdef NEUROKERN_HAVE_VECTOR_EXT
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+};
+#else
+template <typename T>
+struct Simd {
+  using V = T;
+};
+#endif
+template <typename T>
+using VecT = typename Simd<T>::V;
+template <typename T>
+constexpr int64_t kLanes = static_cast<int64_t>(sizeof(VecT<T>) / sizeof(T));
+
+// Loads and stores through memcpy: any alignment. FULL: all lanes, else the first n (the rest of
+// a load is zero).
+template <typename T, bool FULL>
+NEUROKERN_INLINE VecT<T> load(const T* p, int64_t n) {
+  VecT<T> v{};
+  std::memcpy(&v, p, (FULL ? kLanes<T> : n) * sizeof(T));
+  return v;
+}
+
+template <typename T, bool FULL>
+NEUROKERN_INLINE void store(T* p, const VecT<T>& v, int64_t n) {
+  std::memcpy(p, &v, (FULL ? kLanes<T> : n) * sizeof(T));
+}
+
+template <typename T>
+NEUROKERN_INLINE VecT<T> splat(T x) {
+  return VecT<T>{} + x;
+}
+
+// exp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a polynomial (Cephes expf; Taylor to degree
+// 13 for double), times 2^n built in the exponent bits. Inputs are clamped to where 2^n is a
+// normal number; the sigmoid below needs no more.
+#ifdef NEUROKERN_HAVE_VECTOR_EXT
+NEUROKERN_INLINE Simd<float>::V vexp(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  const V lo = splat(-87.0f), hi = splat(88.0f), magic = splat(12582912.0f);  // 1.5 * 2^23
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V t = x * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
+  const V n = t - magic;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const I scale = (((I)t - (I)magic) + 127) << 23;
+  return p * (V)scale;
+}
+
+NEUROKERN_INLINE Simd<double>::V vexp(Simd<double>::V x) {
+  using V = Simd<double>::V;
+  using I = Simd<double>::I;
+  const V lo = splat(-708.0), hi = splat(709.0), magic = splat(6755399441055744.0);  // 1.5 * 2^52
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V t = x * 1.4426950408889634074 + magic;
+  const V n = t - magic;
+  V r = x - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  V p = splat(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * (r * r) + r + 1.0;
+  const I scale = (((I)t - (I)magic) + 1023) << 52;
+  return p * (V)scale;
+}
+
+template <typename V>
+NEUROKERN_INLINE V lanewise_atan(V x) {
+  for (size_t k = 0; k < sizeof(V) / sizeof(x[0]); ++k) x[k] = std::atan(x[k]);
+  return x;
+}
+#endif
+
+NEUROKERN_INLINE float vexp(float x) { return std::exp(x); }
+NEUROKERN_INLINE double vexp(double x) { return std::exp(x); }
+NEUROKERN_INLINE float lanewise_atan(float x) { return std::atan(x); }
+NEUROKERN_INLINE double lanewise_atan(double x) { return std::atan(x); }
+
+template <typename V>
+NEUROKERN_INLINE V sigmoid(V a) {
+  return 1 / (1 + vexp(-a));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spike activations (SPEC.md 1), lane-wise: the forms of activations.h's Activation and
+// Surrogate for VecT lanes, in the same order of operations
+// ---------------------------------------------------------------------------------------------
+
+using neurokern::signed_spike_scale;
+
+// act(v): spike or signed_spike, the step or (smooth mode) its primitive.
+template <typename T, bool SIGNED, bool SPIKING>
+struct LaneActivation {
+  T v_th, sqrt_gamma, c_sqrt_gamma;
+
+  LaneActivation(double v_th_, double gamma)
+      : v_th(static_cast<T>(v_th_)),
+        sqrt_gamma(static_cast<T>(std::sqrt(gamma))),
+        c_sqrt_gamma(static_cast<T>(signed_spike_scale(v_th_, gamma) * std::sqrt(gamma))) {}
+
+  NEUROKERN_INLINE VecT<T> operator()(VecT<T> v) const {
+    using V = VecT<T>;
+    if constexpr (SPIKING) {
+      const V one = splat(T(1)), zero = splat(T(0));
+      const V up = v >= splat(v_th) ? one : zero;
+      if constexpr (SIGNED) {
+        return up - (v <= splat(-v_th) ? one : zero);
+      } else {
+        return up;
+      }
+    } else {
+      if constexpr (SIGNED) {
+        return (lanewise_atan(sqrt_gamma * (v - v_th)) + lanewise_atan(sqrt_gamma * (v + v_th))) /
+               c_sqrt_gamma;
+      } else {
+        return T(0.5) + lanewise_atan(sqrt_gamma * (v - v_th)) / sqrt_gamma;
+      }
+    }
+  }
+};
+
+// The surrogate derivative of act, which is also the exact derivative of the smooth primitive.
+template <typename T, bool SIGNED>
+struct LaneSurrogate {
+  T v_th, gamma, c;
+
+  LaneSurrogate(double v_th_, double gamma_)
+      : v_th(static_cast<T>(v_th_)),
+        gamma(static_cast<T>(gamma_)),
+        c(static_cast<T>(signed_spike_scale(v_th_, gamma_))) {}
+
+  NEUROKERN_INLINE VecT<T> operator()(VecT<T> v) const {
+    using V = VecT<T>;
+    const V dm = v - v_th;
+    const V lower = T(1) / (T(1) + gamma * (dm * dm));
+    if constexpr (SIGNED) {
+      const V dp = v + v_th;
+      return (lower + T(1) / (T(1) + gamma * (dp * dp))) / c;
+    } else {
+      return lower;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Products with a spike factor: out[m, :] = sum_k s[m, k] u[k, :]
+// ---------------------------------------------------------------------------------------------
+
+// The nonzeros of each row of s [M, K] as lists of column indices: row m's +1 columns from the
+// front of idx[m K ..] (n_plus[m] of them), its -1 columns from the back (n_minus[m]). A row with
+// any other nonzero value (a real initial state, smooth-mode activations) is marked general and
+// summed with multiplications instead. n_nonzero[m]: all nonzeros of row m.
+struct SpikeLists {
+  std::vector<int32_t> idx;
+  std::vector<int32_t> n_plus, n_minus, n_nonzero;
+  std::vector<uint8_t> general;
+  int64_t nonzeros = 0;
+};
+
+// Branch-free (the signs of spikes are not predictable): every column index is written to both
+// ends and kept where the counts advance. A front write lands at n_plus <= K - 1 - n_minus, so it
+// never overwrites a kept back entry, and vice versa.
+template <typename T>
+NEUROKERN_INLINE void build_spike_rows(const T* s, int64_t m0, int64_t m1, int64_t K,
+                                       SpikeLists& lists) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* sm = s + m * K;
+    int32_t* idx = lists.idx.data() + m * K;
+    int32_t np = 0, nm = 0, other = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const T v = sm[k];
+      const int32_t plus = v == T(1), minus = v == T(-1);
+      idx[np] = static_cast<int32_t>(k);
+      idx[K - 1 - nm] = static_cast<int32_t>(k);
+      np += plus;
+      nm += minus;
+      other += (v != T(0)) & !plus & !minus;
+    }
+    lists.general[m] = other > 0;
+    lists.n_plus[m] = other > 0 ? 0 : np;
+    lists.n_minus[m] = other > 0 ? 0 : nm;
+    lists.n_nonzero[m] = np + nm + other;
+  }
+}
+
+template <typename T>
+void build_spike_lists(const T* s, int64_t M, int64_t K, SpikeLists& lists) {
+  lists.idx.resize(M * K);
+  lists.n_plus.resize(M);
+  lists.n_minus.resize(M);
+  lists.n_nonzero.resize(M);
+  lists.general.resize(M);
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, K)),
+                   [&](int64_t m0, int64_t m1) { build_spike_rows(s, m0, m1, K, lists); });
+  lists.nonzeros = 0;
+  for (int64_t m = 0; m < M; ++m) lists.nonzeros += lists.n_nonzero[m];
+}
+
+constexpr int64_t kTileVecs = 8;  // vectors of partial sums per row of a tile (8 AVX2 registers)
+
+// Columns [j0, j0 + W) of rows [m0, m1) of out ([M, N] contiguous), u [K, N] contiguous. Each
+// row's W sums are accumulated in registers over the row's nonzeros, so the [K, W] block of u
+// that a task reads stays in the core's cache from one row, and one time step, to the next.
+// FULL: W = kTileVecs vectors; otherwise fewer columns (the last tile), in single lanes.
+template <typename T, bool FULL>
+NEUROKERN_INLINE void spike_tile(int64_t m0, int64_t m1, int64_t j0, int64_t W, int64_t K,
+                                 int64_t N, const T* s, const SpikeLists& lists, const T* u,
+                                 T* out) {
+  using V = std::conditional_t<FULL, VecT<T>, T>;
+  constexpr int64_t L = FULL ? kLanes<T> : 1;
+  constexpr int64_t kMaxVecs = FULL ? kTileVecs : kTileVecs * kLanes<T>;
+  const int64_t vecs = FULL ? kTileVecs : W;
+  auto ld = [](const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  };
+  for (int64_t m = m0; m < m1; ++m) {
+    V acc[kMaxVecs];
+    for (int64_t q = 0; q < vecs; ++q) acc[q] = V{};
+    if (lists.general[m]) {
+      const T* sm = s + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const T v = sm[k];
+        if (v == T(0)) continue;
+        const T* uk = u + k * N + j0;
+        for (int64_t q = 0; q < vecs; ++q) acc[q] += v * ld(uk + q * L);
+      }
+    } else {
+      const int32_t* plus = lists.idx.data() + m * K;
+      const int32_t* minus = plus + K - lists.n_minus[m];
+      for (int32_t p = 0, n = lists.n_plus[m]; p < n; ++p) {
+        const T* uk = u + plus[p] * N + j0;
+        for (int64_t q = 0; q < vecs; ++q) acc[q] += ld(uk + q * L);
+      }
+      for (int32_t p = 0, n = lists.n_minus[m]; p < n; ++p) {
+        const T* uk = u + minus[p] * N + j0;
+        for (int64_t q = 0; q < vecs; ++q) acc[q] -= ld(uk + q * L);
+      }
+    }
+    T* o = out + m * N + j0;
+    for (int64_t q = 0; q < vecs; ++q) std::memcpy(o + q * L, &acc[q], sizeof(V));
+  }
+}
+
+// Tasks [begin, end) of spike_product: task = tile * row_blocks + block of rows.
+template <typename T>
+NEUROKERN_INLINE void spike_tasks(int64_t begin, int64_t end, int64_t row_blocks, int64_t rows,
+                                  int64_t M, int64_t K, int64_t N, const T* s,
+                                  const SpikeLists& lists, const T* u, T* out) {
+  constexpr int64_t NT = kTileVecs * kLanes<T>;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t j0 = (task / row_blocks) * NT;
+    const int64_t m0 = (task % row_blocks) * rows;
+    const int64_t m1 = std::min(M, m0 + rows);
+    if (j0 + NT <= N) {
+      spike_tile<T, true>(m0, m1, j0, NT, K, N, s, lists, u, out);
+    } else {
+      spike_tile<T, false>(m0, m1, j0, N - j0, K, N, s, lists, u, out);
+    }
+  }
+}
+
+template <typename T>
+void spike_tasks_default(int64_t begin, int64_t end, int64_t row_blocks, int64_t rows, int64_t M,
+                         int64_t K, int64_t N, const T* s, const SpikeLists& lists, const T* u,
+                         T* out) {
+  spike_tasks(begin, end, row_blocks, rows, M, K, N, s, lists, u, out);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename T>
+__attribute__((target("avx2"))) void spike_tasks_avx2(int64_t begin, int64_t end,
+                                                      int64_t row_blocks, int64_t rows,
+                                                      int64_t M, int64_t K, int64_t N, const T* s,
+                                                      const SpikeLists& lists, const T* u,
+                                                      T* out) {
+  spike_tasks(begin, end, row_blocks, rows, M, K, N, s, lists, u, out);
+}
+#endif
+
+// out [M, N] = s [M, K] @ u [K, N], all contiguous, from the lists of s's nonzeros. Tasks are
+// (column tile, block of rows) pairs ordered tile by tile, so the static split of parallel_for
+// gives each thread a band of columns of u, the same band at every step of the time loop.
+template <typename T>
+void spike_product(const at::Tensor& s, const SpikeLists& lists, const at::Tensor& u,
+                   at::Tensor& out) {
+  constexpr int64_t NT = kTileVecs * kLanes<T>;
+  constexpr int64_t kRowsPerTask = 64;
+  const int64_t M = s.size(0), K = s.size(1), N = u.size(1);
+  const int64_t tiles = (N + NT - 1) / NT;
+  const int64_t rows = std::max<int64_t>(1, std::min(M, kRowsPerTask));
+  const int64_t row_blocks = (M + rows - 1) / rows;
+  const T* sp = s.const_data_ptr<T>();
+  const T* up = u.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  const bool avx2 = use_avx2();
+  // Additions per task; split only when a task has at least ~16k of them.
+  const int64_t per_task = lists.nonzeros * N / std::max<int64_t>(1, tiles * row_blocks);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / (per_task + 1));
+  at::parallel_for(0, tiles * row_blocks, grain, [&](int64_t begin, int64_t end) {
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+    if (avx2) {
+      spike_tasks_avx2<T>(begin, end, row_blocks, rows, M, K, N, sp, lists, up, op);
+      return;
+    }
+#endif
+    spike_tasks_default<T>(begin, end, row_blocks, rows, M, K, N, sp, lists, up, op);
+  });
+}
+
+// out [M, N] = s [M, K] @ b (b [K, N] in any strides, as at::mm takes it): signed row sums when
+// at most kSparseMaxDensity of s is nonzero, at::mm otherwise. The row sums read b as a
+// contiguous tensor: b_rows if given (a copy the caller keeps over many calls), else b itself or
+// a contiguous copy of it.
+template <typename T>
+void product_with_spikes(const at::Tensor& s, const at::Tensor& b, at::Tensor& out,
+                         SpikeLists& lists, const at::Tensor& b_rows = at::Tensor()) {
+  const int64_t M = s.size(0), K = s.size(1);
+  build_spike_lists(s.const_data_ptr<T>(), M, K, lists);
+  if (lists.nonzeros <= kSparseMaxDensity * static_cast<double>(M * K)) {
+    spike_product<T>(s, lists, b_rows.defined() ? b_rows : b.contiguous(), out);
+  } else {
+    at::mm_out(out, s, b);
+  }
+}
+
+// Calls body(b, h, std::true_type{}, L) for every full vector of neurons [n0, n1) (n = b H + h)
+// within a row b, and body(b, h, std::false_type{}, count) for a row's last partial vector.
+#define NEUROKERN_FOR_LANES(T, n0, n1, H, BODY_FULL, BODY_PART)        \
+  for (int64_t n_ = (n0); n_ < (n1);) {                                \
+    const int64_t b = n_ / (H);                                        \
+    const int64_t h0_ = n_ - b * (H);                                  \
+    const int64_t h1_ = std::min<int64_t>((H), h0_ + ((n1) - n_));     \
+    int64_t h = h0_;                                                   \
+    for (; h + kLanes<T> <= h1_; h += kLanes<T>) BODY_FULL;            \
+    if (h < h1_) BODY_PART;                                            \
+    n_ += h1_ - h0_;                                                   \
+  }
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Pointers of one forward step; rows of gi and gh are [r | z | i] thirds of 3H.
+template <typename T>
+struct FwdStep {
+  const T* gi;      // [B, 3H] x_t W^T + b_ih
+  const T* gh;      // [B, 3H] s_{t-1} U^T (without b_hh)
+  const T* b_hh;    // [3H] (zeros without bias)
+  const T* alpha;   // [H]
+  const T* v_prev;  // [B, H]
+  const T* i_prev;  // [B, H]
+  const T* s_prev;  // [B, H]
+  T* v;             // [B, H] v_t
+  T* i;             // [B, H] i_t
+  T* s;             // [B, H] s_t
+  int64_t H;
+  T v_th;
+};
+
+// The neurons h .. h + n of row b, in the reference's order of operations:
+//   gh = s U^T + b_hh;  r = sigmoid(gi_r + gh_r);  z = sigmoid(gi_z + gh_z)
+//   i = (alpha i + gi_i) + gh_i r;  v = (z v + (1 - z) i) - v_th s;  s = act(v)
+template <typename T, typename Act, bool RESET, bool FULL>
+NEUROKERN_INLINE void fwd_lanes(const FwdStep<T>& p, const Act& act, int64_t b, int64_t h,
+                                int64_t n) {
+  using V = VecT<T>;
+  const int64_t H = p.H;
+  const int64_t o = b * H + h;
+  const T* gi = p.gi + b * 3 * H + h;
+  const T* gh = p.gh + b * 3 * H + h;
+  const T* bias = p.b_hh + h;
+  auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
+  const V z = sigmoid(ld(gi + H) + (ld(gh + H) + ld(bias + H)));
+  const V gh_i = ld(gh + 2 * H) + ld(bias + 2 * H);
+  V cur = ld(p.alpha + h) * ld(p.i_prev + o) + ld(gi + 2 * H);
+  if constexpr (RESET) {
+    cur = cur + gh_i * sigmoid(ld(gi) + (ld(gh) + ld(bias)));
+  } else {
+    cur = cur + gh_i;
+  }
+  const V v = z * ld(p.v_prev + o) + (T(1) - z) * cur - p.v_th * ld(p.s_prev + o);
+  store<T, FULL>(p.i + o, cur, n);
+  store<T, FULL>(p.v + o, v, n);
+  store<T, FULL>(p.s + o, act(v), n);
+}
+
+template <typename T, typename Act, bool RESET>
+NEUROKERN_INLINE void fwd_range(const FwdStep<T>& p, const Act& act, int64_t n0, int64_t n1) {
+  NEUROKERN_FOR_LANES(T, n0, n1, p.H, (fwd_lanes<T, Act, RESET, true>(p, act, b, h, kLanes<T>)),
+                      (fwd_lanes<T, Act, RESET, false>(p, act, b, h, h1_ - h)))
+}
+
+template <typename T, typename Act, bool RESET>
+void fwd_range_default(const FwdStep<T>& p, const Act& act, int64_t n0, int64_t n1) {
+  fwd_range<T, Act, RESET>(p, act, n0, n1);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename T, typename Act, bool RESET>
+__attribute__((target("avx2"))) void fwd_range_avx2(const FwdStep<T>& p, const Act& act,
+                                                    int64_t n0, int64_t n1) {
+  fwd_range<T, Act, RESET>(p, act, n0, n1);
+}
+#endif
+
+template <typename T, bool SIGNED, bool SPIKING, bool RESET>
+void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
+                const at::Tensor& U,      // [3H, H]
+                const at::Tensor& b_hh,   // [3H] contiguous (zeros without bias)
+                const at::Tensor& alpha,  // [H] contiguous
+                const at::Tensor& v0,     // [B, H] contiguous (zeros without state)
+                const at::Tensor& i0,     // [B, H]
+                const at::Tensor& s0,     // [B, H]
+                bool has_s0, double v_th, double gamma,
+                at::Tensor& s_seq,    // [T, B, H]
+                at::Tensor& v_seq,    // [T, B, H]
+                at::Tensor& i_seq) {  // [T, B, H]
+  using Act = LaneActivation<T, SIGNED, SPIKING>;
+  const int64_t steps = gi.size(0), B = gi.size(1), H = U.size(1);
+  const Act act(v_th, gamma);
+  const bool avx2 = use_avx2();
+  const at::Tensor Ut = U.t();  // [H, 3H] view
+  // [H, 3H] contiguous, for the spike sums of every step
+  const at::Tensor Ut_rows = SPIKING ? Ut.contiguous() : at::Tensor();
+  at::Tensor gh = at::empty({B, 3 * H}, gi.options());        // [B, 3H] s_{t-1} U^T
+  SpikeLists lists;
+
+  FwdStep<T> p;
+  p.b_hh = b_hh.const_data_ptr<T>();
+  p.alpha = alpha.const_data_ptr<T>();
+  p.gh = gh.const_data_ptr<T>();
+  p.H = H;
+  p.v_th = static_cast<T>(v_th);
+  for (int64_t t = 0; t < steps; ++t) {
+    const at::Tensor s_prev = t == 0 ? s0 : s_seq.select(0, t - 1);  // [B, H]
+    if (t == 0 && !has_s0) {
+      gh.zero_();
+    } else if (SPIKING) {
+      product_with_spikes<T>(s_prev, Ut, gh, lists, Ut_rows);
+    } else {
+      at::mm_out(gh, s_prev, Ut);
+    }
+    p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
+    p.v_prev = t == 0 ? v0.const_data_ptr<T>() : v_seq.const_data_ptr<T>() + (t - 1) * B * H;
+    p.i_prev = t == 0 ? i0.const_data_ptr<T>() : i_seq.const_data_ptr<T>() + (t - 1) * B * H;
+    p.s_prev = s_prev.const_data_ptr<T>();
+    p.v = v_seq.mutable_data_ptr<T>() + t * B * H;
+    p.i = i_seq.mutable_data_ptr<T>() + t * B * H;
+    p.s = s_seq.mutable_data_ptr<T>() + t * B * H;
+    at::parallel_for(0, B * H, kGateGrain, [&](int64_t n0, int64_t n1) {
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+      if (avx2) {
+        fwd_range_avx2<T, Act, RESET>(p, act, n0, n1);
+        return;
+      }
+#endif
+      fwd_range_default<T, Act, RESET>(p, act, n0, n1);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Pointers of one reverse step.
+template <typename T>
+struct BwdStep {
+  const T* gi;      // [B, 3H]
+  T* gh;            // [B, 3H] recomputed s_{t-1} U^T (without b_hh); dL/dgh on return
+  const T* b_hh;    // [3H]
+  const T* alpha;   // [H]
+  const T* v;       // [B, H] v_t
+  const T* i;       // [B, H] i_t
+  const T* v_prev;  // [B, H] v_{t-1}
+  const T* i_prev;  // [B, H] i_{t-1}
+  const T* grad_s;  // row b at grad_s + b * grad_s_stride_b, contiguous over h
+  int64_t grad_s_stride_b;
+  T* dgi;           // [B, 3H]
+  T* dv_carry;      // [B, H] in: z_{t+1} dv_{t+1} (or grad_v_last); out: z_t dv_t
+  T* di_carry;      // [B, H] in: alpha di_{t+1} (or grad_i_last); out: alpha di_t
+  T* ds_carry;      // [B, H] in: dL/ds_t from step t+1 (or grad_s_last); out: -v_th dv_t
+  T* dalpha;        // [B, H] running sum of di_t i_{t-1}
+  int64_t H;
+  T neg_v_th;
+};
+
+// The neurons h .. h + n of row b in one reverse step. With the gates recomputed as forward:
+//   ds = grad_s_t + ds_carry;      dv = ds act'(v_t) + dv_carry;    di = dv (1 - z) + di_carry
+//   da_z = dv (v_{t-1} - i_t) z (1 - z);   da_r = di gh_i r (1 - r) (0 without reset gate)
+//   dgi = [da_r, da_z, di];   dgh = [da_r, da_z, di r];   dalpha += di i_{t-1}
+//   carries to step t-1: dv_carry = z dv, di_carry = alpha di, ds_carry = -v_th dv (+ dgh U,
+//   which the caller's product adds).
+template <typename T, typename Sur, bool RESET, bool FULL>
+NEUROKERN_INLINE void bwd_lanes(const BwdStep<T>& p, const Sur& sur, int64_t b, int64_t h,
+                                int64_t n) {
+  using V = VecT<T>;
+  const int64_t H = p.H;
+  const int64_t o = b * H + h;
+  const T* gi = p.gi + b * 3 * H + h;
+  T* gh = p.gh + b * 3 * H + h;
+  T* dgi = p.dgi + b * 3 * H + h;
+  const T* bias = p.b_hh + h;
+  auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
+  auto st = [n](T* q, const V& v) { store<T, FULL>(q, v, n); };
+  const V gh_i = ld(gh + 2 * H) + ld(bias + 2 * H);
+  const V z = sigmoid(ld(gi + H) + (ld(gh + H) + ld(bias + H)));
+  const V ds = ld(p.grad_s + b * p.grad_s_stride_b + h) + ld(p.ds_carry + o);
+  const V dv = ds * sur(ld(p.v + o)) + ld(p.dv_carry + o);
+  const V di = dv * (T(1) - z) + ld(p.di_carry + o);
+  const V daz = dv * (ld(p.v_prev + o) - ld(p.i + o)) * (z * (T(1) - z));
+  V dar = splat(T(0));
+  V r = splat(T(1));
+  if constexpr (RESET) {
+    r = sigmoid(ld(gi) + (ld(gh) + ld(bias)));
+    dar = di * gh_i * (r * (T(1) - r));
+  }
+  st(dgi, dar);
+  st(dgi + H, daz);
+  st(dgi + 2 * H, di);
+  st(gh, dar);
+  st(gh + H, daz);
+  st(gh + 2 * H, di * r);
+  st(p.dalpha + o, ld(p.dalpha + o) + di * ld(p.i_prev + o));
+  st(p.dv_carry + o, z * dv);
+  st(p.di_carry + o, ld(p.alpha + h) * di);
+  st(p.ds_carry + o, p.neg_v_th * dv);
+}
+
+template <typename T, typename Sur, bool RESET>
+NEUROKERN_INLINE void bwd_range(const BwdStep<T>& p, const Sur& sur, int64_t n0, int64_t n1) {
+  NEUROKERN_FOR_LANES(T, n0, n1, p.H, (bwd_lanes<T, Sur, RESET, true>(p, sur, b, h, kLanes<T>)),
+                      (bwd_lanes<T, Sur, RESET, false>(p, sur, b, h, h1_ - h)))
+}
+
+template <typename T, typename Sur, bool RESET>
+void bwd_range_default(const BwdStep<T>& p, const Sur& sur, int64_t n0, int64_t n1) {
+  bwd_range<T, Sur, RESET>(p, sur, n0, n1);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename T, typename Sur, bool RESET>
+__attribute__((target("avx2"))) void bwd_range_avx2(const BwdStep<T>& p, const Sur& sur,
+                                                    int64_t n0, int64_t n1) {
+  bwd_range<T, Sur, RESET>(p, sur, n0, n1);
+}
+#endif
+
+template <typename T, bool SIGNED, bool RESET>
+void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
+                const at::Tensor& gi,      // [T, B, 3H] contiguous
+                const at::Tensor& U,       // [3H, H]
+                const at::Tensor& b_hh,    // [3H] contiguous (zeros without bias)
+                const at::Tensor& alpha,   // [H]
+                const at::Tensor& s_seq,   // [T, B, H] contiguous
+                const at::Tensor& v_seq, const at::Tensor& i_seq,
+                const at::Tensor& v0, const at::Tensor& i0, const at::Tensor& s0,  // [B, H]
+                double v_th, double gamma,
+                at::Tensor& dgi,        // [T, B, 3H]
+                at::Tensor& dv_carry,   // [B, H] grad_v_last on entry, dv0 on return
+                at::Tensor& di_carry,   // [B, H] grad_i_last on entry, di0 on return
+                at::Tensor& ds_carry,   // [B, H] grad_s_last on entry, ds0 on return
+                at::Tensor& dalpha_bh,  // [B, H] zeros on entry, sum_t di_t i_{t-1} on return
+                at::Tensor& gh_all,     // [T, B, 3H] scratch; dL/dgh of every step on return
+                at::Tensor& s_prev) {   // [T, B, H] scratch; S_prev on return
+  using Sur = LaneSurrogate<T, SIGNED>;
+  const int64_t steps = gi.size(0), B = gi.size(1), H = U.size(1);
+  const Sur sur(v_th, gamma);
+  const bool avx2 = use_avx2();
+  const at::Tensor Ut = U.t();  // [H, 3H] view
+
+  // S_prev = [s_0, s_1 .. s_{T-1}], and gh of every step in one product.
+  s_prev.select(0, 0).copy_(s0);
+  if (steps > 1) s_prev.narrow(0, 1, steps - 1).copy_(s_seq.narrow(0, 0, steps - 1));
+  at::Tensor gh_2d = gh_all.view({steps * B, 3 * H});
+  SpikeLists lists;
+  product_with_spikes<T>(s_prev.view({steps * B, H}), Ut, gh_2d, lists);
+
+  BwdStep<T> p;
+  p.b_hh = b_hh.const_data_ptr<T>();
+  p.alpha = alpha.const_data_ptr<T>();
+  p.grad_s_stride_b = grad_s.stride(1);
+  p.dv_carry = dv_carry.mutable_data_ptr<T>();
+  p.di_carry = di_carry.mutable_data_ptr<T>();
+  p.ds_carry = ds_carry.mutable_data_ptr<T>();
+  p.dalpha = dalpha_bh.mutable_data_ptr<T>();
+  p.H = H;
+  p.neg_v_th = -static_cast<T>(v_th);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
+    p.gh = gh_all.mutable_data_ptr<T>() + t * B * 3 * H;
+    p.v = v_seq.const_data_ptr<T>() + t * B * H;
+    p.i = i_seq.const_data_ptr<T>() + t * B * H;
+    p.v_prev = t == 0 ? v0.const_data_ptr<T>() : p.v - B * H;
+    p.i_prev = t == 0 ? i0.const_data_ptr<T>() : p.i - B * H;
+    p.grad_s = grad_s.const_data_ptr<T>() + t * grad_s.stride(0);
+    p.dgi = dgi.mutable_data_ptr<T>() + t * B * 3 * H;
+    at::parallel_for(0, B * H, kGateGrain, [&](int64_t n0, int64_t n1) {
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+      if (avx2) {
+        bwd_range_avx2<T, Sur, RESET>(p, sur, n0, n1);
+        return;
+      }
+#endif
+      bwd_range_default<T, Sur, RESET>(p, sur, n0, n1);
+    });
+    ds_carry.addmm_(gh_all.select(0, t), U);  // += dgh_t U: [B, 3H] x [3H, H]
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and entry points
+// ---------------------------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " has dtype ", t.scalar_type(),
+              " but gi has dtype ", dtype, " (all tensors must share gi's dtype)");
+}
+
+void check_shape(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
+                 const char* symbolic) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", symbolic, " = ", shape,
+              ", got ", t.sizes());
+}
+
+// gi [T, B, 3H] in float32 or float64; returns it contiguous.
+at::Tensor checked_gi(const at::Tensor& gi, const char* op) {
+  TORCH_CHECK(gi.device().is_cpu(), op, ": gi must be a CPU tensor, got device ", gi.device());
+  TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble, op,
+              ": gi has dtype ", gi.scalar_type(), "; the CPU kernel computes in float32 or "
+              "float64 only: pass gi, the weights and the state in float32 (neurokern."
+              "spikgru2plus does so for float16/bfloat16 inputs, as the reference computes them)");
+  TORCH_CHECK(gi.dim() == 3 && gi.size(2) % 3 == 0, op, ": gi must have shape [T, B, 3H], got ",
+              gi.sizes());
+  return gi.contiguous();
+}
+
+// A [B, H] state or gradient: checked, contiguous; zeros if absent (a fresh tensor either way
+// when `fresh`, since the backward updates it in place and returns it).
+at::Tensor checked_state(const std::optional<at::Tensor>& t, const char* op, const char* name,
+                         int64_t B, int64_t H, const at::TensorOptions& options, bool fresh) {
+  if (!t.has_value() || !t->defined()) return at::zeros({B, H}, options);
+  check_cpu(*t, op, name, options.dtype().toScalarType());
+  check_shape(*t, op, name, {B, H}, "[B, H]");
+  return fresh ? t->clone(at::MemoryFormat::Contiguous) : t->contiguous();
+}
+
+// weight_hh [3H, H], bias_hh [3H] (zeros if absent), alpha [H].
+std::tuple<at::Tensor, at::Tensor> checked_weights(const at::Tensor& weight_hh,
+                                                   const std::optional<at::Tensor>& bias_hh,
+                                                   const at::Tensor& alpha, int64_t H,
+                                                   at::ScalarType dtype, const char* op) {
+  check_cpu(weight_hh, op, "weight_hh", dtype);
+  check_shape(weight_hh, op, "weight_hh", {3 * H, H}, "[3H, H] (3H = gi.size(2))");
+  check_cpu(alpha, op, "alpha", dtype);
+  check_shape(alpha, op, "alpha", {H}, "[H]");
+  at::Tensor bias;
+  if (bias_hh.has_value() && bias_hh->defined()) {
+    check_cpu(*bias_hh, op, "bias_hh", dtype);
+    check_shape(*bias_hh, op, "bias_hh", {3 * H}, "[3H]");
+    bias = bias_hh->contiguous();
+  } else {
+    bias = at::zeros({3 * H}, weight_hh.options());
+  }
+  return {bias, alpha.contiguous()};
+}
+
+void check_scalars(double v_th, double gamma, const char* op) {
+  TORCH_CHECK(std::isfinite(v_th) && v_th > 0, op, ": v_th must be positive and finite, got ",
+              v_th);
+  TORCH_CHECK(std::isfinite(gamma) && gamma > 0, op, ": gamma must be positive and finite, got ",
+              gamma);
+}
+
+// Calls fn(std::integral_constant<bool, flags[0]>{}, ...) for three run-time flags.
+template <typename Fn>
+void dispatch_bools3(bool a, bool b, bool c, Fn&& fn) {
+  auto with_c = [&](auto a_c, auto b_c) {
+    c ? fn(a_c, b_c, std::true_type{}) : fn(a_c, b_c, std::false_type{});
+  };
+  auto with_b = [&](auto a_c) {
+    b ? with_c(a_c, std::true_type{}) : with_c(a_c, std::false_type{});
+  };
+  a ? with_b(std::true_type{}) : with_b(std::false_type{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
+    const at::Tensor& gi_in, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+    const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
+    const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0_in, double v_th,
+    double gamma, bool is_signed, bool reset_gate, bool spiking) {
+  const char* op = kFwd;
+  const at::Tensor gi = checked_gi(gi_in, op);
+  const at::ScalarType dtype = gi.scalar_type();
+  const int64_t steps = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
+  at::Tensor bias, alpha;
+  std::tie(bias, alpha) = checked_weights(weight_hh, bias_hh, alpha_in, H, dtype, op);
+  const at::Tensor v0 = checked_state(v0_in, op, "v0", B, H, gi.options(), false);
+  const at::Tensor i0 = checked_state(i0_in, op, "i0", B, H, gi.options(), false);
+  const at::Tensor s0 = checked_state(s0_in, op, "s0", B, H, gi.options(), false);
+  const bool has_s0 = s0_in.has_value() && s0_in->defined();
+  check_scalars(v_th, gamma, op);
+
+  at::Tensor s_seq = at::empty({steps, B, H}, gi.options());
+  at::Tensor v_seq = at::empty({steps, B, H}, gi.options());
+  at::Tensor i_seq = at::empty({steps, B, H}, gi.options());
+  if (steps == 0 || B * H == 0) return {s_seq, v_seq, i_seq};
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_fwd_cpu", [&] {
+    dispatch_bools3(is_signed, spiking, reset_gate, [&](auto signed_c, auto spiking_c,
+                                                       auto reset_c) {
+      fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value,
+                 decltype(reset_c)::value>(gi, weight_hh, bias, alpha, v0, i0, s0, has_s0, v_th,
+                                           gamma, s_seq, v_seq, i_seq);
+    });
+  });
+  return {s_seq, v_seq, i_seq};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor>& grad_v_last,
+                     const std::optional<at::Tensor>& grad_i_last,
+                     const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi_in,
+                     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+                     const at::Tensor& alpha_in, const at::Tensor& s_seq_in,
+                     const at::Tensor& v_seq_in, const at::Tensor& i_seq_in,
+                     const std::optional<at::Tensor>& v0_in,
+                     const std::optional<at::Tensor>& i0_in,
+                     const std::optional<at::Tensor>& s0_in, double v_th, double gamma,
+                     bool is_signed, bool reset_gate) {
+  const char* op = kBwd;
+  const at::Tensor gi = checked_gi(gi_in, op);
+  const at::ScalarType dtype = gi.scalar_type();
+  const int64_t steps = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
+  at::Tensor bias, alpha;
+  std::tie(bias, alpha) = checked_weights(weight_hh, bias_hh, alpha_in, H, dtype, op);
+  check_cpu(grad_s_in, op, "grad_s", dtype);
+  check_shape(grad_s_in, op, "grad_s", {steps, B, H}, "[T, B, H]");
+  // Any strides over (t, b), e.g. the time-major view of a batch-major gradient; unit stride
+  // over h.
+  const at::Tensor grad_s = grad_s_in.stride(2) == 1 ? grad_s_in : grad_s_in.contiguous();
+  const at::Tensor* seqs[] = {&s_seq_in, &v_seq_in, &i_seq_in};
+  const char* seq_names[] = {"s_seq", "v_seq", "i_seq"};
+  for (int k = 0; k < 3; ++k) {
+    check_cpu(*seqs[k], op, seq_names[k], dtype);
+    check_shape(*seqs[k], op, seq_names[k], {steps, B, H}, "[T, B, H]");
+  }
+  const at::Tensor s_seq = s_seq_in.contiguous();
+  const at::Tensor v_seq = v_seq_in.contiguous();
+  const at::Tensor i_seq = i_seq_in.contiguous();
+  const at::Tensor v0 = checked_state(v0_in, op, "v0", B, H, gi.options(), false);
+  const at::Tensor i0 = checked_state(i0_in, op, "i0", B, H, gi.options(), false);
+  const at::Tensor s0 = checked_state(s0_in, op, "s0", B, H, gi.options(), false);
+  at::Tensor dv0 = checked_state(grad_v_last, op, "grad_v_last", B, H, gi.options(), true);
+  at::Tensor di0 = checked_state(grad_i_last, op, "grad_i_last", B, H, gi.options(), true);
+  at::Tensor ds0 = checked_state(grad_s_last, op, "grad_s_last", B, H, gi.options(), true);
+  check_scalars(v_th, gamma, op);
+
+  at::Tensor dgi = at::empty({steps, B, 3 * H}, gi.options());
+  at::Tensor dalpha_bh = at::zeros({B, H}, gi.options());
+  at::Tensor dgh = at::empty({steps, B, 3 * H}, gi.options());
+  at::Tensor s_prev = at::empty({steps, B, H}, gi.options());
+  if (steps > 0 && B * H > 0) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_bwd_cpu", [&] {
+      neurokern::dispatch_bools(is_signed, reset_gate, [&](auto signed_c, auto reset_c) {
+        bwd_kernel<scalar_t, decltype(signed_c)::value, decltype(reset_c)::value>(
+            grad_s, gi, weight_hh, bias, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma,
+            dgi, dv0, di0, ds0, dalpha_bh, dgh, s_prev);
+      });
+    });
+  }
+  // dU = dgh^T S_prev over all steps; the spike factor is the right one here, so the signed row
+  // sums run on the transposes: dU^T = S_prev^T dgh.
+  const at::Tensor dgh_2d = dgh.view({steps * B, 3 * H});
+  const at::Tensor s_prev_2d = s_prev.view({steps * B, H});
+  at::Tensor dweight_hh;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_bwd_cpu_dU", [&] {
+    const at::Tensor s_prev_t = s_prev_2d.t().contiguous();  // [H, T * B]
+    at::Tensor dUt = at::empty({H, 3 * H}, gi.options());     // dU^T = S_prev^T dgh
+    SpikeLists lists;
+    product_with_spikes<scalar_t>(s_prev_t, dgh_2d, dUt, lists);
+    dweight_hh = dUt.t().contiguous();
+  });
+  const bool has_bias = bias_hh.has_value() && bias_hh->defined();
+  at::Tensor dbias_hh = has_bias ? dgh_2d.sum(0) : at::zeros({3 * H}, gi.options());
+  at::Tensor dalpha = dalpha_bh.sum(0);
+  return {dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
+  m.impl("spikgru2plus_fwd", &spikgru2plus_fwd_cpu);
+  m.impl("spikgru2plus_bwd", &spikgru2plus_bwd_cpu);
+}

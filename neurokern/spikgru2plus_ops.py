@@ -1,0 +1,258 @@
+"""Fused SpikGRU2+ layer direction (SPEC.md 3): the torch.library ops (the Triton ones and the
+C++ ones' fake implementations), the Triton launchers, the autograd Function, and the
+registration with the dispatcher (backends "cpu" and "triton").
+
+Ops (schemas in csrc/register.cpp, CPU kernels in csrc/spikgru2plus_cpu.cpp; the same schemas
+as `neurokern_triton::*` on the Triton step kernels of triton_kernels/spikgru2plus.py):
+    spikgru2plus_fwd(gi, weight_hh, bias_hh?, alpha, v0?, i0?, s0?, v_th, gamma, signed,
+                     reset_gate, spiking) -> (s_seq, v_seq, i_seq)            each [T, B, H]
+    spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
+                     bias_hh?, alpha, s_seq, v_seq, i_seq, v0?, i0?, s0?, v_th, gamma, signed,
+                     reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
+
+The ops run the time loop only. On the Triton backend a step is one recurrent product
+(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward. Work that is parallel over time is done here, one matrix
+product over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and
+db_ih = sum of dgi after the backward loop.
+
+Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
+(x, weights and state converted before the ops, outputs and gradients converted back), exactly
+as neurokern.reference computes them; the C++ ops themselves reject half tensors.
+
+Saved for backward, per step and batch row, in the compute dtype: gi (3H values), s, v and i
+(H each), i.e. 6H values, plus x (time-major; a copy for batch_first input). The gates are
+recomputed in the backward from gi and one product S_prev U^T over all steps.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from neurokern import _extension
+from neurokern._kernels import scalar_params, triton_available
+from neurokern.dispatch import register
+from neurokern.reference import compute_dtype
+
+_OPS = ("spikgru2plus_fwd", "spikgru2plus_bwd")
+
+
+def _cpu_kernels_present() -> bool:
+    """Whether the loaded neurokern._C implements both ops for CPU tensors (a build older than
+    csrc/spikgru2plus_cpu.cpp declares the schemas without kernels)."""
+    return all(
+        _extension.has_op(op)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"neurokern::{op}", "CPU")
+        for op in _OPS
+    )
+
+
+def _fwd_fake(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
+              spiking):
+    steps, batch, gates = gi.shape
+    shape = (steps, batch, gates // 3)
+    return gi.new_empty(shape), gi.new_empty(shape), gi.new_empty(shape)
+
+
+def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
+              s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
+    steps, batch, gates = gi.shape
+    hidden = gates // 3
+    return (gi.new_empty((steps, batch, gates)), gi.new_empty((gates, hidden)),
+            gi.new_empty((gates,)), gi.new_empty((hidden,)), gi.new_empty((batch, hidden)),
+            gi.new_empty((batch, hidden)), gi.new_empty((batch, hidden)))
+
+
+if _extension.has_op("spikgru2plus_fwd"):
+    torch.library.register_fake("neurokern::spikgru2plus_fwd")(_fwd_fake)
+    torch.library.register_fake("neurokern::spikgru2plus_bwd")(_bwd_fake)
+
+
+def spikgru2plus_ops(backend):
+    """`(spikgru2plus_fwd, spikgru2plus_bwd)` op overloads of `backend` ("cpu" or "triton")."""
+    namespace = torch.ops.neurokern if backend == "cpu" else torch.ops.neurokern_triton
+    return namespace.spikgru2plus_fwd.default, namespace.spikgru2plus_bwd.default
+
+
+if triton_available():
+    import triton
+
+    from neurokern.triton_kernels.spikgru2plus import (
+        spikgru2plus_step_bwd_kernel,
+        spikgru2plus_step_fwd_kernel,
+    )
+
+    _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, B)
+
+    def _recurrent(s_prev, weight_hh, bias_hh):
+        """gh = U s + b_hh for one step ([B, 3H]) or all steps ([T, B, 3H])."""
+        gh = torch.matmul(s_prev, weight_hh.t())
+        return gh if bias_hh is None else gh.add_(bias_hh)
+
+    @torch.library.custom_op("neurokern_triton::spikgru2plus_fwd", mutates_args=())
+    def triton_spikgru2plus_fwd(
+        gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
+        alpha: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
+        s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
+        spiking: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        steps, batch, gates = gi.shape
+        hidden = gates // 3
+        s_seq = gi.new_empty((steps, batch, hidden))  # [T, B, H]
+        v_seq, i_seq = torch.empty_like(s_seq), torch.empty_like(s_seq)
+        zeros = gi.new_zeros((batch, hidden))
+        v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
+        params = scalar_params(v_th, gamma, gi.dtype, gi.device)
+        grid = (triton.cdiv(hidden, _BLOCK), batch)
+        for t in range(steps):
+            spikgru2plus_step_fwd_kernel[grid](
+                gi[t], _recurrent(s, weight_hh, bias_hh), alpha, v, i, s, params,
+                s_seq[t], v_seq[t], i_seq[t], hidden, gi.stride(1),
+                RESET_GATE=reset_gate, SIGNED=signed, SPIKING=spiking, BLOCK=_BLOCK)
+            v, i, s = v_seq[t], i_seq[t], s_seq[t]
+        return s_seq, v_seq, i_seq
+
+    @torch.library.custom_op("neurokern_triton::spikgru2plus_bwd", mutates_args=())
+    def triton_spikgru2plus_bwd(
+        grad_s: torch.Tensor, grad_v_last: Optional[torch.Tensor],
+        grad_i_last: Optional[torch.Tensor], grad_s_last: Optional[torch.Tensor],
+        gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
+        alpha: torch.Tensor, s_seq: torch.Tensor, v_seq: torch.Tensor, i_seq: torch.Tensor,
+        v0: Optional[torch.Tensor], i0: Optional[torch.Tensor], s0: Optional[torch.Tensor],
+        v_th: float, gamma: float, signed: bool, reset_gate: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor, torch.Tensor]:
+        steps, batch, gates = gi.shape
+        hidden = gates // 3
+        if grad_s.stride(-1) != 1:
+            grad_s = grad_s.contiguous()
+        zeros = gi.new_zeros((batch, hidden))
+
+        def before(first, seq):  # [T, B, H]: the state entering each step
+            return torch.cat([(zeros if first is None else first).unsqueeze(0), seq[:-1]])
+
+        s_prev, v_prev, i_prev = before(s0, s_seq), before(v0, v_seq), before(i0, i_seq)
+        gh = _recurrent(s_prev, weight_hh, bias_hh)  # [T, B, 3H], all steps in one product
+        dgi, dgh = torch.empty_like(gi), torch.empty_like(gh)
+        dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [B, H]
+        di_next = zeros.clone() if grad_i_last is None else grad_i_last.clone()
+        ds = grad_s[steps - 1] + (0 if grad_s_last is None else grad_s_last)
+        ds_prev, dalpha = torch.empty_like(zeros), torch.zeros_like(zeros)
+        params = scalar_params(v_th, gamma, gi.dtype, gi.device)
+        grid = (triton.cdiv(hidden, _BLOCK), batch)
+        for t in range(steps - 1, -1, -1):
+            grad_prev = grad_s[t - 1] if t > 0 else ds_prev  # the output gradient of s_{t-1}
+            spikgru2plus_step_bwd_kernel[grid](
+                gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, dv_next,
+                di_next, params, dgi[t], dgh[t], ds_prev, grad_prev, dalpha,
+                hidden, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
+                RESET_GATE=reset_gate, SIGNED=signed, HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
+            ds = torch.addmm(ds_prev, dgh[t], weight_hh)  # dL/ds_{t-1}: + the product path
+        dweight_hh = torch.mm(dgh.view(steps * batch, gates).t(),
+                              s_prev.view(steps * batch, hidden))  # [3H, H], all steps at once
+        return dgi, dweight_hh, dgh.sum((0, 1)), dalpha.sum(0), dv_next, di_next, ds
+
+    torch.library.register_fake("neurokern_triton::spikgru2plus_fwd")(_fwd_fake)
+    torch.library.register_fake("neurokern_triton::spikgru2plus_bwd")(_bwd_fake)
+
+
+def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+class SpikGRU2PlusFunction(torch.autograd.Function):
+    """One SpikGRU2+ layer direction on a fused backend.
+
+    Inputs `(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0)` (biases and state
+    may be None), outputs `(s, v_T, i_T, s_T)`. The forward computes gi in one product and runs
+    the forward op; the backward runs the backward op from the saved gi, s, v, i and turns dgi
+    into dx, dW and db_ih with one product each.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
+                signed, reset_gate, batch_first, spiking, backend):
+        fwd, _ = spikgru2plus_ops(backend)
+        dtype = compute_dtype(x.dtype)
+        # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
+        # product on the strided view (matmul cannot fold it into one GEMM) and gives dW = dgi^T x
+        # the same layout.
+        x_tm = (x.transpose(0, 1) if batch_first else x).to(dtype).contiguous()
+        steps, batch, inputs = x_tm.shape
+        weight_ih_c, weight_hh_c = weight_ih.to(dtype), weight_hh.to(dtype)
+        bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
+        v0_c, i0_c, s0_c = _cast(v0, dtype), _cast(i0, dtype), _cast(s0, dtype)
+
+        gi = torch.mm(x_tm.view(steps * batch, inputs), weight_ih_c.t())  # [T * B, 3H]
+        if bias_ih is not None:
+            gi.add_(bias_ih.to(dtype))  # after the product, as the reference rounds it
+        gi = gi.view(steps, batch, -1)  # [T, B, 3H]
+        s_seq, v_seq, i_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c, v_th,
+                                  gamma, signed, reset_gate, spiking)  # [T, B, H] each
+
+        ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
+                              v_seq, i_seq, v0_c, i0_c, s0_c)
+        ctx.set_materialize_grads(False)
+        ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend)
+        ctx.dtypes = tuple(None if t is None else t.dtype
+                           for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0))
+        s = s_seq.transpose(0, 1).contiguous() if batch_first else s_seq
+        return (s.to(x.dtype), v_seq[-1].to(x.dtype, copy=True),
+                i_seq[-1].to(x.dtype, copy=True), s_seq[-1].to(x.dtype, copy=True))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
+        (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, v0, i0,
+         s0) = ctx.saved_tensors
+        v_th, gamma, signed, reset_gate, batch_first, backend = ctx.args
+        needs = ctx.needs_input_grad
+        if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
+            return (None,) * 16
+        _, bwd = spikgru2plus_ops(backend)
+        dtype = gi.dtype
+        if grad_s is None:  # only the final state was used
+            grad_s = gi.new_zeros(s_seq.shape)
+        elif batch_first:
+            grad_s = grad_s.transpose(0, 1)  # [T, B, H] view; the op reads any (t, b) strides
+        dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
+            grad_s.to(dtype), _cast(grad_v_last, dtype), _cast(grad_i_last, dtype),
+            _cast(grad_s_last, dtype), gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0,
+            i0, s0, v_th, gamma, signed, reset_gate)
+
+        steps, batch, gates = dgi.shape
+        dgi_2d = dgi.view(steps * batch, gates)
+        grads = [None] * 9
+        if needs[0]:
+            dx = torch.mm(dgi_2d, weight_ih).view(steps, batch, -1)  # [T, B, I]
+            grads[0] = dx.transpose(0, 1) if batch_first else dx
+        if needs[1]:
+            grads[1] = torch.mm(dgi_2d.t(), x_tm.view(steps * batch, -1))  # [3H, I]
+        if needs[3]:
+            grads[3] = dgi_2d.sum(0)
+        for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):
+            if needs[k]:
+                grads[k] = g
+        grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _impl(backend):
+    def spikgru2plus(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, *, v_th=1.0, gamma=10.0,
+                     signed=True, reset_gate=True, batch_first=False, state=None, spiking=True):
+        """`neurokern.reference.spikgru2plus` on the fused kernels: returns
+        `(s, (v_T, i_T, s_T))`. Arguments are validated by `neurokern.functional`."""
+        v0, i0, s0 = state if state is not None else (None, None, None)
+        s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
+            x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
+            reset_gate, batch_first, spiking, backend)
+        return s, (v_last, i_last, s_last)
+
+    spikgru2plus.__qualname__ = spikgru2plus.__name__ = f"spikgru2plus_{backend}"
+    return spikgru2plus
+
+
+# Registered when the extension did not load (the dispatcher then reports why the backend is
+# unavailable) or when it has the kernels; a stale build without them leaves "cpu" unregistered.
+if _extension.error is not None or _cpu_kernels_present():
+    spikgru2plus_cpu = register("spikgru2plus", "cpu")(_impl("cpu"))
+spikgru2plus_triton = register("spikgru2plus", "triton")(_impl("triton"))
