@@ -56,7 +56,8 @@ def main(argv=None):
             ax.legend(fontsize=8)
             fig.tight_layout()
             name = f"{op}_{size}_{dtype}_{'gpu' if 'CPU' not in device else 'cpu'}.png"
-            out = os.path.join(common.RESULTS, name.replace("/", "_"))
+            out = os.path.join(common.RESULTS, "".join(
+                ch if ch.isalnum() or ch in "._-" else "_" for ch in name))
             fig.savefig(out, dpi=110)
             plt.close(fig)
             print(f"wrote {out}")
