@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_plif  # noqa: E402
 import bench_spike  # noqa: E402
 import bench_spikgru2plus  # noqa: E402
+import bench_train_step  # noqa: E402
 import plot  # noqa: E402
 
 import neurokern as nk  # noqa: E402
@@ -38,6 +39,7 @@ def main():
         ("spike activations", lambda: bench_spike.main(common_args)),
         ("PLIF", lambda: bench_plif.main(common_args + (["--quick"] if args.quick else []))),
         ("SpikGRU2+", lambda: bench_spikgru2plus.main(common_args)),
+        ("training step of the paper's network", lambda: bench_train_step.main(common_args)),
         ("plots", lambda: plot.main([])),
     ]
     for k, (title, step) in enumerate(steps, 1):
