@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include "activations.h"
+#include "cpu_isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,31 +34,15 @@
 #include <type_traits>
 #include <vector>
 
-// x86-64 with GCC or Clang: the task functions are also compiled for AVX2 (8 float lanes instead
-// of SSE2's 4), chosen at run time. No FMA: the arithmetic must round like the reference's.
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define NEUROKERN_HAVE_AVX2_TARGET 1
-#endif
 
 namespace {
+
+using neurokern::use_avx2;
 
 using neurokern::Activation;
 using neurokern::dispatch_bools;
 using neurokern::Surrogate;
 
-// Whether to run the AVX2 copies: the CPU has AVX2 and torch's ATEN_CPU_CAPABILITY does not ask
-// for less (ATEN_CPU_CAPABILITY=default selects the baseline copies, as for torch's own kernels).
-bool use_avx2() {
-#ifdef NEUROKERN_HAVE_AVX2_TARGET
-  static const bool value = [] {
-    const std::string capability = at::get_cpu_capability();
-    return __builtin_cpu_supports("avx2") && (capability == "AVX2" || capability == "AVX512");
-  }();
-  return value;
-#else
-  return false;
-#endif
-}
 
 // Neurons per task: the task's buffers (a few arrays of this length) stay in L1/L2.
 constexpr int64_t kMaxChunk = 1024;

@@ -44,18 +44,16 @@
 #include <vector>
 
 #include "activations.h"
+#include "cpu_isa.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define NEUROKERN_HAVE_VECTOR_EXT 1
 #endif
 
-// x86-64 with GCC or Clang: the loops are also compiled for AVX2 and chosen at run time (no FMA,
-// so that every operation rounds as in the reference).
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define NEUROKERN_HAVE_AVX2_TARGET 1
-#endif
 
 namespace {
+
+using neurokern::use_avx2;
 
 constexpr const char* kFwd = "neurokern::spikgru2plus_fwd";
 constexpr const char* kBwd = "neurokern::spikgru2plus_bwd";
@@ -65,18 +63,6 @@ constexpr double kSparseMaxDensity = 0.5;
 // Neurons per task of the elementwise passes (a few ns each): small steps run on one thread.
 constexpr int64_t kGateGrain = 2048;
 
-// The CPU has AVX2 and ATEN_CPU_CAPABILITY does not ask for less (as in plif_cpu.cpp).
-bool use_avx2() {
-#ifdef NEUROKERN_HAVE_AVX2_TARGET
-  static const bool value = [] {
-    const std::string capability = at::get_cpu_capability();
-    return __builtin_cpu_supports("avx2") && (capability == "AVX2" || capability == "AVX512");
-  }();
-  return value;
-#else
-  return false;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Lanes: 32-byte vectors (8 floats, 4 doubles), or plain scalars without vector extensions
