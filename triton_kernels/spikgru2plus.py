@@ -21,7 +21,7 @@ from .activations import spike_act, spike_surrogate
 
 
 @triton.jit
-def _gates(gi_row, gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype):
+def _gates(gi_row, gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype: tl.constexpr):
     """r, z and the input-current term of one [BLOCK] slice of hidden units."""
     gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
     gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)

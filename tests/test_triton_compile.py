@@ -1,0 +1,63 @@
+"""Every Triton kernel compiles for the H100 (sm_90) through Triton's real compiler, not only
+under the interpreter: without a GPU this is the check that the GPU build of each kernel exists.
+Runs in a subprocess because the interpreter (TRITON_INTERPRET=1, set by conftest) replaces the
+compiler in this process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from neurokern.triton_kernels import triton_error
+
+SCRIPT = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from neurokern.triton_kernels.plif import plif_bwd_kernel, plif_fwd_kernel
+    from neurokern.triton_kernels.spike import spike_bwd_kernel, spike_fwd_kernel
+    from neurokern.triton_kernels.spikgru2plus import (
+        spikgru2plus_step_bwd_kernel, spikgru2plus_step_fwd_kernel)
+
+    COMPUTE = ("params_ptr", "v_seq_ptr", "alpha_ptr", "dalpha_ptr")
+
+    def compile_for_h100(fn, dtype, consts):
+        compute = "fp64" if dtype == "fp64" else "fp32"
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*" + (compute if name in COMPUTE else dtype)
+            else:
+                sig[name] = "i32"
+        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                       target=GPUTarget("cuda", 90, 32))
+        print("compiled", fn.__name__, dtype, consts, flush=True)
+
+    for dtype in ("fp32", "bf16", "fp64"):
+        compile_for_h100(plif_fwd_kernel, dtype, dict(
+            HAS_STATE=True, SAVE_V=True, SIGNED=True, SPIKING=dtype != "fp64", BLOCK=256))
+        compile_for_h100(plif_bwd_kernel, dtype, dict(
+            HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_V0=True, SIGNED=True,
+            DETACH_RESET=False, BLOCK=256))
+        compile_for_h100(spike_fwd_kernel, dtype, dict(SIGNED=True, SPIKING=True, BLOCK=1024))
+        compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
+    for dtype in ("fp32", "fp64"):
+        compile_for_h100(spikgru2plus_step_fwd_kernel, dtype, dict(
+            RESET_GATE=True, SIGNED=True, SPIKING=dtype == "fp32", BLOCK=128))
+        compile_for_h100(spikgru2plus_step_bwd_kernel, dtype, dict(
+            RESET_GATE=True, SIGNED=True, HAS_GRAD_PREV=True, BLOCK=128))
+''')
+
+
+@pytest.mark.skipif(triton_error is not None, reason=f"triton not importable: {triton_error}")
+def test_triton_kernels_compile_for_h100():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 16
