@@ -10,10 +10,10 @@ as `neurokern_triton::*` on the Triton step kernels of triton_kernels/spikgru2pl
                      bias_hh?, alpha, s_seq, v_seq, i_seq, v0?, i0?, s0?, v_th, gamma, signed,
                      reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
 
-The ops run the time loop only. On the Triton backend a step is one recurrent product
-(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward. Work that is parallel over time is done here, one matrix
-product over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and
-db_ih = sum of dgi after the backward loop.
+The ops run the time loop only; work that is parallel over time is done here, one matrix product
+over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
+sum of dgi after the backward loop. On the Triton backend a step is one recurrent product
+(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward.
 
 Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
 (x, weights and state converted before the ops, outputs and gradients converted back), exactly
