@@ -18,7 +18,7 @@ import os
 import torch
 
 import neurokern as nk
-from neurokern import dispatch, reference
+from neurokern import reference
 
 import common
 
@@ -69,11 +69,9 @@ def providers(device, channels):
     sj, why = spikingjelly_provider(channels, device)
     if sj is not None:
         out["spikingjelly (triton)"] = sj
-    for backend in ("cpu", "triton", "cuda"):
-        status = dispatch.availability("plif", backend, device.type)
-        if status.available:
-            out[f"neurokern {backend}"] = (
-                lambda x, b=backend: nk.plif(x, alpha, batch_first=True, backend=b))
+    for backend in common.fused_backends("plif", device):
+        out[f"neurokern {backend}"] = (
+            lambda x, b=backend: nk.plif(x, alpha, batch_first=True, backend=b))
     return out, why, alpha
 
 

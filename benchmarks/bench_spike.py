@@ -13,7 +13,6 @@ import argparse
 import torch
 
 import neurokern as nk
-from neurokern import dispatch
 
 import common
 
@@ -35,9 +34,8 @@ def main(argv=None):
     results = common.Results("spike", device)
     for op, fn in OPS.items():
         providers = {"autograd.Function (reference)": "reference"}
-        for backend in ("cpu", "triton", "cuda"):
-            if dispatch.availability(op, backend, device.type).available:
-                providers[f"neurokern {backend}"] = backend
+        for backend in common.fused_backends(op, device):
+            providers[f"neurokern {backend}"] = backend
         for dtype in dtypes:
             x = (2 * torch.randn(numel, device=device)).to(dtype).requires_grad_()
             nbytes = numel * x.element_size()

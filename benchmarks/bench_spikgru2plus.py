@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as torch_F
 
 import neurokern as nk
-from neurokern import dispatch, reference
+from neurokern import reference
 
 import common
 
@@ -50,10 +50,9 @@ def layer_providers(device, inputs, hidden):
         "paper loop (nn.Linear)": lambda x: paper_loop(x, *params),
         "torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""): lambda x: gru(x)[0],
     }
-    for backend in ("cpu", "triton", "cuda"):
-        if dispatch.availability("spikgru2plus", backend, device.type).available:
-            out[f"neurokern {backend}"] = (
-                lambda x, b=backend: nk.spikgru2plus(x, *params, backend=b)[0])
+    for backend in common.fused_backends("spikgru2plus", device):
+        out[f"neurokern {backend}"] = (
+            lambda x, b=backend: nk.spikgru2plus(x, *params, backend=b)[0])
     return out, params + list(gru.parameters())
 
 
@@ -61,12 +60,11 @@ def stack_providers(device, inputs, hidden, layers):
     gru = torch.nn.GRU(inputs, hidden, layers, bidirectional=True, dropout=0.2).to(device)
     out = {"torch.nn.GRU" + (" (cuDNN)" if device.type == "cuda" else ""): lambda x: gru(x)[0]}
     leaves = list(gru.parameters())
-    for backend in ("reference", "cpu", "triton", "cuda"):
-        if dispatch.availability("spikgru2plus", backend, device.type).available:
-            model = nk.nn.SpikGRU2Plus(inputs, hidden, layers, bidirectional=True, dropout=0.2,
-                                       backend=backend).to(device)
-            leaves += list(model.parameters())
-            out[f"neurokern {backend}"] = lambda x, m=model: m(x)[0]
+    for backend in ["reference"] + common.fused_backends("spikgru2plus", device):
+        model = nk.nn.SpikGRU2Plus(inputs, hidden, layers, bidirectional=True, dropout=0.2,
+                                   backend=backend).to(device)
+        leaves += list(model.parameters())
+        out[f"neurokern {backend}"] = lambda x, m=model: m(x)[0]
     return out, leaves
 
 

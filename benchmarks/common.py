@@ -11,6 +11,8 @@ import platform
 
 import torch
 
+from neurokern import dispatch
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FIELDS = ["date", "device", "torch", "triton", "op", "provider", "size", "dtype", "mode", "ms",
           "q20_ms", "q80_ms", "peak_mb", "floor_ms"]
@@ -30,6 +32,12 @@ def versions():
     except ImportError:
         triton_version = "none"
     return torch.__version__, triton_version
+
+
+def fused_backends(op, device):
+    """The neurokern fused backends that can run `op` on `device` here."""
+    return [b for b in ("cpu", "triton", "cuda")
+            if dispatch.availability(op, b, device.type).available]
 
 
 def sync(device):

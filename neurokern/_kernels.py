@@ -2,6 +2,7 @@
 
 import torch
 
+from neurokern import _extension
 from neurokern.reference import compute_dtype
 from neurokern.triton_kernels import triton_error
 
@@ -26,3 +27,14 @@ def scalar_params(v_th: float, gamma: float, dtype: torch.dtype, device) -> torc
         params = torch.tensor([v_th, gamma], dtype=key[2], device=key[3])
         _params_cache[key] = params
     return params
+
+
+def register_fakes(op: str, fwd_fake, bwd_fake) -> None:
+    """Register the fake (meta) implementations of `<op>_fwd` / `<op>_bwd` for every backend
+    whose ops exist here: `neurokern_triton::*` (defined when triton imports) and the C++
+    `neurokern::*` (declared when the extension loaded)."""
+    namespaces = (["neurokern_triton"] if triton_available() else []) + (
+        ["neurokern"] if _extension.has_op(f"{op}_fwd") else [])
+    for namespace in namespaces:
+        torch.library.register_fake(f"{namespace}::{op}_fwd")(fwd_fake)
+        torch.library.register_fake(f"{namespace}::{op}_bwd")(bwd_fake)

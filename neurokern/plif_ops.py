@@ -20,8 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from neurokern import _extension
-from neurokern._kernels import scalar_params, triton_available
+from neurokern._kernels import register_fakes, scalar_params, triton_available
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
@@ -153,12 +152,7 @@ def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th, gam
             torch.empty_like(dv0))
 
 
-if triton_available():
-    torch.library.register_fake("neurokern_triton::plif_fwd")(_plif_fwd_fake)
-    torch.library.register_fake("neurokern_triton::plif_bwd")(_plif_bwd_fake)
-if _extension.has_op("plif_fwd"):
-    torch.library.register_fake("neurokern::plif_fwd")(_plif_fwd_fake)
-    torch.library.register_fake("neurokern::plif_bwd")(_plif_bwd_fake)
+register_fakes("plif", _plif_fwd_fake, _plif_bwd_fake)
 
 
 def plif_ops(backend):

@@ -9,8 +9,7 @@ Ops (same schema on both backends; the C++ ones are declared in csrc/register.cp
 
 import torch
 
-from neurokern import _extension
-from neurokern._kernels import scalar_params, triton_available
+from neurokern._kernels import register_fakes, scalar_params, triton_available
 from neurokern.dispatch import register
 
 _BLOCK = 1024  # elements per program: 4 warps x 8 contiguous elements per thread
@@ -64,12 +63,7 @@ def spike_ops(backend):
     return namespace.spike_fwd.default, namespace.spike_bwd.default
 
 
-if triton_available():
-    torch.library.register_fake("neurokern_triton::spike_fwd")(_spike_fwd_fake)
-    torch.library.register_fake("neurokern_triton::spike_bwd")(_spike_bwd_fake)
-if _extension.has_op("spike_fwd"):
-    torch.library.register_fake("neurokern::spike_fwd")(_spike_fwd_fake)
-    torch.library.register_fake("neurokern::spike_bwd")(_spike_bwd_fake)
+register_fakes("spike", _spike_fwd_fake, _spike_bwd_fake)
 
 
 class FusedSpikeFunction(torch.autograd.Function):

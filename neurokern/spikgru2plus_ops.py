@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from neurokern import _extension
-from neurokern._kernels import scalar_params, triton_available
+from neurokern._kernels import register_fakes, scalar_params, triton_available
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
@@ -60,11 +60,6 @@ def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias
     return (gi.new_empty((steps, batch, gates)), gi.new_empty((gates, hidden)),
             gi.new_empty((gates,)), gi.new_empty((hidden,)), gi.new_empty((batch, hidden)),
             gi.new_empty((batch, hidden)), gi.new_empty((batch, hidden)))
-
-
-if _extension.has_op("spikgru2plus_fwd"):
-    torch.library.register_fake("neurokern::spikgru2plus_fwd")(_fwd_fake)
-    torch.library.register_fake("neurokern::spikgru2plus_bwd")(_bwd_fake)
 
 
 def spikgru2plus_ops(backend):
@@ -151,8 +146,8 @@ if triton_available():
                               s_prev.view(steps * batch, hidden))  # [3H, H], all steps at once
         return dgi, dweight_hh, dgh.sum((0, 1)), dalpha.sum(0), dv_next, di_next, ds
 
-    torch.library.register_fake("neurokern_triton::spikgru2plus_fwd")(_fwd_fake)
-    torch.library.register_fake("neurokern_triton::spikgru2plus_bwd")(_bwd_fake)
+
+register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
 
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
