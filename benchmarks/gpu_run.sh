@@ -2,14 +2,35 @@
 # One command for a GPU machine (e.g. the lent H100): build the extension with its CUDA part,
 # run the test suite on the GPU, run the benchmarks at the paper's sizes, and copy the results
 # (CSV, plots, logs) to $OUT (default benchmarks/results). Uses the machine's own torch/triton.
-set -euo pipefail
+#   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests)
+#   TEST_TIMEOUT=300           seconds for the test suite; a failing suite does not stop the
+#                              benchmarks, but the script then exits non-zero.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-"$PY" -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 || {
-    tail -30 "$OUT/build.log"; exit 1; }
+STEPS=${STEPS:-build tests bench}
+export PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
+    | tee "$OUT/gpu.txt"
+if [[ $STEPS == *build* ]]; then
+    start=$SECONDS
+    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || {
+        tail -30 "$OUT/build.log"; exit 1; }
+    echo "build: $((SECONDS - start)) s"
+fi
 "$PY" -m neurokern | tee "$OUT/backends.txt"
-"$PY" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
-"$PY" benchmarks/main.py 2>&1 | tee "$OUT/bench.log"
-if [ "$OUT" != benchmarks/results ]; then cp benchmarks/results/* "$OUT"/; fi
+if [[ $STEPS == *tests* ]]; then
+    timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE 2>&1 \
+        | tee "$OUT/tests.log" | tail -25 || status=1
+fi
+if [[ $STEPS == *bench* ]]; then
+    "$PY" benchmarks/main.py 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+if [ "$OUT" != benchmarks/results ]; then  # one archive: the device tool returns few files
+    cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null
+    (cd "$OUT" && tar czf results.tgz --remove-files ./*.csv ./*.png ./*.log ./*.txt 2>/dev/null)
+fi
+exit $status

@@ -295,8 +295,11 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool is_signed,
-    bool batch_first, bool spiking, bool save_v) {
+    bool batch_first, bool spiking, int64_t checkpoint) {
   constexpr const char* op = "neurokern::plif_fwd";
+  TORCH_CHECK(checkpoint == 0 || checkpoint == 1, op, ": the CPU kernel saves every step's "
+              "membrane (checkpoint = 1) or nothing (0), got checkpoint = ", checkpoint);
+  const bool save_v = checkpoint == 1;
   check_cpu_float(x_in, op, "x");
   TORCH_CHECK(x_in.dim() >= 3, op, ": x must have rank >= 3 ([T, B, C, *S], or [B, T, C, *S] "
               "with batch_first), got shape ", x_in.sizes());
@@ -523,10 +526,14 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
 // dv0 = dv_carry, ds0 = ds_carry. v_{-1} is v0 (zero if None).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
     const at::Tensor& grad_s_in, const std::optional<at::Tensor>& grad_v_last_in,
-    const std::optional<at::Tensor>& grad_s_last_in, const at::Tensor& v_seq_in,
-    const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in, double v_th,
-    double gamma, bool is_signed, bool batch_first, bool detach_reset) {
+    const std::optional<at::Tensor>& grad_s_last_in, const at::Tensor& /*x*/,
+    const at::Tensor& v_seq_in, const at::Tensor& alpha_in,
+    const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& /*s0*/,
+    double v_th, double gamma, bool is_signed, bool batch_first, bool /*spiking*/,
+    bool detach_reset, int64_t checkpoint) {
   constexpr const char* op = "neurokern::plif_bwd";
+  TORCH_CHECK(checkpoint == 1, op, ": the CPU kernel reads every step's membrane "
+              "(checkpoint = 1), got checkpoint = ", checkpoint);
   check_cpu_float(grad_s_in, op, "grad_s");
   TORCH_CHECK(grad_s_in.dim() >= 3, op, ": grad_s must have rank >= 3 ([T, B, C, *S], or "
               "[B, T, C, *S] with batch_first), got shape ", grad_s_in.sizes());
@@ -542,7 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
               opmath, " of grad_s (", grad_s.scalar_type(), "), got ", v_seq_in.scalar_type());
   TORCH_CHECK(v_seq_in.dim() == 2 && v_seq_in.size(0) == T && v_seq_in.size(1) == N, op,
               ": v_seq must have the shape [T, N] = [", T, ", ", N, "] (plif_fwd with "
-              "save_v=True), got ", v_seq_in.sizes());
+              "checkpoint=1), got ", v_seq_in.sizes());
   const at::Tensor v_seq = v_seq_in.contiguous();
   const at::Tensor alpha = checked_alpha(alpha_in, C, opmath, op);
   const auto grad_v_last = checked_state(grad_v_last_in, st_shape, opmath, op, "grad_v_last");

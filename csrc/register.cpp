@@ -11,21 +11,25 @@ TORCH_LIBRARY(neurokern, m) {
   // dx = grad_s * surrogate(x); shape and dtype of x.
   m.def("spike_bwd(Tensor grad_s, Tensor x, float v_th, float gamma, bool signed) -> Tensor");
   // Multi-step PLIF over x [T, B, C, *S] ([B, T, C, *S] if batch_first), N = B * C * prod(S).
-  // alpha: [C] or 0-d. Returns s (x's shape and dtype, contiguous), v_seq ([T, N] membranes in
-  // the compute dtype, float32 for half inputs; empty when !save_v), v_last and s_last
-  // ([B, C, *S], x's dtype).
+  // alpha: [C] or 0-d. Returns s (x's shape and dtype, contiguous), v_saved (what the backward
+  // needs, in the compute dtype, float32 for half inputs), v_last and s_last ([B, C, *S], x's
+  // dtype). checkpoint = 0: nothing is saved (v_saved is empty); checkpoint = k >= 1: v_saved is
+  // [ceil(T / k), N], row j the membrane after step min((j + 1) k, T) - 1 (k = 1: every step).
   m.def(
       "plif_fwd(Tensor x, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
-      "bool signed, bool batch_first, bool spiking, bool save_v) "
-      "-> (Tensor s, Tensor v_seq, Tensor v_last, Tensor s_last)");
-  // Backward of plif_fwd from its saved v_seq. grad_v_last / grad_s_last may be None (zero).
-  // Returns dx (x's shape and dtype, contiguous), dalpha_per_neuron ([N] in the compute dtype:
-  // sum over t of dL/dv_t * v_{t-1}, reduced to alpha's shape by the caller), dv0 and ds0
-  // ([B, C, *S], x's dtype).
+      "bool signed, bool batch_first, bool spiking, int checkpoint) "
+      "-> (Tensor s, Tensor v_saved, Tensor v_last, Tensor s_last)");
+  // Backward of plif_fwd from its v_saved (same checkpoint k >= 1). With k > 1 the membranes of
+  // each chunk of k steps are recomputed from x and the checkpoint before it (v0/s0, zero if
+  // None, before the first), bit-identically to the forward; with k = 1, x is not read.
+  // grad_v_last / grad_s_last may be None (zero). Returns dx (x's shape and dtype, contiguous),
+  // dalpha_per_neuron ([N] in the compute dtype: sum over t of dL/dv_t * v_{t-1}, reduced to
+  // alpha's shape by the caller), dv0 and ds0 ([B, C, *S], x's dtype).
   m.def(
-      "plif_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_s_last, Tensor v_seq, "
-      "Tensor alpha, Tensor? v0, float v_th, float gamma, bool signed, bool batch_first, "
-      "bool detach_reset) -> (Tensor dx, Tensor dalpha_per_neuron, Tensor dv0, Tensor ds0)");
+      "plif_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_s_last, Tensor x, "
+      "Tensor v_saved, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
+      "bool signed, bool batch_first, bool spiking, bool detach_reset, int checkpoint) "
+      "-> (Tensor dx, Tensor dalpha_per_neuron, Tensor dv0, Tensor ds0)");
   // The recurrent loop of one SpikGRU2+ layer direction (SPEC.md 3) from the input projection
   // gi = x W^T + b_ih ([T, B, 3H], time-major, contiguous), which the caller computes in one
   // product for all steps. Returns s_seq, v_seq, i_seq ([T, B, H]; s in gi's dtype, v and i in

@@ -720,10 +720,14 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name, at::Scalar
               " but gi has dtype ", dtype, " (all tensors must share gi's dtype)");
 }
 
-void check_shape(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
-                 const char* symbolic) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", symbolic, " = ", shape,
-              ", got ", t.sizes());
+// Shapes are compared and printed as std::vector: the expected shape is a braced list at the
+// call sites, and a c10::IntArrayRef bound to one (compared, or printed in the error) crashed
+// the torch 2.11 build on a GPU machine.
+void check_shape(const at::Tensor& t, const char* op, const char* name,
+                 const std::vector<int64_t>& shape, const char* symbolic) {
+  const std::vector<int64_t> got = t.sizes().vec();
+  TORCH_CHECK(got == shape, op, ": ", name, " must have shape ", symbolic, " = ", shape,
+              ", got ", got);
 }
 
 // gi [T, B, 3H] in float32 or float64; returns it contiguous.
@@ -734,7 +738,7 @@ at::Tensor checked_gi(const at::Tensor& gi, const char* op) {
               "float64 only: pass gi, the weights and the state in float32 (neurokern."
               "spikgru2plus does so for float16/bfloat16 inputs, as the reference computes them)");
   TORCH_CHECK(gi.dim() == 3 && gi.size(2) % 3 == 0, op, ": gi must have shape [T, B, 3H], got ",
-              gi.sizes());
+              gi.sizes().vec());
   return gi.contiguous();
 }
 

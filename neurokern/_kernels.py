@@ -1,4 +1,7 @@
-"""Small helpers shared by the fused-op modules (spike_ops, plif_ops)."""
+"""Small helpers shared by the fused-op modules (spike_ops, plif_ops, spikgru2plus_ops)."""
+
+import collections
+import os
 
 import torch
 
@@ -38,3 +41,60 @@ def register_fakes(op: str, fwd_fake, bwd_fake) -> None:
     for namespace in namespaces:
         torch.library.register_fake(f"{namespace}::{op}_fwd")(fwd_fake)
         torch.library.register_fake(f"{namespace}::{op}_bwd")(bwd_fake)
+
+
+# CUDA graphs of device loops, keyed by the op and the shapes, dtypes and scalars of its inputs.
+_graphs = collections.OrderedDict()
+MAX_CUDA_GRAPHS = 8  # least recently used graphs beyond this are dropped with their memory
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether `graphed` captures (NEUROKERN_CUDA_GRAPHS=0 turns it off, read at each call)."""
+    return os.environ.get("NEUROKERN_CUDA_GRAPHS", "1") != "0"
+
+
+def clear_cuda_graphs() -> None:
+    """Drop every captured graph and the device memory it holds."""
+    _graphs.clear()
+
+
+def graphed(name: str, fn, *args):
+    """`fn(*args)` (a tuple of tensors) through a CUDA graph: captured on the first call with
+    these input shapes, dtypes and non-tensor arguments, replayed afterwards.
+
+    For loops of many small launches (the SpikGRU2+ steps), whose launch overhead the replay
+    removes. A replay copies the tensor arguments into the graph's static inputs and returns
+    copies of its static outputs, so results never alias a later call's. The first input
+    layout seen is the one captured; later inputs of any strides are copied into it. Runs `fn`
+    directly on CPU tensors, when graphs are disabled, and inside another capture.
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if (not tensors or not tensors[0].is_cuda or not cuda_graphs_enabled()
+            or torch.cuda.is_current_stream_capturing()):
+        return fn(*args)
+    key = (name, tensors[0].device) + tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+    entry = _graphs.get(key)
+    if entry is None:
+        static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        side = torch.cuda.Stream(tensors[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, creates library handles
+            fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*static)
+        # the graph reads the cached scalar tensors by address: keep them alive with it
+        entry = (graph, static, outputs, list(_params_cache.values()))
+        _graphs[key] = entry
+        while len(_graphs) > MAX_CUDA_GRAPHS:
+            _graphs.popitem(last=False)
+    else:
+        _graphs.move_to_end(key)
+    graph, static, outputs, _ = entry
+    for dst, src in zip(static, args):
+        if isinstance(dst, torch.Tensor):
+            dst.copy_(src)
+    graph.replay()
+    return tuple(o.clone() for o in outputs)

@@ -2,18 +2,22 @@
 and their registration with the dispatcher (backends "cpu" and "triton").
 
 Ops (same schema on both backends; the C++ ones are declared in csrc/register.cpp):
-    plif_fwd(x, alpha, v0?, s0?, v_th, gamma, signed, batch_first, spiking, save_v)
-        -> (s, v_seq, v_last, s_last)
-    plif_bwd(grad_s, grad_v_last?, grad_s_last?, v_seq, alpha, v0?, v_th, gamma, signed,
-             batch_first, detach_reset) -> (dx, dalpha_per_neuron, dv0, ds0)
+    plif_fwd(x, alpha, v0?, s0?, v_th, gamma, signed, batch_first, spiking, checkpoint)
+        -> (s, v_saved, v_last, s_last)
+    plif_bwd(grad_s, grad_v_last?, grad_s_last?, x, v_saved, alpha, v0?, s0?, v_th, gamma,
+             signed, batch_first, spiking, detach_reset, checkpoint)
+        -> (dx, dalpha_per_neuron, dv0, ds0)
 `neurokern::*` run the C++ CPU kernels, `neurokern_triton::*` the Triton kernels.
 
-What is saved for backward: the membranes v_t of every step ([T, N] in the compute dtype),
-written by the forward only when a gradient is needed. The backward then reads v, dL/ds and
-writes dx: 3 values per neuron and step, against 4 for recomputing the forward inside the
-backward (read x, and v must still be produced in reverse order). The leak gradient is
-reduced deterministically: the kernels write one partial sum per neuron ([N], 1/T of the
-traffic) and a torch sum reduces it per channel; no atomics anywhere.
+What is saved for backward (nothing when no gradient is needed): x, which autograd holds
+anyway, and the membranes at the end of every chunk of `checkpoint` steps ([cdiv(T, k), N] in
+the compute dtype). With k > 1 the backward recomputes each chunk's membranes from x, in
+registers, with the forward's own code (so bit-identically): traffic per neuron and step is
+x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
+values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
+Triton backend uses k = 8 (5.25 values), chosen by measurement (docs/kernels.md); the C++
+backend k = 1. The leak gradient is reduced deterministically: the kernels write one partial
+sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel; no atomics.
 """
 
 from typing import List, Optional, Tuple
@@ -25,6 +29,10 @@ from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
 _BLOCK = 256  # neurons per program; each program loops over all T steps
+
+# Membranes saved for the backward, per backend: every step (1), or every k-th step with the
+# backward recomputing the k steps in between from x (see triton_kernels/plif.py).
+CHECKPOINT = {"cpu": 1, "triton": 8}
 
 
 def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:
@@ -66,6 +74,11 @@ def _strided(t, batch_first):
     return t, layout
 
 
+def _saved_shape(steps, neurons, checkpoint):
+    """Shape of plif_fwd's v_saved: one row of membranes per chunk of `checkpoint` steps."""
+    return (-(-steps // checkpoint), neurons) if checkpoint > 0 else (0,)
+
+
 def _state_shape(x, batch_first):
     time_dim = 1 if batch_first else 0
     return x.shape[:time_dim] + x.shape[time_dim + 1:]
@@ -80,14 +93,14 @@ if triton_available():
     def triton_plif_fwd(
         x: torch.Tensor, alpha: torch.Tensor, v0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, batch_first: bool,
-        spiking: bool, save_v: bool,
+        spiking: bool, checkpoint: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, ((T, B, C, S1, S2), x_strides) = _strided(x, batch_first)
         N = B * C * S1 * S2
         s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _, s_strides = step_strides(s, batch_first)
-        v_seq = torch.empty((T, N) if save_v else (0,), dtype=compute_dtype(x.dtype),
-                            device=x.device)
+        v_saved = torch.empty(_saved_shape(T, N, checkpoint), dtype=compute_dtype(x.dtype),
+                              device=x.device)
         v_last = torch.empty(_state_shape(x, batch_first), dtype=x.dtype, device=x.device)
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
@@ -96,59 +109,68 @@ if triton_available():
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
                 scalar_params(v_th, gamma, x.dtype, x.device),
-                s, v_seq, v_last, s_last,
+                s, v_saved, v_last, s_last,
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
-                HAS_STATE=has_state, SAVE_V=save_v, SIGNED=signed, SPIKING=spiking,
-                BLOCK=_BLOCK,
+                HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
+                CHUNK=checkpoint or CHECKPOINT["triton"], BLOCK=_BLOCK,
             )
-        return s, v_seq, v_last, s_last
+        return s, v_saved, v_last, s_last
 
     @torch.library.custom_op("neurokern_triton::plif_bwd", mutates_args=())
     def triton_plif_bwd(
         grad_s: torch.Tensor, grad_v_last: Optional[torch.Tensor],
-        grad_s_last: Optional[torch.Tensor], v_seq: torch.Tensor, alpha: torch.Tensor,
-        v0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, batch_first: bool,
-        detach_reset: bool,
+        grad_s_last: Optional[torch.Tensor], x: torch.Tensor, v_saved: torch.Tensor,
+        alpha: torch.Tensor, v0: Optional[torch.Tensor], s0: Optional[torch.Tensor],
+        v_th: float, gamma: float, signed: bool, batch_first: bool, spiking: bool,
+        detach_reset: bool, checkpoint: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         grad_s, ((T, B, C, S1, S2), g_strides) = _strided(grad_s, batch_first)
+        x, (_, x_strides) = _strided(x, batch_first)
         N = B * C * S1 * S2
+        if checkpoint < 1 or v_saved.shape != _saved_shape(T, N, checkpoint):
+            raise ValueError(f"neurokern_triton::plif_bwd: v_saved of shape "
+                             f"{tuple(v_saved.shape)} is not what plif_fwd saves with "
+                             f"checkpoint={checkpoint} ({_saved_shape(T, N, checkpoint)})")
         dx = torch.empty(grad_s.shape, dtype=grad_s.dtype, device=grad_s.device)
         _, d_strides = step_strides(dx, batch_first)
-        dalpha = torch.empty(N, dtype=v_seq.dtype, device=grad_s.device)
+        dalpha = torch.empty(N, dtype=v_saved.dtype, device=grad_s.device)
         dv0 = torch.empty(_state_shape(grad_s, batch_first), dtype=grad_s.dtype,
                           device=grad_s.device)
         ds0 = torch.empty_like(dv0)
+        has_state = v0 is not None
         if N:
             plif_bwd_kernel[(triton.cdiv(N, _BLOCK),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
-                v_seq, alpha, v0.contiguous() if v0 is not None else dv0,
+                x, v_saved, alpha,
+                v0.contiguous() if has_state else dv0, s0.contiguous() if has_state else ds0,
                 scalar_params(v_th, gamma, grad_s.dtype, grad_s.device),
                 dx, dalpha, dv0, ds0,
-                T, N, C, S1, S2, *g_strides, *d_strides,
+                T, N, C, S1, S2, *g_strides, *x_strides, *d_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_GRAD_V_LAST=grad_v_last is not None,
                 HAS_GRAD_S_LAST=grad_s_last is not None,
-                HAS_V0=v0 is not None, SIGNED=signed, DETACH_RESET=detach_reset, BLOCK=_BLOCK,
+                HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
+                DETACH_RESET=detach_reset, CHUNK=checkpoint, BLOCK=_BLOCK,
             )
         return dx, dalpha, dv0, ds0
 
 
-def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, save_v):
+def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, checkpoint):
     v_last = x.new_empty(_state_shape(x, batch_first))
     s = x.new_empty(x.shape)
     steps = x.shape[1 if batch_first else 0]
-    v_seq = x.new_empty((steps, v_last.numel()) if save_v else (0,),
-                        dtype=compute_dtype(x.dtype))
-    return s, v_seq, v_last, torch.empty_like(v_last)
+    v_saved = x.new_empty(_saved_shape(steps, v_last.numel(), checkpoint),
+                          dtype=compute_dtype(x.dtype))
+    return s, v_saved, v_last, torch.empty_like(v_last)
 
 
-def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th, gamma, signed,
-                   batch_first, detach_reset):
+def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
+                   signed, batch_first, spiking, detach_reset, checkpoint):
     dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
-    return (grad_s.new_empty(grad_s.shape), v_seq.new_empty((dv0.numel(),)), dv0,
+    return (grad_s.new_empty(grad_s.shape), v_saved.new_empty((dv0.numel(),)), dv0,
             torch.empty_like(dv0))
 
 
@@ -163,35 +185,35 @@ def plif_ops(backend):
 
 class PLIFFunction(torch.autograd.Function):
     """Multi-step PLIF on a fused backend. Inputs `(x, alpha, v0, s0)`, outputs
-    `(s, v_last, s_last)`; the backward runs the reverse-time kernel from the saved membranes."""
+    `(s, v_last, s_last)`; the backward runs the reverse-time kernel from x and the saved
+    membranes (every CHECKPOINT[backend]-th step)."""
 
     @staticmethod
     def forward(ctx, x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset,
                 backend):
         fwd, _ = plif_ops(backend)
-        save_v = any(ctx.needs_input_grad[:4])
-        s, v_seq, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
-                                       spiking, save_v)
-        ctx.save_for_backward(v_seq, alpha, v0)
+        checkpoint = CHECKPOINT[backend] if any(ctx.needs_input_grad[:4]) else 0
+        s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
+                                         spiking, checkpoint)
+        ctx.save_for_backward(x, v_saved, alpha, v0, s0)
         ctx.set_materialize_grads(False)
-        ctx.args = (v_th, gamma, signed, batch_first, detach_reset, backend)
+        ctx.args = (v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint,
+                    backend)
         return s, v_last, s_last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_s, grad_v_last, grad_s_last):
-        v_seq, alpha, v0 = ctx.saved_tensors
-        v_th, gamma, signed, batch_first, detach_reset, backend = ctx.args
+        x, v_saved, alpha, v0, s0 = ctx.saved_tensors
+        v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint, backend = ctx.args
         _, bwd = plif_ops(backend)
         if grad_s is None:  # only the final state was used, if anything
-            ref = grad_v_last if grad_v_last is not None else grad_s_last
-            if ref is None:
+            if grad_v_last is None and grad_s_last is None:
                 return (None,) * 11
-            steps = v_seq.shape[0]
-            shape = (ref.shape[0], steps, *ref.shape[1:]) if batch_first else (steps, *ref.shape)
-            grad_s = ref.new_zeros(shape)
-        dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th,
-                                     gamma, signed, batch_first, detach_reset)
+            grad_s = torch.zeros_like(x)
+        dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
+                                     s0, v_th, gamma, signed, batch_first, spiking,
+                                     detach_reset, checkpoint)
         dalpha = None
         if ctx.needs_input_grad[1]:
             if alpha.dim():  # per channel: neurons are ordered (b, c, spatial)

@@ -13,7 +13,9 @@ as `neurokern_triton::*` on the Triton step kernels of triton_kernels/spikgru2pl
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
 sum of dgi after the backward loop. On the Triton backend a step is one recurrent product
-(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward.
+(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward,
+and on a GPU each op's whole loop is captured once per shape in a CUDA graph and replayed
+(`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs it launch by launch).
 
 Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
 (x, weights and state converted before the ops, outputs and gradients converted back), exactly
@@ -29,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from neurokern import _extension
-from neurokern._kernels import register_fakes, scalar_params, triton_available
+from neurokern._kernels import graphed, register_fakes, scalar_params, triton_available
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
@@ -90,6 +92,11 @@ if triton_available():
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
         spiking: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return graphed("spikgru2plus_fwd", _fwd_loop, gi, weight_hh, bias_hh, alpha, v0, i0,
+                       s0, v_th, gamma, signed, reset_gate, spiking)
+
+    def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
+                  spiking):
         steps, batch, gates = gi.shape
         hidden = gates // 3
         s_seq = gi.new_empty((steps, batch, hidden))  # [T, B, H]
@@ -116,6 +123,12 @@ if triton_available():
         v_th: float, gamma: float, signed: bool, reset_gate: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                torch.Tensor, torch.Tensor]:
+        return graphed("spikgru2plus_bwd", _bwd_loop, grad_s, grad_v_last, grad_i_last,
+                       grad_s_last, gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0,
+                       s0, v_th, gamma, signed, reset_gate)
+
+    def _bwd_loop(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
+                  s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
         steps, batch, gates = gi.shape
         hidden = gates // 3
         if grad_s.stride(-1) != 1:

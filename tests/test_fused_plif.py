@@ -1,6 +1,8 @@
 """Fused PLIF backends (C++ CPU, Triton: on the GPU, or on the CPU under the interpreter) against
 the reference: forward, every gradient, smooth-mode gradcheck, torch.library and torch.compile."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -10,6 +12,7 @@ import neurokern as nk
 from conftest import backend_device, fused_backends
 
 BACKENDS = fused_backends("plif")
+RECOMPUTING_BACKENDS = {"triton"}  # backends whose kernels take any checkpoint interval
 f64 = torch.float64
 
 
@@ -28,7 +31,22 @@ def plif_cases(draw):
         v_th=draw(st.floats(0.4, 1.5)),
         gamma=draw(st.floats(1.0, 10.0)),
         seed=draw(st.integers(0, 2**16)),
+        # membranes saved every k steps (the backward recomputes the rest); None: the default
+        checkpoint=draw(st.sampled_from([None, 1, 2, 3, 8])),
     )
+
+
+@contextlib.contextmanager
+def checkpoint_interval(backend, k):
+    """Run `backend` with the membranes saved every `k` steps (None: its default)."""
+    from neurokern import plif_ops
+
+    default = plif_ops.CHECKPOINT[backend]
+    plif_ops.CHECKPOINT[backend] = default if k is None else k
+    try:
+        yield
+    finally:
+        plif_ops.CHECKPOINT[backend] = default
 
 
 def make_inputs(case):
@@ -61,13 +79,16 @@ def run(case, backend, dtype, x, alpha, state, cotangents, device):
     alpha = alpha.detach().to(device, param_dtype).requires_grad_()
     st_ = None if state is None else tuple(
         t.detach().to(device, dtype).requires_grad_() for t in state)
-    s, (v_last, s_last) = nk.plif(
-        x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
-        batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
-        detach_reset=case["detach_reset"], backend=backend)
-    loss = sum((o.double() * g.to(device)).sum() for o, g in zip((s, v_last, s_last), cotangents))
-    leaves = [x, alpha] + ([] if st_ is None else list(st_))
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    k = case["checkpoint"] if backend in RECOMPUTING_BACKENDS else None
+    with contextlib.nullcontext() if backend == "reference" else checkpoint_interval(backend, k):
+        s, (v_last, s_last) = nk.plif(
+            x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
+            batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
+            detach_reset=case["detach_reset"], backend=backend)
+        loss = sum((o.double() * g.to(device)).sum()
+                   for o, g in zip((s, v_last, s_last), cotangents))
+        leaves = [x, alpha] + ([] if st_ is None else list(st_))
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     return [t.detach().double().cpu() for t in (s, v_last, s_last, *grads)]
 
 
@@ -204,23 +225,25 @@ def _opcheck_samples(device):
     x = torch.randn(4, 2, 3, 5, device=device)
     alpha = torch.full((3,), 0.9, device=device)
     state = torch.randn(2, 3, 5, device=device), torch.rand(2, 3, 5, device=device)
-    yield (x, alpha, None, None, 1.0, 10.0, False, False, True, True)
-    yield (x.transpose(0, 1), alpha, *state, 0.5, 4.0, True, True, True, False)
-    yield (x, torch.tensor(0.7, device=device), *state, 1.0, 10.0, True, False, False, True)
+    yield (x, alpha, None, None, 1.0, 10.0, False, False, True, 1)
+    yield (x.transpose(0, 1), alpha, *state, 0.5, 4.0, True, True, True, 0)
+    yield (x, torch.tensor(0.7, device=device), *state, 1.0, 10.0, True, False, False, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     device = backend_device(backend)
-    from neurokern.plif_ops import plif_ops
+    from neurokern.plif_ops import CHECKPOINT, plif_ops
 
     fwd, bwd = plif_ops(backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(fwd, args)
-        s, v_seq, v_last, _ = fwd(*args[:9], True)
+        x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, _ = args
+        k = CHECKPOINT[backend]
+        s, v_saved, v_last, _ = fwd(*args[:9], k)
         grads = (torch.randn_like(s), torch.randn_like(v_last), None)
-        bwd_args = (*grads, v_seq, args[1], args[2], args[4], args[5], args[6], args[7], False)
-        torch.library.opcheck(bwd, bwd_args)
+        torch.library.opcheck(bwd, (*grads, x, v_saved, alpha, v0, s0, v_th, gamma, signed,
+                                    batch_first, spiking, False, k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

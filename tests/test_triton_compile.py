@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent('''
     from neurokern.triton_kernels.spikgru2plus import (
         spikgru2plus_step_bwd_kernel, spikgru2plus_step_fwd_kernel)
 
-    COMPUTE = ("params_ptr", "v_seq_ptr", "alpha_ptr", "dalpha_ptr")
+    COMPUTE = ("params_ptr", "v_saved_ptr", "alpha_ptr", "dalpha_ptr")
 
     def compile_for_h100(fn, dtype, consts):
         compute = "fp64" if dtype == "fp64" else "fp32"
@@ -40,10 +40,11 @@ SCRIPT = textwrap.dedent('''
 
     for dtype in ("fp32", "bf16", "fp64"):
         compile_for_h100(plif_fwd_kernel, dtype, dict(
-            HAS_STATE=True, SAVE_V=True, SIGNED=True, SPIKING=dtype != "fp64", BLOCK=256))
+            HAS_STATE=True, SAVE=True, SIGNED=True, SPIKING=dtype != "fp64", CHUNK=8,
+            BLOCK=256))
         compile_for_h100(plif_bwd_kernel, dtype, dict(
-            HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_V0=True, SIGNED=True,
-            DETACH_RESET=False, BLOCK=256))
+            HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_STATE=True, SIGNED=True,
+            SPIKING=dtype != "fp64", DETACH_RESET=False, CHUNK=8, BLOCK=256))
         compile_for_h100(spike_fwd_kernel, dtype, dict(SIGNED=True, SPIKING=True, BLOCK=1024))
         compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
     for dtype in ("fp32", "fp64"):
