@@ -45,10 +45,9 @@ def spikingjelly_provider(channels, device):
         from spikingjelly.activation_based import neuron, surrogate
     except ImportError as exc:
         return None, f"spikingjelly not installed ({exc})"
-    try:
+    try:  # SpikingJelly 2.0 picks the implementation from SJ_PLIF_CUDA_IMPLEMENTATION
         node = neuron.ParametricLIFNode(init_tau=2.0, decay_input=False, v_reset=None,
-                                        surrogate_function=surrogate.ATan(), step_mode="m",
-                                        backend="triton" if device.type == "cuda" else "torch")
+                                        surrogate_function=surrogate.ATan(), step_mode="m")
         node.to(device)
     except Exception as exc:  # an API change: report it, do not hide it
         return None, f"spikingjelly failed to build its node: {exc!r}"

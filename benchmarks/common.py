@@ -145,6 +145,11 @@ def time_modes(fn_forward, inputs_requiring_grad, device, modes):
         out["fwd+bwd"] = (*measure(full, device), peak_memory_mb(full, device))
     if "backward" in modes:  # the backward alone, repeated over one retained graph
         y = fn_forward()
-        backward = lambda: y.backward(grad, retain_graph=True)  # noqa: E731
+
+        def backward():  # gradients reset first, so that no accumulation is timed
+            for t in inputs_requiring_grad:
+                t.grad = None
+            y.backward(grad, retain_graph=True)
+
         out["backward"] = (*measure(backward, device), None)
     return out

@@ -15,7 +15,7 @@ the compute dtype). With k > 1 the backward recomputes each chunk's membranes fr
 registers, with the forward's own code (so bit-identically): traffic per neuron and step is
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
-Triton backend uses k = 8 (5.25 values), chosen by measurement (docs/kernels.md); the C++
+Triton backend uses k = 4 (5.5 values), chosen by measurement (docs/kernels.md); the C++
 backend k = 1. The leak gradient is reduced deterministically: the kernels write one partial
 sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel; no atomics.
 """
@@ -28,11 +28,15 @@ from neurokern._kernels import register_fakes, scalar_params, triton_available
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
-_BLOCK = 256  # neurons per program; each program loops over all T steps
+# Launch configurations (neurons per program, warps): each program loops over all T steps.
+# Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22] fp32): one neuron
+# per thread (256 neurons, 8 warps) was the fastest of BLOCK 256/512/1024 x 4/8 warps.
+FWD_CONFIG = dict(BLOCK=256, num_warps=8)
+BWD_CONFIG = dict(BLOCK=256, num_warps=8)
 
 # Membranes saved for the backward, per backend: every step (1), or every k-th step with the
 # backward recomputing the k steps in between from x (see triton_kernels/plif.py).
-CHECKPOINT = {"cpu": 1, "triton": 8}
+CHECKPOINT = {"cpu": 1, "triton": 4}
 
 
 def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:
@@ -105,7 +109,7 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            plif_fwd_kernel[(triton.cdiv(N, _BLOCK),)](
+            plif_fwd_kernel[(triton.cdiv(N, FWD_CONFIG["BLOCK"]),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
                 scalar_params(v_th, gamma, x.dtype, x.device),
@@ -113,7 +117,7 @@ if triton_available():
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
-                CHUNK=checkpoint or CHECKPOINT["triton"], BLOCK=_BLOCK,
+                CHUNK=checkpoint or CHECKPOINT["triton"], **FWD_CONFIG,
             )
         return s, v_saved, v_last, s_last
 
@@ -140,7 +144,7 @@ if triton_available():
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
-            plif_bwd_kernel[(triton.cdiv(N, _BLOCK),)](
+            plif_bwd_kernel[(triton.cdiv(N, BWD_CONFIG["BLOCK"]),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
@@ -153,7 +157,7 @@ if triton_available():
                 HAS_GRAD_V_LAST=grad_v_last is not None,
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
-                DETACH_RESET=detach_reset, CHUNK=checkpoint, BLOCK=_BLOCK,
+                DETACH_RESET=detach_reset, CHUNK=checkpoint, **BWD_CONFIG,
             )
         return dx, dalpha, dv0, ds0
 

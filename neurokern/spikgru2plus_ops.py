@@ -81,7 +81,7 @@ if triton_available():
     _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, B)
 
     def _recurrent(s_prev, weight_hh, bias_hh):
-        """gh = U s + b_hh for one step ([B, 3H]) or all steps ([T, B, 3H])."""
+        """gh = U s + b_hh for all steps at once ([T, B, 3H])."""
         gh = torch.matmul(s_prev, weight_hh.t())
         return gh if bias_hh is None else gh.add_(bias_hh)
 
@@ -105,11 +105,15 @@ if triton_available():
         v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), batch)
+        gh = gi.new_empty((batch, gates))  # U s_{t-1}; the kernel adds b_hh
+        bias = gh if bias_hh is None else bias_hh.contiguous()
         for t in range(steps):
+            torch.mm(s, weight_hh.t(), out=gh)
             spikgru2plus_step_fwd_kernel[grid](
-                gi[t], _recurrent(s, weight_hh, bias_hh), alpha, v, i, s, params,
+                gi[t], gh, bias, alpha, v, i, s, params,
                 s_seq[t], v_seq[t], i_seq[t], hidden, gi.stride(1),
-                RESET_GATE=reset_gate, SIGNED=signed, SPIKING=spiking, BLOCK=_BLOCK)
+                RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
+                SPIKING=spiking, BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
         return s_seq, v_seq, i_seq
 

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent('''
     from neurokern.triton_kernels.spikgru2plus import (
         spikgru2plus_step_bwd_kernel, spikgru2plus_step_fwd_kernel)
 
-    COMPUTE = ("params_ptr", "v_saved_ptr", "alpha_ptr", "dalpha_ptr")
+    COMPUTE = ("params_ptr", "v_saved_ptr", "alpha_ptr", "dalpha_ptr", "bias_ptr")
 
     def compile_for_h100(fn, dtype, consts):
         compute = "fp64" if dtype == "fp64" else "fp32"
@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
         compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
     for dtype in ("fp32", "fp64"):
         compile_for_h100(spikgru2plus_step_fwd_kernel, dtype, dict(
-            RESET_GATE=True, SIGNED=True, SPIKING=dtype == "fp32", BLOCK=128))
+            RESET_GATE=True, HAS_BIAS=True, SIGNED=True, SPIKING=dtype == "fp32", BLOCK=128))
         compile_for_h100(spikgru2plus_step_bwd_kernel, dtype, dict(
             RESET_GATE=True, SIGNED=True, HAS_GRAD_PREV=True, BLOCK=128))
 ''')

@@ -158,15 +158,21 @@ def plif_bwd_kernel(
                           other=0)
         v_start = tl.where(has_prev, v_start, v_init)
         s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
+        # every load of the chunk (x and dL/ds) is issued before its serial arithmetic
+        xs = ()
+        gs = ()
+        for j in tl.static_range(CHUNK):
+            valid = mask & ((n * 0 + t0 + j) < T)
+            xs = xs + (tl.load(x_ptrs + (t0 + j) * sx_t, mask=valid, other=0),)
+            gs = gs + (tl.load(g_ptrs + (t0 + j) * sg_t, mask=valid, other=0),)
         vs = (v_start,)  # vs[j + 1] = v after step t0 + j
         v, s = v_start, s_start
         for j in tl.static_range(CHUNK):
-            x = tl.load(x_ptrs + (t0 + j) * sx_t, mask=mask & ((n * 0 + t0 + j) < T), other=0)
-            v, s = _plif_step(v, s, x.to(v_th.dtype), alpha, v_th, gamma, SIGNED, SPIKING)
+            v, s = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED, SPIKING)
             vs = vs + (v,)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             valid = (n * 0 + t0 + j) < T  # [BLOCK]
-            g = tl.load(g_ptrs + (t0 + j) * sg_t, mask=mask & valid, other=0).to(v_th.dtype)
+            g = gs[j].to(v_th.dtype)
             dv = (g + ds_carry) * spike_surrogate(vs[j + 1], v_th, gamma, SIGNED) + dv_carry
             tl.store(d_ptrs + (t0 + j) * sd_t, dv.to(dx_ptr.dtype.element_ty), mask=mask & valid)
             dalpha += tl.where(valid, dv * vs[j], 0)

@@ -21,16 +21,23 @@ from .activations import spike_act, spike_surrogate
 
 
 @triton.jit
-def _gates(gi_row, gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype: tl.constexpr):
-    """r, z and the input-current term of one [BLOCK] slice of hidden units."""
+def _gates(gi_row, gh_row, bias_ptr, h, mask, H, RESET_GATE: tl.constexpr,
+           HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    """r, z, the input-current term gi_i and gh_i of one [BLOCK] slice of hidden units; with
+    HAS_BIAS, b_hh is added to the gh values here (one rounding, as `gh + b_hh` would)."""
     gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
     gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)
     gi_i = tl.load(gi_row + 2 * H + h, mask=mask, other=0).to(dtype)
     gh_i = tl.load(gh_row + 2 * H + h, mask=mask, other=0).to(dtype)
+    if HAS_BIAS:
+        gh_z += tl.load(bias_ptr + H + h, mask=mask, other=0).to(dtype)
+        gh_i += tl.load(bias_ptr + 2 * H + h, mask=mask, other=0).to(dtype)
     z = tl.sigmoid(gi_z + gh_z)
     if RESET_GATE:
         gi_r = tl.load(gi_row + h, mask=mask, other=0).to(dtype)
         gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
+        if HAS_BIAS:
+            gh_r += tl.load(bias_ptr + h, mask=mask, other=0).to(dtype)
         r = tl.sigmoid(gi_r + gh_r)
     else:
         r = tl.full(z.shape, 1, dtype)
@@ -40,13 +47,15 @@ def _gates(gi_row, gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype: tl.const
 @triton.jit
 def spikgru2plus_step_fwd_kernel(
     gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
-    gh_ptr,  # [B, 3H] U s_{t-1} + b_hh, contiguous
+    gh_ptr,  # [B, 3H] U s_{t-1}, contiguous
+    bias_ptr,  # [3H] b_hh, read if HAS_BIAS
     alpha_ptr,  # [H]
     v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [B, H] state after step t-1, contiguous
     params_ptr,  # [2]: v_th, gamma in the compute dtype
     s_ptr, v_ptr, i_ptr,  # [B, H] out: state after step t
     H, gi_stride,
     RESET_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
     SPIKING: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -57,8 +66,8 @@ def spikgru2plus_step_fwd_kernel(
     v_th = tl.load(params_ptr)
     gamma = tl.load(params_ptr + 1)
     dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, h, mask, H,
-                              RESET_GATE, dtype)
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr, h, mask,
+                              H, RESET_GATE, HAS_BIAS, dtype)
     row = b * H + h
     alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
     v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
@@ -100,7 +109,8 @@ def spikgru2plus_step_bwd_kernel(
     gamma = tl.load(params_ptr + 1)
     dtype = v_th.dtype
     gh_row = gh_ptr + b * 3 * H
-    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_row, h, mask, H, RESET_GATE, dtype)
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_row, gh_row, h, mask, H, RESET_GATE,
+                              False, dtype)
     row = b * H + h
     alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
     v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)

@@ -1,0 +1,50 @@
+"""Probe (GPU): the Triton PLIF kernels alone (CUDA-graph timing, no Python overhead) over
+launch configurations and checkpoint intervals at the issue's headline size, with the fraction
+of the copy bandwidth each reaches. Prints one line per configuration, best last.
+
+    python benchmarks/probe_plif_tune.py
+"""
+import itertools
+
+import torch
+import triton.testing
+
+from neurokern import plif_ops
+
+B, T, C, S = 32, 90, 64, 22
+dev = torch.device("cuda")
+fwd = torch.ops.neurokern_triton.plif_fwd.default
+bwd = torch.ops.neurokern_triton.plif_bwd.default
+
+
+def bench(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=200)
+
+
+src = torch.empty(1 << 28, device=dev)
+dst = torch.empty_like(src)
+bandwidth = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
+del src, dst
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(B, T, C, S, S, device=dev, dtype=dtype)
+    g = torch.randn_like(x)
+    alpha = torch.rand(C, device=dev)
+    nbytes = x.numel() * x.element_size()
+    rows = []
+    for block, warps, k in itertools.product((256, 512, 1024), (4, 8), (4, 8, 16)):
+        plif_ops.FWD_CONFIG.update(BLOCK=block, num_warps=warps)
+        plif_ops.BWD_CONFIG.update(BLOCK=block, num_warps=warps)
+        args = (x, alpha, None, None, 1.0, 10.0, False, True, True)
+        infer = bench(lambda: fwd(*args, 0))
+        train = bench(lambda: fwd(*args, k))
+        _, v_saved, _, _ = fwd(*args, k)
+        back = bench(lambda: bwd(g, None, None, x, v_saved, alpha, None, None, 1.0, 10.0,
+                                 False, True, True, False, k))
+        floor = (2 * nbytes / bandwidth * 1e3, 5 * nbytes / bandwidth * 1e3)
+        rows.append((train + back, block, warps, k, infer, train, back, floor))
+    for total, block, warps, k, infer, train, back, floor in sorted(rows, reverse=True):
+        print(f"{str(dtype)[6:]:8} BLOCK {block:4} warps {warps} k {k:2}: forward (no grad) "
+              f"{infer:.3f} ms ({floor[0] / infer:.0%} of floor), forward (saving) {train:.3f},"
+              f" backward {back:.3f}, fwd+bwd {total:.3f} ms ({floor[1] / total:.0%} of floor "
+              f"{floor[1]:.3f})", flush=True)
