@@ -51,7 +51,10 @@ def extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda, reason = cuda_build_decision()
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch.utils.cpp_extension passes the standard torch was built with (C++20
+    # since torch 2.10); forcing C++17 built an extension that crashed while formatting an
+    # error message under torch 2.11 (seen on an H100 machine).
+    cxx_flags = ["-O3", "-fopenmp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         print(f"neurokern: building the CUDA part ({reason})", flush=True)
@@ -60,7 +63,7 @@ def extensions():
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("NEUROKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
         )]
     print(f"neurokern: CUDA part skipped ({reason}); building the C++ CPU kernels only",

@@ -195,8 +195,10 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         v0_c, i0_c, s0_c = _cast(v0, dtype), _cast(i0, dtype), _cast(s0, dtype)
 
         gi = torch.mm(x_tm.view(steps * batch, inputs), weight_ih_c.t())  # [T * B, 3H]
-        if bias_ih is not None:
-            gi.add_(bias_ih.to(dtype))  # after the product, as the reference rounds it
+        if bias_ih is not None:  # after the product, as the reference rounds it; not in
+            # place: torch 2.11's torch.compile gave wrong gradients for an autograd.Function
+            # with an in-place op in its forward (pytorch/pytorch#184113, seen on an H100)
+            gi = gi + bias_ih.to(dtype)
         gi = gi.view(steps, batch, -1)  # [T, B, 3H]
         s_seq, v_seq, i_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c, v_th,
                                   gamma, signed, reset_gate, spiking)  # [T, B, H] each
