@@ -73,6 +73,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-slow", action="store_true",
                         help="time the Python loops in forward+backward only")
+    parser.add_argument("--quick", action="store_true",
+                        help="GPU: the headline layer and the 3-layer stack only")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -81,7 +83,8 @@ def main(argv=None):
     print(f"SpikGRU2+ on {common.device_name(device)}, torch {common.versions()[0]}")
     if gpu:
         cases = [("layer", 32, 90, 512, 1024, 1), ("stack", 32, 90, 512, 1024, 3)]
-        cases += [("layer", b, 90, 512, h, 1) for b, h in ((8, 1024), (64, 1024), (32, 512))]
+        if not args.quick:
+            cases += [("layer", b, 90, 512, h, 1) for b, h in ((8, 1024), (64, 1024), (32, 512))]
         dtypes = [torch.float32, torch.bfloat16]
     else:
         cases = [("layer", 8, 90, 256, 256, 1)]

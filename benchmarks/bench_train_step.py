@@ -49,7 +49,7 @@ def main(argv=None):
         for backend in ("reference", "auto"):
             os.environ["NEUROKERN_BACKEND"] = backend
             step()  # warm-up
-            ms, q20, q80 = common.measure(step, device, min_run_time=2.0)
+            ms, q20, q80 = common.measure(step, device, min_run_time=2.0, min_repeats=5)
             peak = common.peak_memory_mb(step, device)
             results.add(op="train_step", provider=f"neurokern {backend}", size=label,
                         dtype="float32", mode="fwd+bwd", ms=ms, q20_ms=q20, q80_ms=q80,

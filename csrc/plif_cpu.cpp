@@ -4,8 +4,19 @@
 // neurons as one row when the batch rows lie back to back, see Chunking). Each row is cut into
 // chunks of at most kMaxChunk neurons; at::parallel_for runs over the (row, chunk) pairs, and
 // each task carries its chunk's state through all T steps in small local buffers, so the state
-// never leaves the cache. The innermost loop runs over the chunk's contiguous neuron index,
-// without branches (spikes are comparisons producing 0/1), and vectorises; on x86-64 it is
+// never leaves the cache.
+//
+// Checkpoints: the forward saves the membrane only at the end of every chunk of k steps
+// (v_saved [ceil(T/k), N]; k = 1 every step, the neurokern default is one chunk per sequence,
+// see neurokern/plif_ops.py). With k > 1 the backward recomputes each time chunk's membranes
+// from x and the checkpoint before it into a per-task buffer of [min(k, T) + 1, chunk] values
+// that stays in L2 (its neuron chunk is shortened to fit, kBwdBufferBytes), with the forward's
+// own step function, so they round identically; then it runs the reverse pass over them. That
+// saves the [T, N] membrane tensor: its write in the forward (fresh pages) and its read in the
+// backward, which reads x instead. The time loops prefetch the rows kPrefetchSteps ahead.
+//
+// Vectorisation: the innermost loop runs over the chunk's contiguous neuron index, without
+// branches (spikes are comparisons producing 0/1), and vectorises; on x86-64 it is
 // compiled for both SSE2 and AVX2 and the AVX2 copy runs where the CPU has it. Arithmetic follows
 // neurokern.reference's operation order in the compute dtype (float32 for float16/bfloat16
 // inputs), without fused multiply-adds, so float64 and float32 spikes and membranes equal the
@@ -48,8 +59,15 @@ using neurokern::Surrogate;
 constexpr int64_t kMaxChunk = 1024;
 // Fewer neurons per task than this is not worth a task of its own.
 constexpr int64_t kMinChunk = 64;
+// Bytes of the backward's per-task buffer of recomputed membranes ([min(k, T) + 1, chunk]): the
+// neuron chunk is shortened so that it fits in L2 beside the streams of x, dL/ds and dx.
+constexpr int64_t kBwdBufferBytes = 256 * 1024;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rows of v_saved for T steps and checkpoint interval k >= 1: ceil(T / k), without overflow
+// for a huge k (k = 1 << 30 or more means one chunk per sequence).
+int64_t saved_rows(int64_t T, int64_t k) { return T == 0 ? 0 : (T - 1) / k + 1; }
 
 // The [T, B, M] view of a [T, B, C, *S] (or [B, T, C, *S]) tensor: strides of time and batch,
 // in elements; the M = C * prod(S) neurons of one (t, b) are contiguous.
@@ -96,16 +114,17 @@ struct Chunking {
   int64_t per_row;  // tasks per row
 };
 
-Chunking make_chunking(int64_t B, int64_t M, std::initializer_list<SeqView> views) {
+Chunking make_chunking(int64_t B, int64_t M, std::initializer_list<SeqView> views,
+                       int64_t max_chunk = kMaxChunk) {
   bool merge = B > 1;
   for (const SeqView& view : views) merge = merge && view.stride_b == M;
   const int64_t rows = merge ? 1 : B;
   const int64_t row_len = merge ? B * M : M;
   if (row_len == 0) return {rows, row_len, 1, 0};
-  // Enough tasks to balance the threads (4 per thread), none longer than kMaxChunk, none
+  // Enough tasks to balance the threads (4 per thread), none longer than max_chunk, none
   // shorter than kMinChunk unless the row itself is.
   const int64_t wanted = ceil_div(4 * at::get_num_threads(), std::max<int64_t>(rows, 1));
-  const int64_t per_row = std::max(ceil_div(row_len, kMaxChunk),
+  const int64_t per_row = std::max(ceil_div(row_len, max_chunk),
                                    std::min(wanted, ceil_div(row_len, kMinChunk)));
   // A multiple of 16 neurons, so that tasks start on the same vector alignment as their row.
   const int64_t chunk = std::min(ceil_div(ceil_div(row_len, per_row), 16) * 16, row_len);
@@ -146,6 +165,42 @@ const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
+// Steps ahead whose rows the time loops prefetch: a task's row of one step is a short run (a
+// few KB) at a new address every step, too short for the hardware prefetchers to catch on.
+constexpr int64_t kPrefetchSteps = 4;
+
+// Asks for the cache lines of row[0, L) (for writing if WRITE), without waiting for them.
+template <bool WRITE = false, typename T>
+NEUROKERN_INLINE void prefetch_row(const T* row, int64_t L) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t j = 0; j < L; j += 64 / int64_t(sizeof(T))) {
+    __builtin_prefetch(row + j, WRITE ? 1 : 0);
+  }
+#else
+  (void)row;
+  (void)L;
+#endif
+}
+
+// a[j] = leak of neuron n0 + j (alpha[(n / P) % C], or the scalar alpha), j < L.
+template <typename opmath_t>
+NEUROKERN_INLINE void fill_leak(opmath_t* a, const opmath_t* alpha, bool scalar_alpha,
+                                int64_t n0, int64_t L, int64_t C, int64_t P) {
+  if (scalar_alpha) {
+    std::fill(a, a + L, alpha[0]);
+    return;
+  }
+  int64_t c = (n0 / P) % C;
+  int64_t i = n0 % P;  // position within channel c
+  for (int64_t j = 0; j < L;) {
+    const int64_t run = std::min(L - j, P - i);
+    std::fill(a + j, a + j + run, alpha[c]);
+    j += run;
+    i = 0;
+    c = c + 1 == C ? 0 : c + 1;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -162,7 +217,8 @@ struct PlifFwdParams {
   const opmath_t* s0;      // [N] or null (zeros)
   scalar_t* s;             // [T, B, M] view like x, contiguous in x's logical layout
   SeqView s_view;
-  opmath_t* v_seq;         // [T, N], or null without save_v
+  opmath_t* v_saved;       // [ceil(T / k), N], or null with checkpoint = 0
+  int64_t k;               // checkpoint interval (>= 1 when v_saved is set)
   scalar_t* v_last;        // [N]
   scalar_t* s_last;        // [N]
   int64_t T, N, C, P;      // P = prod(S), neurons per channel
@@ -170,52 +226,60 @@ struct PlifFwdParams {
   Chunking chunking;
 };
 
-// One time step for L neurons: v = a v + x - v_th s; s = act(v). Writes the spikes to `out` and,
-// if SAVE_V, the membranes to `v_save`.
-template <typename scalar_t, typename opmath_t, typename Act, bool SAVE_V>
+// One time step for L neurons: v_out = a v_in + x - v_th s; s = act(v_out); the spikes also go
+// to `out`. The forward and the backward's recomputation both call this very function (same
+// template arguments), so the recomputed membranes equal the forward's bit for bit. v_in and
+// v_out are distinct buffers: the recomputation writes each step's membranes straight into its
+// own row, and the forward alternates between two.
+template <typename scalar_t, typename opmath_t, typename Act>
 NEUROKERN_INLINE void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
-                                    const opmath_t* __restrict__ a, opmath_t* __restrict__ v,
-                                    opmath_t* __restrict__ s, scalar_t* __restrict__ out,
-                                    opmath_t* __restrict__ v_save, opmath_t v_th,
-                                    const Act& act) {
+                                    const opmath_t* __restrict__ a,
+                                    const opmath_t* __restrict__ v_in,
+                                    opmath_t* __restrict__ v_out, opmath_t* __restrict__ s,
+                                    scalar_t* __restrict__ out, opmath_t v_th, const Act& act) {
   for (int64_t j = 0; j < L; ++j) {
     // Same order as the reference: (alpha * v + x_t) - v_th * s.
-    const opmath_t vj = a[j] * v[j] + static_cast<opmath_t>(x[j]) - v_th * s[j];
+    const opmath_t vj = a[j] * v_in[j] + static_cast<opmath_t>(x[j]) - v_th * s[j];
     const opmath_t sj = act(vj);
-    v[j] = vj;
+    v_out[j] = vj;
     s[j] = sj;
     out[j] = static_cast<scalar_t>(sj);
-    if constexpr (SAVE_V) v_save[j] = vj;
   }
 }
 
 // Runs tasks [begin, end): each carries one chunk of neurons through all T steps.
-// buffer: 3 * chunking.chunk elements.
+// buffer: 4 * chunking.chunk elements.
 template <typename scalar_t, typename opmath_t, typename Act>
 NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act,
                                      int64_t begin, int64_t end, opmath_t* buffer) {
   const Chunking& ch = p.chunking;
-  opmath_t* v = buffer;           // [chunk] membrane
-  opmath_t* sp = v + ch.chunk;    // [chunk] last spikes
-  opmath_t* a = sp + ch.chunk;    // [chunk] leak of each neuron
+  opmath_t* sp = buffer;                  // [chunk] last spikes
+  opmath_t* a = sp + ch.chunk;            // [chunk] leak of each neuron
+  opmath_t* v_buffers = a + ch.chunk;     // [2, chunk] membrane before and after a step
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / ch.per_row;
     const int64_t m0 = (task % ch.per_row) * ch.chunk;
     const int64_t L = std::min(ch.chunk, ch.row_len - m0);
     const int64_t n0 = row * ch.row_len + m0;
+    fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
+    opmath_t* v = v_buffers;             // [L] membrane
+    opmath_t* v_next = v_buffers + L;    // [L] the next step's
     for (int64_t j = 0; j < L; ++j) {
-      a[j] = p.scalar_alpha ? p.alpha[0] : p.alpha[((n0 + j) / p.P) % p.C];
       v[j] = p.v0 ? p.v0[n0 + j] : opmath_t(0);
       sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
     }
     for (int64_t t = 0; t < p.T; ++t) {
       const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
       scalar_t* st = p.s + t * p.s_view.stride_t + row * p.s_view.stride_b + m0;
-      if (p.v_seq) {
-        plif_fwd_step<scalar_t, opmath_t, Act, true>(L, xt, a, v, sp, st, p.v_seq + t * p.N + n0,
-                                                     p.v_th, act);
-      } else {
-        plif_fwd_step<scalar_t, opmath_t, Act, false>(L, xt, a, v, sp, st, nullptr, p.v_th, act);
+      if (t + kPrefetchSteps < p.T) {
+        prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
+        prefetch_row<true>(st + kPrefetchSteps * p.s_view.stride_t, L);
+      }
+      plif_fwd_step<scalar_t, opmath_t, Act>(L, xt, a, v, v_next, sp, st, p.v_th, act);
+      std::swap(v, v_next);
+      // the checkpoint at the end of each chunk of k steps (and after the last step)
+      if (p.v_saved && ((t + 1) % p.k == 0 || t == p.T - 1)) {
+        std::copy(v, v + L, p.v_saved + (t / p.k) * p.N + n0);
       }
     }
     for (int64_t j = 0; j < L; ++j) {
@@ -247,8 +311,9 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
                      const std::optional<at::Tensor>& v0,  // [B, C, *S] compute dtype
                      const std::optional<at::Tensor>& s0,  // [B, C, *S] compute dtype
                      double v_th, double gamma, bool batch_first,
+                     int64_t checkpoint,    // k >= 1, or 0: nothing saved
                      at::Tensor& s,         // x's shape, contiguous
-                     at::Tensor& v_seq,     // [T, N], or [0] without save_v
+                     at::Tensor& v_saved,   // [ceil(T / k), N], or [0] with checkpoint = 0
                      at::Tensor& v_last,    // [B, C, *S]
                      at::Tensor& s_last) {  // [B, C, *S]
   using opmath_t = at::opmath_type<scalar_t>;
@@ -265,7 +330,9 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
   p.s0 = ptr_or_null<opmath_t>(s0);
   p.s = s.mutable_data_ptr<scalar_t>();
   p.s_view = seq_view(s, batch_first);
-  p.v_seq = v_seq.numel() > 0 ? v_seq.mutable_data_ptr<opmath_t>() : nullptr;
+  p.v_saved = checkpoint > 0 && v_saved.numel() > 0 ? v_saved.mutable_data_ptr<opmath_t>()
+                                                     : nullptr;
+  p.k = std::max<int64_t>(checkpoint, 1);
   p.v_last = v_last.mutable_data_ptr<scalar_t>();
   p.s_last = s_last.mutable_data_ptr<scalar_t>();
   p.T = x.size(batch_first ? 1 : 0);
@@ -278,7 +345,7 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
   const bool avx2 = use_avx2();
 
   at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buffer(3 * p.chunking.chunk);
+    std::vector<opmath_t> buffer(4 * p.chunking.chunk);
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
     if (avx2) {
       plif_fwd_tasks_avx2(p, act, begin, end, buffer.data());
@@ -290,16 +357,16 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
 }
 
 // For t = 0..T-1: v = alpha_c v + x_t - v_th s; s = act(v), from (v0, s0) (zeros if None), with
-// the state in the compute dtype. Returns s (x's shape and dtype, contiguous), v_seq ([T, N] in
-// the compute dtype, v after every step, if save_v), v_last and s_last ([B, C, *S], x's dtype).
+// the state in the compute dtype. Returns s (x's shape and dtype, contiguous), v_saved (in the
+// compute dtype: [ceil(T / k), N], row j = v after step min((j + 1) k, T) - 1, for
+// checkpoint = k >= 1; empty [0] for checkpoint = 0), v_last and s_last ([B, C, *S], x's dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool is_signed,
     bool batch_first, bool spiking, int64_t checkpoint) {
   constexpr const char* op = "neurokern::plif_fwd";
-  TORCH_CHECK(checkpoint == 0 || checkpoint == 1, op, ": the CPU kernel saves every step's "
-              "membrane (checkpoint = 1) or nothing (0), got checkpoint = ", checkpoint);
-  const bool save_v = checkpoint == 1;
+  TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0 (0: save nothing, k >= 1: the "
+              "membrane after every k-th step), got checkpoint = ", checkpoint);
   check_cpu_float(x_in, op, "x");
   TORCH_CHECK(x_in.dim() >= 3, op, ": x must have rank >= 3 ([T, B, C, *S], or [B, T, C, *S] "
               "with batch_first), got shape ", x_in.sizes());
@@ -316,21 +383,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
   const auto s0 = checked_state(s0_in, st_shape, opmath, op, "s0");
 
   at::Tensor s = at::empty(x.sizes(), x.options());
-  // Without save_v, v_seq is an empty [0] tensor (the shape plif_ops.py's fake gives it).
-  at::Tensor v_seq = save_v ? at::empty({T, N}, x.options().dtype(opmath))
-                            : at::empty({0}, x.options().dtype(opmath));
+  // With checkpoint = 0, v_saved is an empty [0] tensor (the shape plif_ops.py's fake gives it).
+  at::Tensor v_saved = checkpoint > 0
+      ? at::empty({saved_rows(T, checkpoint), N}, x.options().dtype(opmath))
+      : at::empty({0}, x.options().dtype(opmath));
   at::Tensor v_last = at::empty(st_shape, x.options());
   at::Tensor s_last = at::empty(st_shape, x.options());
-  if (N == 0) return {s, v_seq, v_last, s_last};
+  if (N == 0) return {s, v_saved, v_last, s_last};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "plif_fwd_cpu",
                                   [&] {
     dispatch_bools(is_signed, spiking, [&](auto signed_c, auto spiking_c) {
       plif_fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value>(
-          x, alpha, v0, s0, v_th, gamma, batch_first, s, v_seq, v_last, s_last);
+          x, alpha, v0, s0, v_th, gamma, batch_first, checkpoint, s, v_saved, v_last, s_last);
     });
   });
-  return {s, v_seq, v_last, s_last};
+  return {s, v_saved, v_last, s_last};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,19 +412,29 @@ struct PlifBwdParams {
   SeqView g_view;
   const opmath_t* grad_v_last;  // [N] or null (zeros)
   const opmath_t* grad_s_last;  // [N] or null (zeros)
-  const opmath_t* v_seq;        // [T, N]
+  const scalar_t* x;            // [T, B, M] view, the forward's input (read if k > 1)
+  SeqView x_view;
+  const opmath_t* v_saved;      // [ceil(T / k), N]
+  int64_t k;                    // checkpoint interval
   const opmath_t* alpha;        // [C], or [1] if scalar_alpha
   bool scalar_alpha;
   const opmath_t* v0;           // [N] or null (zeros)
+  const opmath_t* s0;           // [N] or null (zeros)
   scalar_t* dx;                 // [T, B, M] view, contiguous in x's logical layout
   SeqView dx_view;
   opmath_t* dalpha;             // [N]
   scalar_t* dv0;                // [N]
   scalar_t* ds0;                // [N]
   int64_t T, N, C, P;
-  opmath_t neg_v_th;
+  opmath_t v_th, neg_v_th;
   Chunking chunking;
 };
+
+// Length of the per-task buffer of plif_bwd_tasks, in opmath_t elements (see there).
+int64_t bwd_buffer_len(int64_t chunk, int64_t T, int64_t k) {
+  const int64_t recompute = k > 1 ? (std::min(k, T) + 2) * chunk : 0;
+  return 4 * chunk + recompute;
+}
 
 // One reverse step for L neurons. dv_next holds dL/dv_{t+1} (all paths), from which the carries
 // into step t follow: dL/ds_t += -v_th dv_{t+1} (unless DETACH), dL/dv_t += alpha dv_{t+1}.
@@ -405,38 +483,101 @@ NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* grad_s, const opm
   }
 }
 
-// Runs tasks [begin, end): each carries one chunk of neurons from t = T-1 down to 0.
-// buffer: 4 * chunking.chunk elements.
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
-NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
-                                     int64_t begin, int64_t end, opmath_t* buffer) {
+// The reverse pass over steps t_end-1 down to t_begin for one task's L neurons. v_row(t) gives
+// v_t ([L], t_begin <= t < t_end); v_before(t) gives v_{t-1}, or null when that is the zero
+// initial state.
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, typename VRow,
+          typename VBefore>
+NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
+                                     int64_t row, int64_t m0, int64_t L, int64_t t_begin,
+                                     int64_t t_end, const VRow& v_row, const VBefore& v_before,
+                                     const opmath_t* a, const opmath_t* ds_carry, opmath_t* dv,
+                                     opmath_t* dalpha) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
+    const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
+    scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
+    if (t - kPrefetchSteps >= 0) {
+      prefetch_row(gt - kPrefetchSteps * p.g_view.stride_t, L);
+      prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
+      if (t - kPrefetchSteps >= t_begin) prefetch_row(v_row(t - kPrefetchSteps), L);
+    }
+    if (t == p.T - 1) {
+      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, true>(L, gt, v_row(t), v_before(t), a,
+                                                           ds_carry, dv, dalpha, dxt,
+                                                           p.neg_v_th, sur);
+    } else {
+      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, false>(L, gt, v_row(t), v_before(t), a,
+                                                            nullptr, dv, dalpha, dxt,
+                                                            p.neg_v_th, sur);
+    }
+  }
+}
+
+// Runs tasks [begin, end): each carries one chunk of neurons from t = T-1 down to 0, reading the
+// membranes from v_saved (k = 1) or, for k > 1, recomputing each time chunk's k membranes from x
+// and the checkpoint before it with the forward's step function. buffer: bwd_buffer_len
+// elements; s_scratch: chunking.chunk elements (the recomputed spikes, not needed).
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
+NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act,
+                                     const Sur& sur, int64_t begin, int64_t end,
+                                     opmath_t* buffer, scalar_t* s_scratch) {
   const Chunking& ch = p.chunking;
-  opmath_t* dv = buffer;                 // [chunk] dL/dv of the step after the current one
-  opmath_t* ds_carry = dv + ch.chunk;    // [chunk] grad_s_last, the carry into step T-1
+  opmath_t* dv = buffer;                   // [chunk] dL/dv of the step after the current one
+  opmath_t* ds_carry = dv + ch.chunk;      // [chunk] grad_s_last, the carry into step T-1
   opmath_t* dalpha = ds_carry + ch.chunk;  // [chunk] sum over t of dv_t * v_{t-1}
-  opmath_t* a = dalpha + ch.chunk;       // [chunk] leak of each neuron
+  opmath_t* a = dalpha + ch.chunk;         // [chunk] leak of each neuron
+  // k > 1 only:
+  opmath_t* sp = a + ch.chunk;             // [chunk] last spikes of the recomputation
+  opmath_t* vs = sp + ch.chunk;            // [min(k, T) + 1, L]: row r = v_{t0 + r - 1}
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / ch.per_row;
     const int64_t m0 = (task % ch.per_row) * ch.chunk;
     const int64_t L = std::min(ch.chunk, ch.row_len - m0);
     const int64_t n0 = row * ch.row_len + m0;
+    fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
     for (int64_t j = 0; j < L; ++j) {
-      a[j] = p.scalar_alpha ? p.alpha[0] : p.alpha[((n0 + j) / p.P) % p.C];
       dv[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
       ds_carry[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
       dalpha[j] = opmath_t(0);
     }
-    for (int64_t t = p.T - 1; t >= 0; --t) {
-      const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
-      scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
-      const opmath_t* vt = p.v_seq + t * p.N + n0;
-      const opmath_t* vprev = t > 0 ? vt - p.N : (p.v0 ? p.v0 + n0 : nullptr);
-      if (t == p.T - 1) {
-        plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, true>(L, gt, vt, vprev, a, ds_carry, dv,
-                                                             dalpha, dxt, p.neg_v_th, sur);
-      } else {
-        plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, false>(L, gt, vt, vprev, a, nullptr, dv,
-                                                              dalpha, dxt, p.neg_v_th, sur);
+    const opmath_t* v0 = p.v0 ? p.v0 + n0 : nullptr;
+    if (p.k == 1) {
+      const opmath_t* v_task = p.v_saved + n0;
+      plif_bwd_steps<scalar_t, opmath_t, Sur, DETACH>(
+          p, sur, row, m0, L, 0, p.T, [&](int64_t t) { return v_task + t * p.N; },
+          [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : v0; }, a, ds_carry, dv,
+          dalpha);
+    } else {
+      for (int64_t c = saved_rows(p.T, p.k) - 1; c >= 0; --c) {
+        const int64_t t0 = c * p.k;
+        const int64_t len = std::min(p.k, p.T - t0);
+        // The state entering the chunk: the initial state, or the previous chunk's checkpoint
+        // and its spikes.
+        if (c == 0) {
+          for (int64_t j = 0; j < L; ++j) {
+            vs[j] = v0 ? v0[j] : opmath_t(0);
+            sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+          }
+        } else {
+          const opmath_t* v_in = p.v_saved + (c - 1) * p.N + n0;
+          for (int64_t j = 0; j < L; ++j) {
+            vs[j] = v_in[j];
+            sp[j] = act(v_in[j]);
+          }
+        }
+        for (int64_t r = 0; r < len; ++r) {
+          const int64_t t = t0 + r;
+          const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
+          if (r + kPrefetchSteps < len) prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
+          plif_fwd_step<scalar_t, opmath_t, Act>(L, xt, a, vs + r * L, vs + (r + 1) * L, sp,
+                                                 s_scratch, p.v_th, act);
+        }
+        plif_bwd_steps<scalar_t, opmath_t, Sur, DETACH>(
+            p, sur, row, m0, L, t0, t0 + len, [&](int64_t t) { return vs + (t - t0 + 1) * L; },
+            [&](int64_t t) -> const opmath_t* {
+              return t == 0 && !v0 ? nullptr : vs + (t - t0) * L;
+            },
+            a, ds_carry, dv, dalpha);
       }
     }
     for (int64_t j = 0; j < L; ++j) {
@@ -452,34 +593,40 @@ NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
   }
 }
 
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
-void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
-                            int64_t begin, int64_t end, opmath_t* buffer) {
-  plif_bwd_tasks<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer);
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
+void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act,
+                            const Sur& sur, int64_t begin, int64_t end, opmath_t* buffer,
+                            scalar_t* s_scratch) {
+  plif_bwd_tasks<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end, buffer,
+                                                       s_scratch);
 }
 
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH>
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
 __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
-    const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur, int64_t begin, int64_t end,
-    opmath_t* buffer) {
-  plif_bwd_tasks<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer);
+    const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act, const Sur& sur, int64_t begin,
+    int64_t end, opmath_t* buffer, scalar_t* s_scratch) {
+  plif_bwd_tasks<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end, buffer,
+                                                       s_scratch);
 }
 #endif
 
-template <typename scalar_t, bool SIGNED, bool DETACH>
+template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
 void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
                      const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
                      const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
-                     const at::Tensor& v_seq,                       // [T, N] compute dtype
+                     const at::Tensor& x,                           // grad_s's shape and dtype
+                     const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
                      const at::Tensor& alpha,                       // [C] or 0-d compute dtype
                      const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
-                     double v_th, double gamma, bool batch_first,
+                     const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
+                     double v_th, double gamma, bool batch_first, int64_t checkpoint,
                      at::Tensor& dx,                 // x's shape, contiguous
                      at::Tensor& dalpha_per_neuron,  // [N] compute dtype
                      at::Tensor& dv0,                // [B, C, *S]
                      at::Tensor& ds0) {              // [B, C, *S]
   using opmath_t = at::opmath_type<scalar_t>;
+  using Act = Activation<opmath_t, SIGNED, SPIKING>;
   using Sur = Surrogate<opmath_t, SIGNED>;
   const int64_t B = grad_s.size(batch_first ? 0 : 1);
   const int64_t C = grad_s.size(2);
@@ -489,10 +636,14 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
   p.g_view = seq_view(grad_s, batch_first);
   p.grad_v_last = ptr_or_null<opmath_t>(grad_v_last);
   p.grad_s_last = ptr_or_null<opmath_t>(grad_s_last);
-  p.v_seq = v_seq.const_data_ptr<opmath_t>();
+  p.x = x.const_data_ptr<scalar_t>();
+  p.x_view = seq_view(x, batch_first);
+  p.v_saved = v_saved.const_data_ptr<opmath_t>();
+  p.k = checkpoint;
   p.alpha = alpha.const_data_ptr<opmath_t>();
   p.scalar_alpha = alpha.dim() == 0;
   p.v0 = ptr_or_null<opmath_t>(v0);
+  p.s0 = ptr_or_null<opmath_t>(s0);
   p.dx = dx.mutable_data_ptr<scalar_t>();
   p.dx_view = seq_view(dx, batch_first);
   p.dalpha = dalpha_per_neuron.mutable_data_ptr<opmath_t>();
@@ -502,20 +653,34 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
   p.C = C;
   p.P = M / C;
   p.N = B * M;
-  p.neg_v_th = -static_cast<opmath_t>(v_th);
-  p.chunking = make_chunking(B, M, {p.g_view, p.dx_view});
+  p.v_th = static_cast<opmath_t>(v_th);
+  p.neg_v_th = -p.v_th;
+  // With recomputation, the buffer of min(k, T) + 2 rows of chunk neurons must fit in
+  // kBwdBufferBytes (k = 1 needs no such buffer, and does not read x).
+  const int64_t rows = checkpoint > 1 ? std::min(checkpoint, p.T) + 2 : 0;
+  const int64_t max_chunk = rows > 0
+      ? std::clamp<int64_t>(kBwdBufferBytes / (rows * int64_t(sizeof(opmath_t))) / 16 * 16, 16,
+                            kMaxChunk)
+      : kMaxChunk;
+  p.chunking = checkpoint > 1
+      ? make_chunking(B, M, {p.g_view, p.dx_view, p.x_view}, max_chunk)
+      : make_chunking(B, M, {p.g_view, p.dx_view});
+  const Act act(v_th, gamma);
   const Sur sur(v_th, gamma);
   const bool avx2 = use_avx2();
 
   at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buffer(4 * p.chunking.chunk);
+    std::vector<opmath_t> buffer(bwd_buffer_len(p.chunking.chunk, p.T, p.k));
+    std::vector<scalar_t> s_scratch(checkpoint > 1 ? p.chunking.chunk : 0);
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
     if (avx2) {
-      plif_bwd_tasks_avx2<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer.data());
+      plif_bwd_tasks_avx2<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end,
+                                                                buffer.data(), s_scratch.data());
       return;
     }
 #endif
-    plif_bwd_tasks_default<scalar_t, opmath_t, Sur, DETACH>(p, sur, begin, end, buffer.data());
+    plif_bwd_tasks_default<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end,
+                                                                 buffer.data(), s_scratch.data());
   });
 }
 
@@ -523,20 +688,22 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
 //   ds = grad_s[t] + ds_carry;  dv = ds f'(v_t) + dv_carry;  dx[t] = dv;
 //   dalpha_n += dv v_{t-1};  ds_carry = detach_reset ? 0 : -v_th dv;  dv_carry = alpha_c dv,
 // starting from ds_carry = grad_s_last, dv_carry = grad_v_last (zero if None); finally
-// dv0 = dv_carry, ds0 = ds_carry. v_{-1} is v0 (zero if None).
+// dv0 = dv_carry, ds0 = ds_carry. v_{-1} is v0 (zero if None). The membranes v_t come from
+// v_saved (checkpoint k = 1) or are recomputed from x and v_saved's checkpoints (k > 1).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
     const at::Tensor& grad_s_in, const std::optional<at::Tensor>& grad_v_last_in,
-    const std::optional<at::Tensor>& grad_s_last_in, const at::Tensor& /*x*/,
-    const at::Tensor& v_seq_in, const at::Tensor& alpha_in,
-    const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& /*s0*/,
-    double v_th, double gamma, bool is_signed, bool batch_first, bool /*spiking*/,
+    const std::optional<at::Tensor>& grad_s_last_in, const at::Tensor& x_in,
+    const at::Tensor& v_saved_in, const at::Tensor& alpha_in,
+    const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& s0_in,
+    double v_th, double gamma, bool is_signed, bool batch_first, bool spiking,
     bool detach_reset, int64_t checkpoint) {
   constexpr const char* op = "neurokern::plif_bwd";
-  TORCH_CHECK(checkpoint == 1, op, ": the CPU kernel reads every step's membrane "
-              "(checkpoint = 1), got checkpoint = ", checkpoint);
+  TORCH_CHECK(checkpoint >= 1, op, ": checkpoint must be the forward's k >= 1 (the backward "
+              "needs the membranes that plif_fwd saved), got checkpoint = ", checkpoint);
   check_cpu_float(grad_s_in, op, "grad_s");
   TORCH_CHECK(grad_s_in.dim() >= 3, op, ": grad_s must have rank >= 3 ([T, B, C, *S], or "
               "[B, T, C, *S] with batch_first), got shape ", grad_s_in.sizes());
+  TORCH_CHECK(spiking || gamma > 0, op, ": smooth mode needs gamma > 0, got ", gamma);
   const at::ScalarType opmath = at::toOpMathType(grad_s_in.scalar_type());
   const at::Tensor grad_s = with_contiguous_neurons(grad_s_in);
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
@@ -544,17 +711,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   const std::vector<int64_t> st_shape = state_shape(grad_s, batch_first);
   const int64_t N = c10::multiply_integers(st_shape);
 
-  check_cpu_float(v_seq_in, op, "v_seq");
-  TORCH_CHECK(v_seq_in.scalar_type() == opmath, op, ": v_seq must be in the compute dtype ",
-              opmath, " of grad_s (", grad_s.scalar_type(), "), got ", v_seq_in.scalar_type());
-  TORCH_CHECK(v_seq_in.dim() == 2 && v_seq_in.size(0) == T && v_seq_in.size(1) == N, op,
-              ": v_seq must have the shape [T, N] = [", T, ", ", N, "] (plif_fwd with "
-              "checkpoint=1), got ", v_seq_in.sizes());
-  const at::Tensor v_seq = v_seq_in.contiguous();
+  // x is read only to recompute the membranes (k > 1).
+  at::Tensor x = grad_s;
+  if (checkpoint > 1) {
+    check_cpu_float(x_in, op, "x");
+    TORCH_CHECK(x_in.sizes() == grad_s.sizes(), op, ": x must have grad_s's shape ",
+                grad_s.sizes(), ", got ", x_in.sizes());
+    TORCH_CHECK(x_in.scalar_type() == grad_s.scalar_type(), op, ": x must have grad_s's dtype ",
+                grad_s.scalar_type(), ", got ", x_in.scalar_type());
+    x = with_contiguous_neurons(x_in);
+  }
+  check_cpu_float(v_saved_in, op, "v_saved");
+  TORCH_CHECK(v_saved_in.scalar_type() == opmath, op, ": v_saved must be in the compute dtype ",
+              opmath, " of grad_s (", grad_s.scalar_type(), "), got ",
+              v_saved_in.scalar_type());
+  const int64_t rows = saved_rows(T, checkpoint);
+  TORCH_CHECK(v_saved_in.dim() == 2 && v_saved_in.size(0) == rows && v_saved_in.size(1) == N,
+              op, ": v_saved must have the shape [ceil(T / k), N] = [", rows, ", ", N,
+              "] (plif_fwd with checkpoint k = ", checkpoint, ", T = ", T, "), got ",
+              v_saved_in.sizes());
+  const at::Tensor v_saved = v_saved_in.contiguous();
   const at::Tensor alpha = checked_alpha(alpha_in, C, opmath, op);
   const auto grad_v_last = checked_state(grad_v_last_in, st_shape, opmath, op, "grad_v_last");
   const auto grad_s_last = checked_state(grad_s_last_in, st_shape, opmath, op, "grad_s_last");
   const auto v0 = checked_state(v0_in, st_shape, opmath, op, "v0");
+  const auto s0 = checkpoint > 1 ? checked_state(s0_in, st_shape, opmath, op, "s0")
+                                 : std::nullopt;
 
   at::Tensor dx = at::empty(grad_s.sizes(), grad_s.options());
   at::Tensor dalpha_per_neuron = at::empty({N}, grad_s.options().dtype(opmath));
@@ -565,9 +747,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_s.scalar_type(), "plif_bwd_cpu",
                                   [&] {
     dispatch_bools(is_signed, detach_reset, [&](auto signed_c, auto detach_c) {
-      plif_bwd_kernel<scalar_t, decltype(signed_c)::value, decltype(detach_c)::value>(
-          grad_s, grad_v_last, grad_s_last, v_seq, alpha, v0, v_th, gamma, batch_first, dx,
-          dalpha_per_neuron, dv0, ds0);
+      constexpr bool kSigned = decltype(signed_c)::value;
+      constexpr bool kDetach = decltype(detach_c)::value;
+      if (spiking) {
+        plif_bwd_kernel<scalar_t, kSigned, true, kDetach>(
+            grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
+            batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0);
+      } else {
+        plif_bwd_kernel<scalar_t, kSigned, false, kDetach>(
+            grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
+            batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0);
+      }
     });
   });
   return {dx, dalpha_per_neuron, dv0, ds0};

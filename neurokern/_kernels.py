@@ -72,7 +72,9 @@ def graphed(name: str, fn, *args):
     if (not tensors or not tensors[0].is_cuda or not cuda_graphs_enabled()
             or torch.cuda.is_current_stream_capturing()):
         return fn(*args)
-    key = (name, tensors[0].device) + tuple(
+    # one graph per stream: its static buffers must not be shared by concurrent replays
+    stream = torch.cuda.current_stream(tensors[0].device).cuda_stream
+    key = (name, tensors[0].device, stream) + tuple(
         (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
     entry = _graphs.get(key)
     if entry is None:

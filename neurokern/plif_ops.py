@@ -16,7 +16,10 @@ registers, with the forward's own code (so bit-identically): traffic per neuron 
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
 Triton backend uses k = 4 (5.5 values), chosen by measurement (docs/kernels.md); the C++
-backend k = 1. The leak gradient is reduced deterministically: the kernels write one partial
+backend one chunk per sequence (k = 1 << 30, so v_saved is one row, [1, N]): its backward
+recomputes all T membranes of a block of neurons into a per-thread buffer that stays in cache,
+and the forward no longer writes a fresh [T, N] tensor (its page faults cost more than the
+recomputation). The leak gradient is reduced deterministically: the kernels write one partial
 sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel; no atomics.
 """
 
@@ -36,7 +39,7 @@ BWD_CONFIG = dict(BLOCK=256, num_warps=8)
 
 # Membranes saved for the backward, per backend: every step (1), or every k-th step with the
 # backward recomputing the k steps in between from x (see triton_kernels/plif.py).
-CHECKPOINT = {"cpu": 1, "triton": 4}
+CHECKPOINT = {"cpu": 1 << 30, "triton": 4}
 
 
 def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:

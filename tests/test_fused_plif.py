@@ -12,7 +12,7 @@ import neurokern as nk
 from conftest import backend_device, fused_backends
 
 BACKENDS = fused_backends("plif")
-RECOMPUTING_BACKENDS = {"triton"}  # backends whose kernels take any checkpoint interval
+RECOMPUTING_BACKENDS = {"cpu", "triton"}  # backends whose kernels take any checkpoint interval
 f64 = torch.float64
 
 
@@ -273,3 +273,50 @@ def test_bad_input_raises_before_any_kernel(backend, monkeypatch):
         nk.plif(x, torch.rand(3, dtype=f64, device=device), backend=backend)
     with pytest.raises(ValueError, match="alpha is on meta"):
         nk.plif(x, torch.rand(3, device="meta"), backend=backend)
+
+
+CPU_BACKEND = [p for p in BACKENDS if p.values == ("cpu",)]  # skipped with the reason if absent
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+@pytest.mark.parametrize("spiking", [True, False])
+def test_cpu_recomputation_equals_saved_membranes(backend, dtype, spiking):
+    """A long sequence (more steps than the backward's buffer holds for a full block of
+    neurons): every checkpoint interval, one chunk per sequence included, gives bit for bit the
+    results of saving every membrane (k = 1), spikes and all gradients, in both modes."""
+    from neurokern.plif_ops import plif_ops
+
+    fwd, bwd = plif_ops(backend)
+    gen = torch.Generator().manual_seed(0)
+    x = 1.3 * torch.randn(300, 2, 3, 7, 5, generator=gen, dtype=dtype)  # [T, B, C, H, W]
+    alpha = torch.rand(3, generator=gen, dtype=dtype)
+    v0, s0 = torch.randn(2, 3, 7, 5, generator=gen, dtype=dtype), torch.rand(2, 3, 7, 5,
+                                                                            dtype=dtype)
+    grads = (torch.randn_like(x), torch.randn_like(v0), torch.randn_like(v0))
+    results = {}
+    for k in (1, 7, 64, 300, 1 << 30):
+        s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, 1.0, 10.0, True, False, spiking, k)
+        assert v_saved.shape == (-(-300 // k), 2 * 3 * 7 * 5)
+        results[k] = (s, v_last, s_last, *bwd(*grads, x, v_saved, alpha, v0, s0, 1.0, 10.0,
+                                                 True, False, spiking, False, k))
+    for k, out in results.items():
+        for a, b in zip(out, results[1]):
+            assert torch.equal(a, b), f"checkpoint {k} differs from saving every membrane"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKEND)
+def test_cpu_bwd_rejects_v_saved_of_another_checkpoint(backend):
+    from neurokern.plif_ops import plif_ops
+
+    fwd, bwd = plif_ops(backend)
+    x, alpha = torch.randn(5, 2, 3), torch.rand(3)
+    s, v_saved, _, _ = fwd(x, alpha, None, None, 1.0, 10.0, False, False, True, 2)
+    assert v_saved.shape == (3, 6)
+    with pytest.raises(RuntimeError, match=r"v_saved must have the shape \[ceil\(T / k\), N\] "
+                                           r"= \[1, 6\]"):
+        bwd(torch.ones_like(s), None, None, x, v_saved, alpha, None, None, 1.0, 10.0, False,
+            False, True, False, 1 << 30)
+    with pytest.raises(RuntimeError, match="checkpoint must be"):
+        bwd(torch.ones_like(s), None, None, x, v_saved, alpha, None, None, 1.0, 10.0, False,
+            False, True, False, 0)

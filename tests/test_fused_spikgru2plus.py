@@ -498,7 +498,7 @@ def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch):
     inputs.append((2 * torch.randn(3, 5, 6, device="cuda")).transpose(0, 1).requires_grad_())
     _kernels.clear_cuda_graphs()
     graphed = [run(x) for x in inputs]
-    assert len(_kernels._graphs) == 2  # one forward, one backward graph for every layer
+    assert len(_kernels._graphs) == 2  # one forward, one backward graph for all layers
     monkeypatch.setenv("NEUROKERN_CUDA_GRAPHS", "0")
     eager = [run(x) for x in inputs]
     for g, e in zip(graphed, eager):
