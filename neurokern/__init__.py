@@ -9,6 +9,7 @@
 from neurokern import dispatch, functional, nn, reference
 # Register the fused kernels with the dispatcher.
 from neurokern import plif_ops, spike_ops, spikgru2plus_ops  # noqa: F401
+from neurokern._kernels import clear_cuda_graphs
 from neurokern.dispatch import BackendUnavailableError, backends
 from neurokern.functional import plif, signed_spike, spike, spikgru2plus
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "backends",
+    "clear_cuda_graphs",
     "dispatch",
     "functional",
     "nn",

@@ -10,6 +10,25 @@ from neurokern.reference import compute_dtype
 from neurokern.triton_kernels import triton_error
 
 _params_cache = {}
+_eager_impls = {}  # "neurokern_triton::<op>" -> the Python function behind the custom op
+
+
+def triton_op(name: str):
+    """`torch.library.custom_op(name)` for a Triton launcher, remembering the plain function
+    so that eager calls can skip the dispatcher (`eager_or_op`)."""
+    def wrap(fn):
+        _eager_impls[name] = fn
+        return torch.library.custom_op(name, mutates_args=())(fn)
+    return wrap
+
+
+def eager_or_op(op):
+    """`op` under torch.compile; in eager mode, the Python function behind a Triton custom op:
+    the dispatcher round trip of a Python custom op costs tens of microseconds per call, the
+    order of a small kernel, and the op adds nothing outside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return op
+    return _eager_impls.get(op._schema.name, op)
 
 
 def triton_available() -> bool:

@@ -27,7 +27,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from neurokern._kernels import register_fakes, scalar_params, triton_available
+from neurokern._kernels import (
+    eager_or_op, register_fakes, scalar_params, triton_available, triton_op,
+)
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
@@ -96,7 +98,7 @@ if triton_available():
 
     from neurokern.triton_kernels.plif import plif_bwd_kernel, plif_fwd_kernel
 
-    @torch.library.custom_op("neurokern_triton::plif_fwd", mutates_args=())
+    @triton_op("neurokern_triton::plif_fwd")
     def triton_plif_fwd(
         x: torch.Tensor, alpha: torch.Tensor, v0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, batch_first: bool,
@@ -124,7 +126,7 @@ if triton_available():
             )
         return s, v_saved, v_last, s_last
 
-    @torch.library.custom_op("neurokern_triton::plif_bwd", mutates_args=())
+    @triton_op("neurokern_triton::plif_bwd")
     def triton_plif_bwd(
         grad_s: torch.Tensor, grad_v_last: Optional[torch.Tensor],
         grad_s_last: Optional[torch.Tensor], x: torch.Tensor, v_saved: torch.Tensor,
@@ -198,7 +200,7 @@ class PLIFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset,
                 backend):
-        fwd, _ = plif_ops(backend)
+        fwd = eager_or_op(plif_ops(backend)[0])
         checkpoint = CHECKPOINT[backend] if any(ctx.needs_input_grad[:4]) else 0
         s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
                                          spiking, checkpoint)
@@ -213,7 +215,7 @@ class PLIFFunction(torch.autograd.Function):
     def backward(ctx, grad_s, grad_v_last, grad_s_last):
         x, v_saved, alpha, v0, s0 = ctx.saved_tensors
         v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint, backend = ctx.args
-        _, bwd = plif_ops(backend)
+        bwd = eager_or_op(plif_ops(backend)[1])
         if grad_s is None:  # only the final state was used, if anything
             if grad_v_last is None and grad_s_last is None:
                 return (None,) * 11

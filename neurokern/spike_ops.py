@@ -9,7 +9,9 @@ Ops (same schema on both backends; the C++ ones are declared in csrc/register.cp
 
 import torch
 
-from neurokern._kernels import register_fakes, scalar_params, triton_available
+from neurokern._kernels import (
+    eager_or_op, register_fakes, scalar_params, triton_available, triton_op,
+)
 from neurokern.dispatch import register
 
 _BLOCK = 1024  # elements per program: 4 warps x 8 contiguous elements per thread
@@ -26,7 +28,7 @@ if triton_available():
     def _grid(n):
         return ((n + _BLOCK - 1) // _BLOCK,)
 
-    @torch.library.custom_op("neurokern_triton::spike_fwd", mutates_args=())
+    @triton_op("neurokern_triton::spike_fwd")
     def triton_spike_fwd(x: torch.Tensor, v_th: float, gamma: float, signed: bool,
                          spiking: bool) -> torch.Tensor:
         x = _flat(x)
@@ -37,7 +39,7 @@ if triton_available():
                 SIGNED=signed, SPIKING=spiking, BLOCK=_BLOCK)
         return s
 
-    @torch.library.custom_op("neurokern_triton::spike_bwd", mutates_args=())
+    @triton_op("neurokern_triton::spike_bwd")
     def triton_spike_bwd(grad_s: torch.Tensor, x: torch.Tensor, v_th: float, gamma: float,
                          signed: bool) -> torch.Tensor:
         x, grad_s = _flat(x), _flat(grad_s)
@@ -71,7 +73,7 @@ class FusedSpikeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_th, gamma, signed, spiking, backend):
-        fwd, _ = spike_ops(backend)
+        fwd = eager_or_op(spike_ops(backend)[0])
         ctx.save_for_backward(x)
         ctx.v_th, ctx.gamma, ctx.signed, ctx.backend = v_th, gamma, signed, backend
         return fwd(x, v_th, gamma, signed, spiking)
@@ -79,7 +81,7 @@ class FusedSpikeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s):
         (x,) = ctx.saved_tensors
-        _, bwd = spike_ops(ctx.backend)
+        bwd = eager_or_op(spike_ops(ctx.backend)[1])
         return bwd(grad_s, x, ctx.v_th, ctx.gamma, ctx.signed), None, None, None, None, None
 
 

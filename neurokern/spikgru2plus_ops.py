@@ -31,7 +31,9 @@ from typing import Optional, Tuple
 import torch
 
 from neurokern import _extension
-from neurokern._kernels import graphed, register_fakes, scalar_params, triton_available
+from neurokern._kernels import (
+    eager_or_op, graphed, register_fakes, scalar_params, triton_available, triton_op,
+)
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
@@ -85,7 +87,7 @@ if triton_available():
         gh = torch.matmul(s_prev, weight_hh.t())
         return gh if bias_hh is None else gh.add_(bias_hh)
 
-    @torch.library.custom_op("neurokern_triton::spikgru2plus_fwd", mutates_args=())
+    @triton_op("neurokern_triton::spikgru2plus_fwd")
     def triton_spikgru2plus_fwd(
         gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
         alpha: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
@@ -117,7 +119,7 @@ if triton_available():
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
         return s_seq, v_seq, i_seq
 
-    @torch.library.custom_op("neurokern_triton::spikgru2plus_bwd", mutates_args=())
+    @triton_op("neurokern_triton::spikgru2plus_bwd")
     def triton_spikgru2plus_bwd(
         grad_s: torch.Tensor, grad_v_last: Optional[torch.Tensor],
         grad_i_last: Optional[torch.Tensor], grad_s_last: Optional[torch.Tensor],
@@ -183,7 +185,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
                 signed, reset_gate, batch_first, spiking, backend):
-        fwd, _ = spikgru2plus_ops(backend)
+        fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         dtype = compute_dtype(x.dtype)
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
         # product on the strided view (matmul cannot fold it into one GEMM) and gives dW = dgi^T x
@@ -222,7 +224,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
             return (None,) * 16
-        _, bwd = spikgru2plus_ops(backend)
+        bwd = eager_or_op(spikgru2plus_ops(backend)[1])
         dtype = gi.dtype
         if grad_s is None:  # only the final state was used
             grad_s = gi.new_zeros(s_seq.shape)
