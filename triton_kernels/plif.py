@@ -46,6 +46,16 @@ def _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask):
     return v_th, gamma, alpha
 
 
+@triton.jit
+def _load_or_zeros(ptr, n, mask, PRESENT: tl.constexpr, dtype: tl.constexpr):
+    """`ptr[n]` in `dtype` if the optional tensor is PRESENT, else zeros."""
+    if PRESENT:
+        out = tl.load(ptr + n, mask=mask, other=0).to(dtype)
+    else:
+        out = tl.zeros(n.shape, dtype=dtype)
+    return out
+
+
 # Time runs in chunks of CHUNK steps unrolled at compile time, so the loads of a chunk's inputs
 # are all issued before its serial arithmetic. T and the strides that change with T (the batch
 # stride of batch-major tensors) are not specialised: a new sequence length reuses the kernel.
@@ -74,12 +84,8 @@ def plif_fwd_kernel(
     v_th, gamma, alpha = _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask)
     x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2)
     s_ptrs = s_ptr + _neuron_offsets(n, C, S1, S2, ss_b, ss_c, ss_1, ss_2)
-    if HAS_STATE:
-        v = tl.load(v0_ptr + n, mask=mask, other=0).to(v_th.dtype)
-        s = tl.load(s0_ptr + n, mask=mask, other=0).to(v_th.dtype)
-    else:
-        v = tl.zeros([BLOCK], dtype=v_th.dtype)
-        s = tl.zeros([BLOCK], dtype=v_th.dtype)
+    v = _load_or_zeros(v0_ptr, n, mask, HAS_STATE, v_th.dtype)
+    s = _load_or_zeros(s0_ptr, n, mask, HAS_STATE, v_th.dtype)
     for k in range(tl.cdiv(T, CHUNK)):
         t0 = tl.cast(k, tl.int64) * CHUNK
         for j in tl.static_range(CHUNK):
@@ -133,20 +139,10 @@ def plif_bwd_kernel(
     g_ptrs = grad_ptr + _neuron_offsets(n, C, S1, S2, sg_b, sg_c, sg_1, sg_2)
     x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2)
     d_ptrs = dx_ptr + _neuron_offsets(n, C, S1, S2, sd_b, sd_c, sd_1, sd_2)
-    if HAS_GRAD_S_LAST:
-        ds_carry = tl.load(grad_s_last_ptr + n, mask=mask, other=0).to(v_th.dtype)
-    else:
-        ds_carry = tl.zeros([BLOCK], dtype=v_th.dtype)
-    if HAS_GRAD_V_LAST:
-        dv_carry = tl.load(grad_v_last_ptr + n, mask=mask, other=0).to(v_th.dtype)
-    else:
-        dv_carry = tl.zeros([BLOCK], dtype=v_th.dtype)
-    if HAS_STATE:
-        v_init = tl.load(v0_ptr + n, mask=mask, other=0).to(v_th.dtype)
-        s_init = tl.load(s0_ptr + n, mask=mask, other=0).to(v_th.dtype)
-    else:
-        v_init = tl.zeros([BLOCK], dtype=v_th.dtype)
-        s_init = tl.zeros([BLOCK], dtype=v_th.dtype)
+    ds_carry = _load_or_zeros(grad_s_last_ptr, n, mask, HAS_GRAD_S_LAST, v_th.dtype)
+    dv_carry = _load_or_zeros(grad_v_last_ptr, n, mask, HAS_GRAD_V_LAST, v_th.dtype)
+    v_init = _load_or_zeros(v0_ptr, n, mask, HAS_STATE, v_th.dtype)
+    s_init = _load_or_zeros(s0_ptr, n, mask, HAS_STATE, v_th.dtype)
     dalpha = tl.zeros([BLOCK], dtype=v_th.dtype)
     chunks = tl.cdiv(T, CHUNK)
     for kk in range(chunks):
