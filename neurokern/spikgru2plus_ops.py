@@ -20,6 +20,11 @@ and on a GPU each op's whole loop is captured once per shape in a CUDA graph and
 Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
 (x, weights and state converted before the ops, outputs and gradients converted back), exactly
 as neurokern.reference computes them; the C++ ops themselves reject half tensors.
+Under autocast (bf16/fp16) the Triton backend runs every matrix product in autocast's dtype, as
+the reference and cuDNN do under autocast: x, W and U are cast once, the spikes (exact in bf16:
+-1, 0, +1) and the gate gradients dgh are kept in that dtype for the per-step products, while
+the state, the gate arithmetic, gi and the saved v, i, s stay in float32 (`product_dtype`). The
+Triton ops take weight_hh in the products' dtype and everything else in the compute dtype.
 
 Saved for backward, per step and batch row, in the compute dtype: gi (3H values), s, v and i
 (H each), i.e. 6H values, plus x (time-major; a copy for batch_first input). The gates are
@@ -82,9 +87,10 @@ if triton_available():
 
     _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, B)
 
-    def _recurrent(s_prev, weight_hh, bias_hh):
-        """gh = U s + b_hh for all steps at once ([T, B, 3H])."""
-        gh = torch.matmul(s_prev, weight_hh.t())
+    def _recurrent(s_prev, weight_hh, bias_hh, dtype):
+        """gh = U s + b_hh for all steps at once ([T, B, 3H]), the product in weight_hh's dtype,
+        the sum in `dtype`."""
+        gh = torch.matmul(s_prev.to(weight_hh.dtype), weight_hh.t()).to(dtype)
         return gh if bias_hh is None else gh.add_(bias_hh)
 
     @triton_op("neurokern_triton::spikgru2plus_fwd")
@@ -107,16 +113,22 @@ if triton_available():
         v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), batch)
-        gh = gi.new_empty((batch, gates))  # U s_{t-1}; the kernel adds b_hh
+        # The products run in weight_hh's dtype: U s_{t-1} into gh (the kernel adds b_hh); with
+        # a lower one than gi's, the kernel also writes each s_t in it (s_mm) for the next one.
+        mixed = weight_hh.dtype != gi.dtype
+        gh = gi.new_empty((batch, gates), dtype=weight_hh.dtype)
+        s_mm = s.to(weight_hh.dtype, copy=True) if mixed else s
         bias = gh if bias_hh is None else bias_hh.contiguous()
         for t in range(steps):
-            torch.mm(s, weight_hh.t(), out=gh)
+            torch.mm(s_mm, weight_hh.t(), out=gh)
             spikgru2plus_step_fwd_kernel[grid](
                 gi[t], gh, bias, alpha, v, i, s, params,
-                s_seq[t], v_seq[t], i_seq[t], hidden, gi.stride(1),
+                s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, gi.stride(1),
                 RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
-                SPIKING=spiking, BLOCK=_BLOCK)
+                SPIKING=spiking, STORE_S_MM=mixed, BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
+            if not mixed:
+                s_mm = s
         return s_seq, v_seq, i_seq
 
     @triton_op("neurokern_triton::spikgru2plus_bwd")
@@ -145,25 +157,31 @@ if triton_available():
             return torch.cat([(zeros if first is None else first).unsqueeze(0), seq[:-1]])
 
         s_prev, v_prev, i_prev = before(s0, s_seq), before(v0, v_seq), before(i0, i_seq)
-        gh = _recurrent(s_prev, weight_hh, bias_hh)  # [T, B, 3H], all steps in one product
-        dgi, dgh = torch.empty_like(gi), torch.empty_like(gh)
+        s_prev = s_prev.to(weight_hh.dtype)  # the products' operand
+        gh = _recurrent(s_prev, weight_hh, bias_hh, gi.dtype)  # [T, B, 3H], one product
+        # dgh feeds the products, so it is kept in their dtype (weight_hh's)
+        dgi, dgh = torch.empty_like(gi), torch.empty_like(gh, dtype=weight_hh.dtype)
         dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [B, H]
         di_next = zeros.clone() if grad_i_last is None else grad_i_last.clone()
+        # dL/ds_t = ds (output gradient and reset path, updated in place by the kernel) + ds_rec
+        # (the product path dL/d(gh_{t+1}) U, in the products' dtype)
         ds = grad_s[steps - 1] + (0 if grad_s_last is None else grad_s_last)
-        ds_prev, dalpha = torch.empty_like(zeros), torch.zeros_like(zeros)
+        ds_rec, dalpha = torch.empty_like(zeros, dtype=weight_hh.dtype), torch.zeros_like(zeros)
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), batch)
         for t in range(steps - 1, -1, -1):
-            grad_prev = grad_s[t - 1] if t > 0 else ds_prev  # the output gradient of s_{t-1}
+            grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
             spikgru2plus_step_bwd_kernel[grid](
-                gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, dv_next,
-                di_next, params, dgi[t], dgh[t], ds_prev, grad_prev, dalpha,
+                gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, ds_rec,
+                dv_next, di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
                 hidden, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
-                RESET_GATE=reset_gate, SIGNED=signed, HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
-            ds = torch.addmm(ds_prev, dgh[t], weight_hh)  # dL/ds_{t-1}: + the product path
+                RESET_GATE=reset_gate, SIGNED=signed, HAS_DS_REC=t < steps - 1,
+                HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
+            torch.mm(dgh[t], weight_hh, out=ds_rec)  # the product path of dL/ds_{t-1}
         dweight_hh = torch.mm(dgh.view(steps * batch, gates).t(),
                               s_prev.view(steps * batch, hidden))  # [3H, H], all steps at once
-        return dgi, dweight_hh, dgh.sum((0, 1)), dalpha.sum(0), dv_next, di_next, ds
+        return (dgi, dweight_hh.to(gi.dtype), dgh.sum((0, 1), dtype=gi.dtype), dalpha.sum(0),
+                dv_next, di_next, ds + ds_rec)
 
 
 register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
@@ -173,30 +191,51 @@ def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
 
 
+def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype the matrix products of a layer run in: under autocast (bf16/fp16) on the
+    Triton backend, autocast's dtype, with the state and the gate arithmetic still in `dtype`
+    (the compute dtype); otherwise `dtype` itself. The C++ CPU kernels compute in float32 or
+    float64 only, so the "cpu" backend ignores autocast."""
+    if backend == "triton" and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 class SpikGRU2PlusFunction(torch.autograd.Function):
     """One SpikGRU2+ layer direction on a fused backend.
 
     Inputs `(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0)` (biases and state
     may be None), outputs `(s, v_T, i_T, s_T)`. The forward computes gi in one product and runs
     the forward op; the backward runs the backward op from the saved gi, s, v, i and turns dgi
-    into dx, dW and db_ih with one product each.
+    into dx, dW and db_ih with one product each. The products run in `product_dtype` (bf16/fp16
+    under autocast on the Triton backend), everything else in the compute dtype; autocast itself
+    is switched off inside, so that each product runs in the dtype chosen here.
     """
 
     @staticmethod
     def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
                 signed, reset_gate, batch_first, spiking, backend):
-        fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         dtype = compute_dtype(x.dtype)
+        mm_dtype = product_dtype(x.device.type, dtype, backend)
+        with torch.autocast(x.device.type, enabled=False):
+            return SpikGRU2PlusFunction._forward(
+                ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
+                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
+                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype):
+        fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
         # product on the strided view (matmul cannot fold it into one GEMM) and gives dW = dgi^T x
         # the same layout.
-        x_tm = (x.transpose(0, 1) if batch_first else x).to(dtype).contiguous()
+        x_tm = (x.transpose(0, 1) if batch_first else x).to(mm_dtype).contiguous()
         steps, batch, inputs = x_tm.shape
-        weight_ih_c, weight_hh_c = weight_ih.to(dtype), weight_hh.to(dtype)
+        weight_ih_c, weight_hh_c = weight_ih.to(mm_dtype), weight_hh.to(mm_dtype)
         bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
         v0_c, i0_c, s0_c = _cast(v0, dtype), _cast(i0, dtype), _cast(s0, dtype)
 
-        gi = torch.mm(x_tm.view(steps * batch, inputs), weight_ih_c.t())  # [T * B, 3H]
+        gi = torch.mm(x_tm.view(steps * batch, inputs), weight_ih_c.t()).to(dtype)  # [T*B, 3H]
         if bias_ih is not None:  # after the product, as the reference rounds it; not in
             # place: torch 2.11's torch.compile gave wrong gradients for an autograd.Function
             # with an in-place op in its forward (pytorch/pytorch#184113, seen on an H100)
@@ -209,6 +248,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                               v_seq, i_seq, v0_c, i0_c, s0_c)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend)
+        ctx.device_type = x.device.type
         ctx.dtypes = tuple(None if t is None else t.dtype
                            for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0))
         s = s_seq.transpose(0, 1).contiguous() if batch_first else s_seq
@@ -218,6 +258,12 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return SpikGRU2PlusFunction._backward(ctx, grad_s, grad_v_last, grad_i_last,
+                                                  grad_s_last)
+
+    @staticmethod
+    def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
         (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, v0, i0,
          s0) = ctx.saved_tensors
         v_th, gamma, signed, reset_gate, batch_first, backend = ctx.args
@@ -237,12 +283,13 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
         steps, batch, gates = dgi.shape
         dgi_2d = dgi.view(steps * batch, gates)
+        dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand
         grads = [None] * 9
         if needs[0]:
-            dx = torch.mm(dgi_2d, weight_ih).view(steps, batch, -1)  # [T, B, I]
+            dx = torch.mm(dgi_mm, weight_ih).view(steps, batch, -1)  # [T, B, I]
             grads[0] = dx.transpose(0, 1) if batch_first else dx
         if needs[1]:
-            grads[1] = torch.mm(dgi_2d.t(), x_tm.view(steps * batch, -1))  # [3H, I]
+            grads[1] = torch.mm(dgi_mm.t(), x_tm.view(steps * batch, -1))  # [3H, I]
         if needs[3]:
             grads[3] = dgi_2d.sum(0)
         for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):

@@ -364,7 +364,44 @@ def test_half_input_is_computed_in_float32(backend, dtype):
         assert g.dtype == torch.float32 and torch.equal(g, g32)
 
 
-def _op_samples(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_products_in_bf16(backend):
+    """Under autocast (bf16) the Triton backend runs every matrix product in bf16 with float32
+    state, as the reference does under autocast: its outputs follow the reference's under the
+    same autocast (float32 rounding apart) and differ from the float32 run; gradients within
+    bf16 accuracy of the reference's. The C++ CPU backend computes in float32 and ignores
+    autocast: results equal to the run without it."""
+    dev = backend_device(backend)
+    case = dict(_BASE, steps=6, batch=4, inputs=16, hidden=40, seed=11)
+    leaves, cot = make_inputs(case)
+
+    def run_autocast(backend, enabled):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled):
+            return run(case, backend, torch.float32, leaves, cot, dev)
+
+    out, out32 = run_autocast(backend, True), run_autocast(backend, False)
+    if backend == "cpu":
+        for a, b in zip(out[0], out32[0]):
+            assert torch.equal(a, b)
+        for name in LEAVES:
+            assert (out[1][name] is None) or torch.equal(out[1][name], out32[1][name]), name
+        return
+    ref = run_autocast("reference", True)
+    assert (out[0][1] - out32[0][1]).abs().max() > 1e-4, "the products did not run in bf16"
+    same = (out[0][0] == ref[0][0]).double().mean()
+    assert same >= 0.99, f"only {same:.3f} of the spikes equal the reference's under autocast"
+    if dev == "cpu":  # same bf16 products as the reference: no flip with this seed
+        assert same == 1
+    if same == 1:
+        for a, b in zip(out[0][1:], ref[0][1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for name in LEAVES:
+            if ref[1][name] is not None:
+                scale = ref[1][name].abs().max()
+                assert (out[1][name] - ref[1][name]).abs().max() <= 2e-2 * scale, name
+
+
+def _op_samples(device, backend):
     gen = torch.Generator().manual_seed(0)
     steps, batch, hidden = 4, 3, 5
     gi = torch.randn(steps, batch, 3 * hidden, generator=gen).to(device)
@@ -376,6 +413,8 @@ def _op_samples(device):
     yield (gi, weight_hh, bias_hh, alpha, *state, 0.5, 4.0, False, True, True)
     yield (gi.double(), weight_hh.double(), bias_hh.double(), alpha.double(),
            *(t.double() for t in state), 0.7, 3.0, True, False, False)
+    if backend == "triton":  # the products in bf16 (autocast), everything else in float32
+        yield (gi, weight_hh.bfloat16(), bias_hh, alpha, *state, 1.0, 10.0, True, True, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -384,7 +423,7 @@ def test_opcheck(backend):
     from neurokern.spikgru2plus_ops import spikgru2plus_ops
 
     fwd, bwd = spikgru2plus_ops(backend)
-    for args in _op_samples(dev):
+    for args in _op_samples(dev, backend):
         torch.library.opcheck(fwd, args)
         s_seq, v_seq, i_seq = fwd(*args)
         gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate, _ = args

@@ -1,6 +1,10 @@
 """SpikGRU2+ gate and state arithmetic of one time step (SPEC.md 3), forward and backward, as
 elementwise Triton kernels over the `[B, H]` hidden units. The recurrent products stay outside
-(one `addmm` per step), so that a step is one product plus one kernel.
+(one `mm` per step), so that a step is one product plus one kernel.
+
+Dtypes: the state and all arithmetic are in the compute dtype (that of `params`); gh, dgh and the
+spike copy for the next product (`s_mm`) may be in a lower one, the dtype the products run in
+(bf16/fp16 under autocast): loads convert, stores round to each pointer's dtype.
 
 Forward, with gi = W x_t + b_ih and gh = U s_{t-1} + b_hh, rows (r, z, i):
     r = sigmoid(gi_r + gh_r) (1 without reset gate),  z = sigmoid(gi_z + gh_z)
@@ -53,11 +57,13 @@ def spikgru2plus_step_fwd_kernel(
     v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [B, H] state after step t-1, contiguous
     params_ptr,  # [2]: v_th, gamma in the compute dtype
     s_ptr, v_ptr, i_ptr,  # [B, H] out: state after step t
+    s_mm_ptr,  # [B, H] out if STORE_S_MM: s_t again, in the dtype of the next product
     H, gi_stride,
     RESET_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
     SPIKING: tl.constexpr,
+    STORE_S_MM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
@@ -79,6 +85,8 @@ def spikgru2plus_step_fwd_kernel(
     tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
+    if STORE_S_MM:
+        tl.store(s_mm_ptr + row, s.to(s_mm_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -88,17 +96,19 @@ def spikgru2plus_step_bwd_kernel(
     alpha_ptr,  # [H]
     v_prev_ptr, i_prev_ptr,  # [B, H] state after step t-1
     v_ptr, i_ptr,  # [B, H] state after step t
-    ds_ptr,  # [B, H] dL/ds_t without the paths through step t+1's products (added here)
+    ds_ptr,  # [B, H] dL/ds_t but for the product path through step t+1 (ds_rec)
+    ds_rec_ptr,  # [B, H] the product path dL/d(gh_{t+1}) U, read if HAS_DS_REC
     dv_next_ptr, di_next_ptr,  # [B, H] carries in; overwritten with the carries for t-1
     params_ptr,  # [2]: v_th, gamma
     dgi_ptr,  # [B, 3H] out: dL/d(gi_t) (row stride dgi_stride)
     dgh_ptr,  # [B, 3H] out: dL/d(gh_t), contiguous
-    ds_prev_ptr,  # [B, H] out: the reset path -v_th dv_t plus grad_prev (the output gradient
-    grad_prev_ptr,  # of s_{t-1}, row stride grad_prev_stride, read if HAS_GRAD_PREV)
+    ds_prev_ptr,  # [B, H] out (may be ds_ptr): the reset path -v_th dv_t plus grad_prev (the
+    grad_prev_ptr,  # output gradient of s_{t-1}, row stride grad_prev_stride, if HAS_GRAD_PREV)
     dalpha_ptr,  # [B, H] in/out: running sum of dL/di_t * i_{t-1}
     H, gi_stride, dgi_stride, grad_prev_stride,
     RESET_GATE: tl.constexpr,
     SIGNED: tl.constexpr,
+    HAS_DS_REC: tl.constexpr,
     HAS_GRAD_PREV: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,6 +128,8 @@ def spikgru2plus_step_bwd_kernel(
     v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
     i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
     ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
+    if HAS_DS_REC:
+        ds += tl.load(ds_rec_ptr + row, mask=mask, other=0).to(dtype)
     dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
                                                                  other=0).to(dtype)
     di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
