@@ -11,6 +11,7 @@ from neurokern.triton_kernels import triton_error
 
 _params_cache = {}
 _eager_impls = {}  # "neurokern_triton::<op>" -> the Python function behind the custom op
+_eager_by_op = {}  # op overload -> what eager_or_op returns for it (its schema name costs us)
 
 
 def triton_op(name: str):
@@ -28,7 +29,10 @@ def eager_or_op(op):
     order of a small kernel, and the op adds nothing outside a compiled graph."""
     if torch.compiler.is_compiling():
         return op
-    return _eager_impls.get(op._schema.name, op)
+    fn = _eager_by_op.get(op)
+    if fn is None:
+        fn = _eager_by_op[op] = _eager_impls.get(op._schema.name, op)
+    return fn
 
 
 def triton_available() -> bool:

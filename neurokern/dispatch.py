@@ -55,6 +55,9 @@ class Availability:
 # (op, backend) -> implementation with the signature of the matching `neurokern.reference` op.
 _IMPLEMENTATIONS: Dict[Tuple[str, str], Callable] = {}
 _logged_choices = set()
+# resolve()'s successful answers, keyed by its arguments and the environment variables it reads
+# (an op call resolves its backend every time; this makes that a dict lookup)
+_resolved: Dict[tuple, Tuple[str, Callable]] = {}
 
 
 def register(op: str, backend: str):
@@ -66,6 +69,7 @@ def register(op: str, backend: str):
 
     def decorator(fn):
         _IMPLEMENTATIONS[(op, backend)] = fn
+        _resolved.clear()
         return fn
 
     return decorator
@@ -138,10 +142,18 @@ def check_backend_name(backend) -> None:
 
 def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
     """The `(name, implementation)` that runs `op` on `device` for the requested `backend`."""
+    key = (op, backend, device.type, os.environ.get(ENV_BACKEND),
+           os.environ.get("TRITON_INTERPRET"))
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(op, backend, device.type)
+    return found
+
+
+def _resolve(op: str, backend: str, device_type: str) -> Tuple[str, Callable]:
     check_backend_name(backend)
     if backend == "auto":
         backend = default_backend()
-    device_type = device.type
     if backend != "auto":
         status = availability(op, backend, device_type)
         if not status.available:

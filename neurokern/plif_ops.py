@@ -23,6 +23,7 @@ recomputation). The leak gradient is reduced deterministically: the kernels writ
 sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel; no atomics.
 """
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -63,13 +64,17 @@ def step_strides(t: torch.Tensor, batch_first: bool):
     """`((T, B, C, S1, S2), (stride_t, stride_b, stride_c, stride_1, stride_2))` of a
     `[T, B, C, *S]` (or `[B, T, C, *S]`) tensor, or None if its spatial dims do not collapse
     into two strided dims."""
-    spatial = collapse_spatial(t.shape[3:], t.stride()[3:])
+    return _step_strides(t.shape, t.stride(), batch_first)
+
+
+@functools.lru_cache(maxsize=256)  # a training run sees a few layouts, every step
+def _step_strides(shape, stride, batch_first):
+    spatial = collapse_spatial(shape[3:], stride[3:])
     if spatial is None:
         return None
     time_dim, batch_dim = (1, 0) if batch_first else (0, 1)
-    sizes = (t.shape[time_dim], t.shape[batch_dim], t.shape[2], spatial[0][0], spatial[1][0])
-    strides = (t.stride(time_dim), t.stride(batch_dim), t.stride(2), spatial[0][1],
-               spatial[1][1])
+    sizes = (shape[time_dim], shape[batch_dim], shape[2], spatial[0][0], spatial[1][0])
+    strides = (stride[time_dim], stride[batch_dim], stride[2], spatial[0][1], spatial[1][1])
     return sizes, strides
 
 
@@ -106,11 +111,10 @@ if triton_available():
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x, ((T, B, C, S1, S2), x_strides) = _strided(x, batch_first)
         N = B * C * S1 * S2
-        s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        s = torch.empty_like(x, memory_format=torch.contiguous_format)
         _, s_strides = step_strides(s, batch_first)
-        v_saved = torch.empty(_saved_shape(T, N, checkpoint), dtype=compute_dtype(x.dtype),
-                              device=x.device)
-        v_last = torch.empty(_state_shape(x, batch_first), dtype=x.dtype, device=x.device)
+        v_saved = x.new_empty(_saved_shape(T, N, checkpoint), dtype=compute_dtype(x.dtype))
+        v_last = x.new_empty(_state_shape(x, batch_first))
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
@@ -141,11 +145,10 @@ if triton_available():
             raise ValueError(f"neurokern_triton::plif_bwd: v_saved of shape "
                              f"{tuple(v_saved.shape)} is not what plif_fwd saves with "
                              f"checkpoint={checkpoint} ({_saved_shape(T, N, checkpoint)})")
-        dx = torch.empty(grad_s.shape, dtype=grad_s.dtype, device=grad_s.device)
+        dx = torch.empty_like(grad_s, memory_format=torch.contiguous_format)
         _, d_strides = step_strides(dx, batch_first)
-        dalpha = torch.empty(N, dtype=v_saved.dtype, device=grad_s.device)
-        dv0 = torch.empty(_state_shape(grad_s, batch_first), dtype=grad_s.dtype,
-                          device=grad_s.device)
+        dalpha = v_saved.new_empty((N,))
+        dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:

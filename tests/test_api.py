@@ -161,6 +161,7 @@ def test_environment_variable_sets_the_default(monkeypatch):
 def test_auto_logs_its_choice_once(monkeypatch, caplog):
     monkeypatch.delenv("NEUROKERN_BACKEND", raising=False)
     monkeypatch.setattr(nk_backends, "_logged_choices", set())
+    monkeypatch.setattr(nk_backends, "_resolved", {})  # as in a fresh process
     with caplog.at_level(logging.INFO, logger="neurokern"):
         for _ in range(3):
             nk.plif(torch.randn(3, 2, 2), 0.5)
@@ -174,6 +175,7 @@ def test_auto_warns_when_a_fused_kernel_cannot_run(monkeypatch, caplog):
     """A registered fused kernel that cannot run here makes auto warn, naming the reason."""
     monkeypatch.delenv("NEUROKERN_BACKEND", raising=False)
     monkeypatch.setattr(nk_backends, "_logged_choices", set())
+    monkeypatch.setattr(nk_backends, "_resolved", {})  # as in a fresh process
     monkeypatch.setitem(nk_backends._IMPLEMENTATIONS, ("spike", "cpu"), lambda *a, **k: None)
     monkeypatch.setattr(nk_backends, "_extension_status", lambda device: "it is broken")
     with caplog.at_level(logging.INFO, logger="neurokern"):
