@@ -11,7 +11,9 @@ from neurokern import dispatch, functional, nn, reference
 from neurokern import plif_ops, spike_ops, spikgru2plus_ops  # noqa: F401
 from neurokern._kernels import clear_cuda_graphs
 from neurokern.dispatch import BackendUnavailableError, backends
-from neurokern.functional import plif, signed_spike, spike, spikgru2plus
+from neurokern.functional import (
+    plif, signed_spike, spike, spikgru2plus, spikgru2plus_bidirectional,
+)
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,5 @@ __all__ = [
     "signed_spike",
     "spike",
     "spikgru2plus",
+    "spikgru2plus_bidirectional",
 ]

@@ -26,7 +26,7 @@ __all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "Availability", "backen
 logger = logging.getLogger("neurokern")
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("spike", "signed_spike", "plif", "spikgru2plus")
+OPS = ("spike", "signed_spike", "plif", "spikgru2plus", "spikgru2plus_bidirectional")
 DEVICES = ("cpu", "cuda")
 ENV_BACKEND = "NEUROKERN_BACKEND"
 

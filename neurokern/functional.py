@@ -12,7 +12,7 @@ import torch
 
 from neurokern import dispatch as _dispatch
 
-__all__ = ["spike", "signed_spike", "plif", "spikgru2plus"]
+__all__ = ["spike", "signed_spike", "plif", "spikgru2plus", "spikgru2plus_bidirectional"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -198,13 +198,76 @@ def spikgru2plus(
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, H]` (or `[B, T, H]`) and the final state.
     """
+    hidden = _check_spikgru2plus_args(x, (weight_ih, weight_hh, bias_ih, bias_hh, alpha),
+                                      batch_first, v_th, gamma)
+    state = _check_spikgru2plus_state(state, x, batch_first, (), hidden)
+    _dispatch.check_backend_name(backend)
+    return _run(
+        "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
+        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
+        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
+    )
+
+
+def spikgru2plus_bidirectional(
+    x,
+    params,
+    reverse_params,
+    *,
+    v_th=1.0,
+    gamma=10.0,
+    signed=True,
+    reset_gate=True,
+    batch_first=False,
+    state=None,
+    spiking=True,
+    backend="auto",
+):
+    """One bidirectional SpikGRU2+ layer (`nn.GRU`'s convention): `spikgru2plus` over x with
+    `params`, and over x reversed in time with `reverse_params` (its spikes reversed back), the
+    two concatenated on the feature dim. The Triton backend runs both directions in one launch
+    per step.
+
+    Args:
+        x: `[T, B, I]`, or `[B, T, I]` with `batch_first=True`.
+        params, reverse_params: `(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of each
+            direction, shaped as for `spikgru2plus` (the same H for both).
+        state: initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse); zeros if None.
+
+    Returns:
+        `(s, (v_T, i_T, s_T))`: spikes `[T, B, 2H]` (or `[B, T, 2H]`) and the final states, each
+        `[2, B, H]`.
+    """
+    for name, p in (("params", params), ("reverse_params", reverse_params)):
+        if not isinstance(p, (tuple, list)) or len(p) != 5:
+            raise TypeError(f"{name} must be (weight_ih, weight_hh, bias_ih, bias_hh, alpha)")
+    hidden = _check_spikgru2plus_args(x, params, batch_first, v_th, gamma)
+    if _check_spikgru2plus_args(x, reverse_params, batch_first, v_th, gamma) != hidden:
+        raise ValueError(f"the two directions have different hidden sizes: {hidden} and "
+                         f"{reverse_params[1].shape[1]}")
+    if (params[2] is None) != (reverse_params[2] is None) or \
+            (params[3] is None) != (reverse_params[3] is None):
+        raise ValueError("both directions must have biases, or neither")
+    state = _check_spikgru2plus_state(state, x, batch_first, (2,), hidden)
+    _dispatch.check_backend_name(backend)
+    return _run(
+        "spikgru2plus_bidirectional", backend, x, tuple(params), tuple(reverse_params),
+        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
+        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
+    )
+
+
+def _check_spikgru2plus_args(x, params, batch_first, v_th, gamma):
+    """Checks x and one direction's `(weight_ih, weight_hh, bias_ih, bias_hh, alpha)`;
+    returns H."""
+    weight_ih, weight_hh, bias_ih, bias_hh, alpha = params
     _check_tensor("x", x)
     if x.dim() != 3:
         layout = "[B, T, I]" if batch_first else "[T, B, I]"
         raise ValueError(f"x must have shape {layout} (rank 3), got shape {list(x.shape)}")
     time_dim = 1 if batch_first else 0
     _check_time(x, time_dim)
-    batch, input_size = x.shape[1 - time_dim], x.shape[2]
+    input_size = x.shape[2]
     _check_like("weight_hh", weight_hh, x, parameter=True)
     if weight_hh.dim() != 2 or weight_hh.shape[0] != 3 * weight_hh.shape[1]:
         raise ValueError(f"weight_hh must have shape [3H, H], got {list(weight_hh.shape)}")
@@ -227,16 +290,17 @@ def spikgru2plus(
     _check_shape("alpha", alpha, (hidden,))
     _check_positive("v_th", v_th)
     _check_positive("gamma", gamma)
-    if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 3:
-            raise TypeError("state must be a triple (v_0, i_0, s_0) of tensors")
-        for name, t in zip(("state[0] (v_0)", "state[1] (i_0)", "state[2] (s_0)"), state):
-            _check_like(name, t, x)
-            _check_shape(name, t, (batch, hidden))
-        state = tuple(state)
-    _dispatch.check_backend_name(backend)
-    return _run(
-        "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
-        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
-        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
-    )
+    return hidden
+
+
+def _check_spikgru2plus_state(state, x, batch_first, leading, hidden):
+    """`state` as a tuple after checking it is None or three tensors `[*leading, B, H]`."""
+    if state is None:
+        return None
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise TypeError("state must be a triple (v_0, i_0, s_0) of tensors")
+    batch = x.shape[0 if batch_first else 1]
+    for name, t in zip(("state[0] (v_0)", "state[1] (i_0)", "state[2] (s_0)"), state):
+        _check_like(name, t, x)
+        _check_shape(name, t, (*leading, batch, hidden))
+    return tuple(state)

@@ -272,26 +272,28 @@ class SpikGRU2Plus(nn.Module):
                 state = tuple(t.unsqueeze(1) for t in state)
 
         x = input
-        finals = []  # (v, i, s) per layer and direction, in nn.GRU's order
+        finals = []  # (v, i, s) per layer, each [D, B, H]: nn.GRU's order once concatenated
+        options = dict(v_th=self.v_th, gamma=self.gamma, signed=self.signed,
+                       reset_gate=self.reset_gate, batch_first=self.batch_first,
+                       spiking=self.spiking, backend=self.backend)
+        directions = self.num_directions
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.num_directions):
-                index = layer * self.num_directions + direction
-                layer_state = None if state is None else tuple(t[index] for t in state)
-                x_dir = x.flip(time_dim) if direction else x
-                out, final = F.spikgru2plus(
-                    x_dir, *self.layer_parameters(layer, direction),
-                    v_th=self.v_th, gamma=self.gamma, signed=self.signed,
-                    reset_gate=self.reset_gate, batch_first=self.batch_first,
-                    state=layer_state, spiking=self.spiking, backend=self.backend,
-                )
-                outputs.append(out.flip(time_dim) if direction else out)
-                finals.append(final)
-            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            first = layer * directions  # this layer's rows of the state, nn.GRU's order
+            layer_state = None if state is None else tuple(
+                t[first:first + directions] if directions > 1 else t[first] for t in state)
+            if directions > 1:
+                x, final = F.spikgru2plus_bidirectional(
+                    x, self.layer_parameters(layer, 0), self.layer_parameters(layer, 1),
+                    state=layer_state, **options)
+                finals.append(final)  # each [2, B, H]
+            else:
+                x, final = F.spikgru2plus(x, *self.layer_parameters(layer, 0),
+                                          state=layer_state, **options)
+                finals.append(tuple(t.unsqueeze(0) for t in final))
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = torch_F.dropout(x, self.dropout, training=True)
 
-        final_state = tuple(torch.stack([f[n] for f in finals]) for n in range(3))
+        final_state = tuple(torch.cat([f[n] for f in finals]) for n in range(3))
         if unbatched:
             x = x.squeeze(0 if self.batch_first else 1)
             final_state = tuple(t.squeeze(1) for t in final_state)

@@ -19,6 +19,7 @@ __all__ = [
     "signed_spike",
     "plif",
     "spikgru2plus",
+    "spikgru2plus_bidirectional",
 ]
 
 
@@ -259,3 +260,45 @@ def spikgru2plus(
         spikes.append(s)
     out = torch.stack(spikes, time_dim).to(x.dtype)
     return out, (v.to(x.dtype), i.to(x.dtype), s.to(x.dtype))
+
+
+def spikgru2plus_bidirectional(
+    x: torch.Tensor,
+    params,
+    reverse_params,
+    *,
+    v_th: float = 1.0,
+    gamma: float = 10.0,
+    signed: bool = True,
+    reset_gate: bool = True,
+    batch_first: bool = False,
+    state=None,
+    spiking: bool = True,
+    layer=None,
+):
+    """One bidirectional SpikGRU2+ layer, `nn.GRU`'s convention: the forward direction runs
+    `spikgru2plus` over x, the reverse direction over x reversed in time (its spikes reversed
+    back), and the spikes are concatenated on the feature dim.
+
+    Args:
+        params, reverse_params: `(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of each
+            direction, as for `spikgru2plus`.
+        state: optional initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse).
+        layer: the one-direction layer to compose (default `spikgru2plus`; a fused backend
+            without a two-direction kernel passes its own).
+
+    Returns:
+        `(s, (v_T, i_T, s_T))` with `s` `[T, B, 2H]` (or `[B, T, 2H]`) and each final state
+        `[2, B, H]`.
+    """
+    layer = layer or spikgru2plus
+    time_dim = 1 if batch_first else 0
+    outputs, finals = [], []
+    for direction, p in enumerate((params, reverse_params)):
+        x_dir = x.flip(time_dim) if direction else x
+        out, final = layer(x_dir, *p, v_th=v_th, gamma=gamma, signed=signed,
+                           reset_gate=reset_gate, batch_first=batch_first, spiking=spiking,
+                           state=None if state is None else tuple(t[direction] for t in state))
+        outputs.append(out.flip(time_dim) if direction else out)
+        finals.append(final)
+    return torch.cat(outputs, 2), tuple(torch.stack(f) for f in zip(*finals))

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from neurokern import _extension
+from neurokern import _extension, reference
 from neurokern._kernels import (
     eager_or_op, graphed, register_fakes, scalar_params, triton_available, triton_op,
 )
@@ -64,11 +64,12 @@ def _fwd_fake(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, re
 
 def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
               s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
-    steps, batch, gates = gi.shape
+    steps, rows, gates = gi.shape  # rows = D * B
     hidden = gates // 3
-    return (gi.new_empty((steps, batch, gates)), gi.new_empty((gates, hidden)),
-            gi.new_empty((gates,)), gi.new_empty((hidden,)), gi.new_empty((batch, hidden)),
-            gi.new_empty((batch, hidden)), gi.new_empty((batch, hidden)))
+    return (gi.new_empty((steps, rows, gates)), gi.new_empty(weight_hh.shape),
+            gi.new_empty(weight_hh.shape[:-2] + (gates,)), gi.new_empty(alpha.shape),
+            gi.new_empty((rows, hidden)), gi.new_empty((rows, hidden)),
+            gi.new_empty((rows, hidden)))
 
 
 def spikgru2plus_ops(backend):
@@ -87,11 +88,33 @@ if triton_available():
 
     _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, B)
 
+    def _directions(weight_hh):
+        """D: 1 for a [3H, H] weight_hh, its leading size for a stacked [D, 3H, H] one."""
+        return weight_hh.shape[0] if weight_hh.dim() == 3 else 1
+
+    def _product(a, weight, out, directions):
+        """out = a @ weight per direction: rows of `a` and `out` are direction-major
+        ([D * B, .]), `weight` is [D, ., .] (or 2-D for D = 1); one (batched) product."""
+        if directions == 1:
+            return torch.mm(a, weight, out=out)
+        return torch.bmm(a.view(directions, -1, a.shape[-1]), weight,
+                         out=out.view(directions, -1, out.shape[-1]))
+
     def _recurrent(s_prev, weight_hh, bias_hh, dtype):
-        """gh = U s + b_hh for all steps at once ([T, B, 3H]), the product in weight_hh's dtype,
-        the sum in `dtype`."""
-        gh = torch.matmul(s_prev.to(weight_hh.dtype), weight_hh.t()).to(dtype)
-        return gh if bias_hh is None else gh.add_(bias_hh)
+        """gh = U s + b_hh for all steps at once ([T, D * B, 3H]), the product in weight_hh's
+        dtype, the sum in `dtype`."""
+        steps, rows, hidden = s_prev.shape
+        directions = _directions(weight_hh)
+        s_dirs = s_prev.to(weight_hh.dtype).view(steps, directions, rows // directions, hidden)
+        # [D, T * B, H] @ [D, H, 3H] -> [T, D, B, 3H]
+        gh = torch.matmul(s_dirs.transpose(0, 1).reshape(directions, -1, hidden),
+                          weight_hh.view(directions, -1, hidden).transpose(1, 2))
+        gh = gh.view(directions, steps, rows // directions, -1).transpose(0, 1).to(dtype)
+        if bias_hh is not None:
+            gh = gh + bias_hh.view(directions, 1, -1)
+        # contiguous: the kernel reads rows of 3H (with B = 1 the reshape alone would be a
+        # view with the directions' rows T * 3H apart)
+        return gh.reshape(steps, rows, -1).contiguous()
 
     @triton_op("neurokern_triton::spikgru2plus_fwd")
     def triton_spikgru2plus_fwd(
@@ -105,25 +128,28 @@ if triton_available():
 
     def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
                   spiking):
-        steps, batch, gates = gi.shape
+        steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
-        s_seq = gi.new_empty((steps, batch, hidden))  # [T, B, H]
+        directions = _directions(weight_hh)
+        s_seq = gi.new_empty((steps, rows, hidden))  # [T, D * B, H]
         v_seq, i_seq = torch.empty_like(s_seq), torch.empty_like(s_seq)
-        zeros = gi.new_zeros((batch, hidden))
+        zeros = gi.new_zeros((rows, hidden))
         v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
-        grid = (triton.cdiv(hidden, _BLOCK), batch)
+        grid = (triton.cdiv(hidden, _BLOCK), rows)
         # The products run in weight_hh's dtype: U s_{t-1} into gh (the kernel adds b_hh); with
         # a lower one than gi's, the kernel also writes each s_t in it (s_mm) for the next one.
         mixed = weight_hh.dtype != gi.dtype
-        gh = gi.new_empty((batch, gates), dtype=weight_hh.dtype)
+        gh = gi.new_empty((rows, gates), dtype=weight_hh.dtype)
         s_mm = s.to(weight_hh.dtype, copy=True) if mixed else s
+        weight_t = weight_hh.transpose(-1, -2)  # [D, H, 3H] (or [H, 3H])
         bias = gh if bias_hh is None else bias_hh.contiguous()
+        alpha = alpha.contiguous()
         for t in range(steps):
-            torch.mm(s_mm, weight_hh.t(), out=gh)
+            _product(s_mm, weight_t, gh, directions)
             spikgru2plus_step_fwd_kernel[grid](
                 gi[t], gh, bias, alpha, v, i, s, params,
-                s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, gi.stride(1),
+                s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, rows // directions, gi.stride(1),
                 RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
                 SPIKING=spiking, STORE_S_MM=mixed, BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
@@ -147,41 +173,49 @@ if triton_available():
 
     def _bwd_loop(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
                   s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
-        steps, batch, gates = gi.shape
+        steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
+        directions = _directions(weight_hh)
+        batch = rows // directions
         if grad_s.stride(-1) != 1:
             grad_s = grad_s.contiguous()
-        zeros = gi.new_zeros((batch, hidden))
+        zeros = gi.new_zeros((rows, hidden))
 
-        def before(first, seq):  # [T, B, H]: the state entering each step
+        def before(first, seq):  # [T, D * B, H]: the state entering each step
             return torch.cat([(zeros if first is None else first).unsqueeze(0), seq[:-1]])
 
         s_prev, v_prev, i_prev = before(s0, s_seq), before(v0, v_seq), before(i0, i_seq)
         s_prev = s_prev.to(weight_hh.dtype)  # the products' operand
-        gh = _recurrent(s_prev, weight_hh, bias_hh, gi.dtype)  # [T, B, 3H], one product
+        gh = _recurrent(s_prev, weight_hh, bias_hh, gi.dtype)  # [T, D * B, 3H], one product
         # dgh feeds the products, so it is kept in their dtype (weight_hh's)
         dgi, dgh = torch.empty_like(gi), torch.empty_like(gh, dtype=weight_hh.dtype)
-        dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [B, H]
+        dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [D * B, H]
         di_next = zeros.clone() if grad_i_last is None else grad_i_last.clone()
         # dL/ds_t = ds (output gradient and reset path, updated in place by the kernel) + ds_rec
         # (the product path dL/d(gh_{t+1}) U, in the products' dtype)
         ds = grad_s[steps - 1] + (0 if grad_s_last is None else grad_s_last)
         ds_rec, dalpha = torch.empty_like(zeros, dtype=weight_hh.dtype), torch.zeros_like(zeros)
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
-        grid = (triton.cdiv(hidden, _BLOCK), batch)
+        grid = (triton.cdiv(hidden, _BLOCK), rows)
+        alpha = alpha.contiguous()
         for t in range(steps - 1, -1, -1):
             grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
             spikgru2plus_step_bwd_kernel[grid](
                 gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, ds_rec,
                 dv_next, di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
-                hidden, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
+                hidden, batch, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
                 RESET_GATE=reset_gate, SIGNED=signed, HAS_DS_REC=t < steps - 1,
                 HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
-            torch.mm(dgh[t], weight_hh, out=ds_rec)  # the product path of dL/ds_{t-1}
-        dweight_hh = torch.mm(dgh.view(steps * batch, gates).t(),
-                              s_prev.view(steps * batch, hidden))  # [3H, H], all steps at once
-        return (dgi, dweight_hh.to(gi.dtype), dgh.sum((0, 1), dtype=gi.dtype), dalpha.sum(0),
-                dv_next, di_next, ds + ds_rec)
+            _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
+        # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
+        dgh4 = dgh.view(steps, directions, batch, gates)
+        dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4,
+                                  s_prev.view(steps, directions, batch, hidden))
+        dbias_hh = dgh4.sum((0, 2), dtype=gi.dtype)
+        dalpha = dalpha.view(directions, batch, hidden).sum(1)
+        if weight_hh.dim() == 2:
+            dweight_hh, dbias_hh, dalpha = dweight_hh[0], dbias_hh[0], dalpha[0]
+        return (dgi, dweight_hh.to(gi.dtype), dbias_hh, dalpha, dv_next, di_next, ds + ds_rec)
 
 
 register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
@@ -226,6 +260,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
                  signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype):
         fwd = eager_or_op(spikgru2plus_ops(backend)[0])
+        directions = weight_hh.shape[0] if weight_hh.dim() == 3 else 1
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
         # product on the strided view (matmul cannot fold it into one GEMM) and gives dW = dgi^T x
         # the same layout.
@@ -233,27 +268,32 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         steps, batch, inputs = x_tm.shape
         weight_ih_c, weight_hh_c = weight_ih.to(mm_dtype), weight_hh.to(mm_dtype)
         bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
-        v0_c, i0_c, s0_c = _cast(v0, dtype), _cast(i0, dtype), _cast(s0, dtype)
+        v0_c, i0_c, s0_c = (None if t is None else t.to(dtype).reshape(-1, t.shape[-1])
+                            for t in (v0, i0, s0))  # [D * B, H]
 
-        gi = torch.mm(x_tm.view(steps * batch, inputs), weight_ih_c.t()).to(dtype)  # [T*B, 3H]
+        # all directions' input projections in one product: [T * B, D * 3H]
+        gi = torch.mm(x_tm.view(steps * batch, inputs),
+                      weight_ih_c.reshape(-1, inputs).t()).to(dtype)
         if bias_ih is not None:  # after the product, as the reference rounds it; not in
             # place: torch 2.11's torch.compile gave wrong gradients for an autograd.Function
             # with an in-place op in its forward (pytorch/pytorch#184113, seen on an H100)
-            gi = gi + bias_ih.to(dtype)
-        gi = gi.view(steps, batch, -1)  # [T, B, 3H]
+            gi = gi + bias_ih.to(dtype).reshape(-1)
+        gi = _to_processing_order(gi.view(steps, batch, -1), directions)  # [T, D * B, 3H]
         s_seq, v_seq, i_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c, v_th,
-                                  gamma, signed, reset_gate, spiking)  # [T, B, H] each
+                                  gamma, signed, reset_gate, spiking)  # [T, D * B, H] each
 
         ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
                               v_seq, i_seq, v0_c, i0_c, s0_c)
         ctx.set_materialize_grads(False)
-        ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend)
+        ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions)
         ctx.device_type = x.device.type
-        ctx.dtypes = tuple(None if t is None else t.dtype
+        ctx.inputs = tuple(None if t is None else (t.dtype, t.shape)
                            for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0))
-        s = s_seq.transpose(0, 1).contiguous() if batch_first else s_seq
-        return (s.to(x.dtype), v_seq[-1].to(x.dtype, copy=True),
-                i_seq[-1].to(x.dtype, copy=True), s_seq[-1].to(x.dtype, copy=True))
+        s = _to_time_order(s_seq, directions)  # [T, B, D * H]
+        s = s.transpose(0, 1).contiguous() if batch_first else s
+        final_shape = (directions, batch, -1) if directions > 1 else (batch, -1)
+        return (s.to(x.dtype), *(seq[-1].reshape(final_shape).to(x.dtype, copy=True)
+                                  for seq in (v_seq, i_seq, s_seq)))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -266,7 +306,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
         (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, v0, i0,
          s0) = ctx.saved_tensors
-        v_th, gamma, signed, reset_gate, batch_first, backend = ctx.args
+        v_th, gamma, signed, reset_gate, batch_first, backend, directions = ctx.args
         needs = ctx.needs_input_grad
         if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
             return (None,) * 16
@@ -274,29 +314,55 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         dtype = gi.dtype
         if grad_s is None:  # only the final state was used
             grad_s = gi.new_zeros(s_seq.shape)
-        elif batch_first:
-            grad_s = grad_s.transpose(0, 1)  # [T, B, H] view; the op reads any (t, b) strides
-        dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
-            grad_s.to(dtype), _cast(grad_v_last, dtype), _cast(grad_i_last, dtype),
-            _cast(grad_s_last, dtype), gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0,
-            i0, s0, v_th, gamma, signed, reset_gate)
+        else:  # [T, B, D * H] -> [T, D * B, H]: a view for one direction (the op reads any
+            # (t, b) strides), a copy for two
+            grad_s = _to_processing_order(grad_s.transpose(0, 1) if batch_first else grad_s,
+                                          directions)
 
-        steps, batch, gates = dgi.shape
-        dgi_2d = dgi.view(steps * batch, gates)
+        def last(g):  # [D, B, H] or [B, H] -> [D * B, H] in the compute dtype
+            return None if g is None else g.to(dtype).reshape(-1, g.shape[-1])
+
+        dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
+            grad_s.to(dtype), last(grad_v_last), last(grad_i_last), last(grad_s_last), gi,
+            weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed,
+            reset_gate)
+
+        steps, batch, inputs = x_tm.shape
+        dgi_2d = _to_time_order(dgi, directions).reshape(steps * batch, -1)  # [T * B, D * 3H]
         dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand
         grads = [None] * 9
-        if needs[0]:
-            dx = torch.mm(dgi_mm, weight_ih).view(steps, batch, -1)  # [T, B, I]
+        if needs[0]:  # both directions' paths summed by the one product
+            dx = torch.mm(dgi_mm, weight_ih.reshape(-1, inputs)).view(steps, batch, -1)
             grads[0] = dx.transpose(0, 1) if batch_first else dx
         if needs[1]:
-            grads[1] = torch.mm(dgi_mm.t(), x_tm.view(steps * batch, -1))  # [3H, I]
+            grads[1] = torch.mm(dgi_mm.t(), x_tm.view(steps * batch, -1))  # [D * 3H, I]
         if needs[3]:
             grads[3] = dgi_2d.sum(0)
         for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):
             if needs[k]:
                 grads[k] = g
-        grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)]
+        grads = [None if g is None else g.reshape(shape).to(dt)
+                 for g, (dt, shape) in zip(grads, (i or (None, None) for i in ctx.inputs))]
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _to_processing_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
+    """`[T, B, D * X]` in time order -> `[T, D * B, X]`, rows direction-major, each direction
+    in its processing order (the reverse direction's time flipped). Itself for D = 1."""
+    if directions == 1:
+        return seq
+    steps, batch, width = seq.shape
+    forward, reverse = seq.view(steps, batch, directions, width // directions).unbind(2)
+    return torch.stack([forward, reverse.flip(0)], 1).view(steps, directions * batch, -1)
+
+
+def _to_time_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
+    """The inverse of `_to_processing_order`: `[T, D * B, X]` -> `[T, B, D * X]`."""
+    if directions == 1:
+        return seq
+    steps, rows, width = seq.shape
+    forward, reverse = seq.view(steps, directions, rows // directions, width).unbind(1)
+    return torch.cat([forward, reverse.flip(0)], -1)
 
 
 def _impl(backend):
@@ -314,8 +380,35 @@ def _impl(backend):
     return spikgru2plus
 
 
+def _bidirectional_impl(backend):
+    def spikgru2plus_bidirectional(x, params, reverse_params, *, v_th=1.0, gamma=10.0,
+                                   signed=True, reset_gate=True, batch_first=False, state=None,
+                                   spiking=True):
+        """`neurokern.reference.spikgru2plus_bidirectional` on the fused kernels. The Triton
+        backend runs both directions in one launch per step (the parameters stacked to
+        [2, ...], rows of the loop direction-major); the C++ one direction after the other."""
+        if backend != "triton":
+            return reference.spikgru2plus_bidirectional(
+                x, params, reverse_params, v_th=v_th, gamma=gamma, signed=signed,
+                reset_gate=reset_gate, batch_first=batch_first, state=state, spiking=spiking,
+                layer=_impl(backend))
+        stacked = [None if p is None else torch.stack([p, q])
+                   for p, q in zip(params, reverse_params)]
+        v0, i0, s0 = state if state is not None else (None, None, None)
+        s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
+            x, *stacked, v0, i0, s0, v_th, gamma, signed, reset_gate, batch_first, spiking,
+            backend)
+        return s, (v_last, i_last, s_last)
+
+    spikgru2plus_bidirectional.__qualname__ = spikgru2plus_bidirectional.__name__ = (
+        f"spikgru2plus_bidirectional_{backend}")
+    return spikgru2plus_bidirectional
+
+
 # Registered when the extension did not load (the dispatcher then reports why the backend is
 # unavailable) or when it has the kernels; a stale build without them leaves "cpu" unregistered.
 if _extension.error is not None or _cpu_kernels_present():
     spikgru2plus_cpu = register("spikgru2plus", "cpu")(_impl("cpu"))
+    register("spikgru2plus_bidirectional", "cpu")(_bidirectional_impl("cpu"))
 spikgru2plus_triton = register("spikgru2plus", "triton")(_impl("triton"))
+register("spikgru2plus_bidirectional", "triton")(_bidirectional_impl("triton"))

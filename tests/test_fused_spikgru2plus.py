@@ -170,6 +170,73 @@ def test_float64_equals_reference(poison_empty, backend, case):
     assert_outputs_and_grads_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
+def run_bidirectional(case, backend, leaves, reverse, device):
+    """Outputs (s [T, B, 2H], v_T, i_T, s_T [2, B, H]) of one bidirectional layer and the
+    gradients of x, of both directions' parameters and of the state, as float64 CPU tensors.
+    `leaves` give x, the forward parameters and state; `reverse` the reverse ones."""
+    param_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "alpha")
+    x = leaves["x"].detach().to(device).requires_grad_()
+    params = [[None if d[n] is None else d[n].detach().to(device).requires_grad_()
+               for n in param_names] for d in (leaves, reverse)]
+    state = None
+    if leaves["v0"] is not None:
+        state = tuple(torch.stack([leaves[n], reverse[n]]).to(device).requires_grad_()
+                      for n in ("v0", "i0", "s0"))
+    s, final = nk.spikgru2plus_bidirectional(
+        x, params[0], params[1], v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
+        reset_gate=case["reset_gate"], batch_first=case["batch_first"], state=state,
+        backend=backend)
+    gen = torch.Generator().manual_seed(case["seed"])
+    outs = (s, *final)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=f64).to(device)).sum()
+               for o in outs)
+    inputs = [x, *(p for d in params for p in d if p is not None), *(state or ())]
+    grads = torch.autograd.grad(loss, inputs)
+    return [t.detach().cpu() for t in (*outs, *grads)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=gru_cases())
+@with_examples
+def test_bidirectional_float64_equals_reference(poison_empty, backend, case):
+    """A bidirectional layer (on Triton both directions in one launch per step, rows
+    direction-major) against the reference's composition of two one-direction layers: spikes
+    exact in float64, final states and every gradient close."""
+    dev = backend_device(backend)
+    leaves, _ = make_inputs(case)
+    reverse, _ = make_inputs(dict(case, seed=case["seed"] + 1))
+    ref = run_bidirectional(case, "reference", leaves, reverse, dev)
+    out = run_bidirectional(case, backend, leaves, reverse, dev)
+    assert torch.equal(out[0], ref[0]), "spikes differ in float64"
+    assert torch.equal(out[3], ref[3]), "final spikes differ in float64"
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bidirectional_bad_input(backend):
+    dev = backend_device(backend)
+    x = torch.randn(4, 2, 3, device=dev)
+
+    def params(hidden, bias=True):
+        return (torch.randn(3 * hidden, 3, device=dev), torch.randn(3 * hidden, hidden, device=dev),
+                torch.randn(3 * hidden, device=dev) if bias else None,
+                torch.randn(3 * hidden, device=dev) if bias else None,
+                torch.rand(hidden, device=dev))
+
+    with pytest.raises(ValueError, match="different hidden sizes: 5 and 6"):
+        nk.spikgru2plus_bidirectional(x, params(5), params(6), backend=backend)
+    with pytest.raises(ValueError, match="both directions must have biases"):
+        nk.spikgru2plus_bidirectional(x, params(5), params(5, bias=False), backend=backend)
+    with pytest.raises(TypeError, match="reverse_params must be"):
+        nk.spikgru2plus_bidirectional(x, params(5), params(5)[:4], backend=backend)
+    state = tuple(torch.zeros(2, 2, 5, device=dev) for _ in range(3))
+    nk.spikgru2plus_bidirectional(x, params(5), params(5), state=state, backend=backend)
+    with pytest.raises(ValueError, match=r"must have shape \[2, 2, 5\]"):
+        nk.spikgru2plus_bidirectional(x, params(5), params(5), state=tuple(
+            t[0] for t in state), backend=backend)
+
+
 def check_float32(case, leaves, cot, backend, dev):
     """Runs `backend` in float32 and compares it with the float64 reference (on the inputs as
     float32 sees them): spikes equal except for threshold flips, which must first occur within

@@ -2,6 +2,10 @@
 elementwise Triton kernels over the `[B, H]` hidden units. The recurrent products stay outside
 (one `mm` per step), so that a step is one product plus one kernel.
 
+Directions: the rows are D * B (direction-major): a bidirectional layer runs both directions in
+one launch per step, each in its own processing order, with row b of direction d = b // B
+reading that direction's leak alpha[d] and b_hh[d] (`[D, H]` and `[D, 3H]`).
+
 Dtypes: the state and all arithmetic are in the compute dtype (that of `params`); gh, dgh and the
 spike copy for the next product (`s_mm`) may be in a lower one, the dtype the products run in
 (bf16/fp16 under autocast): loads convert, stores round to each pointer's dtype.
@@ -52,13 +56,13 @@ def _gates(gi_row, gh_row, bias_ptr, h, mask, H, RESET_GATE: tl.constexpr,
 def spikgru2plus_step_fwd_kernel(
     gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
     gh_ptr,  # [B, 3H] U s_{t-1}, contiguous
-    bias_ptr,  # [3H] b_hh, read if HAS_BIAS
-    alpha_ptr,  # [H]
-    v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [B, H] state after step t-1, contiguous
+    bias_ptr,  # [D, 3H] b_hh, read if HAS_BIAS
+    alpha_ptr,  # [D, H]
+    v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [D * B, H] state after step t-1, contiguous
     params_ptr,  # [2]: v_th, gamma in the compute dtype
-    s_ptr, v_ptr, i_ptr,  # [B, H] out: state after step t
-    s_mm_ptr,  # [B, H] out if STORE_S_MM: s_t again, in the dtype of the next product
-    H, gi_stride,
+    s_ptr, v_ptr, i_ptr,  # [D * B, H] out: state after step t
+    s_mm_ptr,  # [D * B, H] out if STORE_S_MM: s_t again, in the dtype of the next product
+    H, B, gi_stride,
     RESET_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
@@ -66,16 +70,17 @@ def spikgru2plus_step_fwd_kernel(
     STORE_S_MM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)  # row of [D * B]
+    d = b // B  # direction
     h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = h < H
     v_th = tl.load(params_ptr)
     gamma = tl.load(params_ptr + 1)
     dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr, h, mask,
-                              H, RESET_GATE, HAS_BIAS, dtype)
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr + d * 3 * H,
+                              h, mask, H, RESET_GATE, HAS_BIAS, dtype)
     row = b * H + h
-    alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
+    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
     v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
     i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
     s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
@@ -93,26 +98,27 @@ def spikgru2plus_step_fwd_kernel(
 def spikgru2plus_step_bwd_kernel(
     gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
     gh_ptr,  # [B, 3H] U s_{t-1} + b_hh, recomputed, contiguous
-    alpha_ptr,  # [H]
-    v_prev_ptr, i_prev_ptr,  # [B, H] state after step t-1
-    v_ptr, i_ptr,  # [B, H] state after step t
-    ds_ptr,  # [B, H] dL/ds_t but for the product path through step t+1 (ds_rec)
-    ds_rec_ptr,  # [B, H] the product path dL/d(gh_{t+1}) U, read if HAS_DS_REC
-    dv_next_ptr, di_next_ptr,  # [B, H] carries in; overwritten with the carries for t-1
+    alpha_ptr,  # [D, H]
+    v_prev_ptr, i_prev_ptr,  # [D * B, H] state after step t-1
+    v_ptr, i_ptr,  # [D * B, H] state after step t
+    ds_ptr,  # [D * B, H] dL/ds_t but for the product path through step t+1 (ds_rec)
+    ds_rec_ptr,  # [D * B, H] the product path dL/d(gh_{t+1}) U, read if HAS_DS_REC
+    dv_next_ptr, di_next_ptr,  # [D * B, H] carries in; overwritten with the carries for t-1
     params_ptr,  # [2]: v_th, gamma
-    dgi_ptr,  # [B, 3H] out: dL/d(gi_t) (row stride dgi_stride)
-    dgh_ptr,  # [B, 3H] out: dL/d(gh_t), contiguous
-    ds_prev_ptr,  # [B, H] out (may be ds_ptr): the reset path -v_th dv_t plus grad_prev (the
+    dgi_ptr,  # [D * B, 3H] out: dL/d(gi_t) (row stride dgi_stride)
+    dgh_ptr,  # [D * B, 3H] out: dL/d(gh_t), contiguous
+    ds_prev_ptr,  # [D * B, H] out (may be ds_ptr): the reset path -v_th dv_t plus grad_prev (the
     grad_prev_ptr,  # output gradient of s_{t-1}, row stride grad_prev_stride, if HAS_GRAD_PREV)
-    dalpha_ptr,  # [B, H] in/out: running sum of dL/di_t * i_{t-1}
-    H, gi_stride, dgi_stride, grad_prev_stride,
+    dalpha_ptr,  # [D * B, H] in/out: running sum of dL/di_t * i_{t-1}
+    H, B, gi_stride, dgi_stride, grad_prev_stride,
     RESET_GATE: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_DS_REC: tl.constexpr,
     HAS_GRAD_PREV: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)  # row of [D * B]
+    d = b // B  # direction
     h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = h < H
     v_th = tl.load(params_ptr)
@@ -122,7 +128,7 @@ def spikgru2plus_step_bwd_kernel(
     r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_row, gh_row, h, mask, H, RESET_GATE,
                               False, dtype)
     row = b * H + h
-    alpha = tl.load(alpha_ptr + h, mask=mask, other=0).to(dtype)
+    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
     v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
     i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
     v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
