@@ -65,7 +65,25 @@ def stack_providers(device, inputs, hidden, layers):
                                    backend=backend).to(device)
         leaves += list(model.parameters())
         out[f"neurokern {backend}"] = lambda x, m=model: m(x)[0]
+        if backend == "triton":  # the same stack with the two directions run one after the
+            # other (as before the two-direction loop): what the combined launch saves
+            out["neurokern triton, directions in turn"] = (
+                lambda x, m=model: directions_in_turn(m, x))
     return out, leaves
+
+
+def directions_in_turn(model, x):
+    """`model`'s forward (training mode, dropout between layers) with each bidirectional layer
+    run as two one-direction calls of its backend."""
+    def layer(*args, **kwargs):
+        return nk.spikgru2plus(*args, backend=model.backend, **kwargs)
+
+    for k in range(model.num_layers):
+        x, _ = reference.spikgru2plus_bidirectional(
+            x, model.layer_parameters(k, 0), model.layer_parameters(k, 1), layer=layer)
+        if k < model.num_layers - 1:
+            x = torch_F.dropout(x, model.dropout, training=model.training)
+    return x
 
 
 def main(argv=None):
