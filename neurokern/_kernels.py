@@ -39,6 +39,11 @@ def triton_available() -> bool:
     return triton_error is None
 
 
+def interpreted() -> bool:
+    """Whether Triton kernels run under the interpreter (TRITON_INTERPRET=1, on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def scalar_params(v_th: float, gamma: float, dtype: torch.dtype, device) -> torch.Tensor:
     """`[v_th, gamma]` as a device tensor in the compute dtype of `dtype`, cached.
 

@@ -31,13 +31,15 @@ Saved for backward, per step and batch row, in the compute dtype: gi (3H values)
 recomputed in the backward from gi and one product S_prev U^T over all steps.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from neurokern import _extension, reference
 from neurokern._kernels import (
-    eager_or_op, graphed, register_fakes, scalar_params, triton_available, triton_op,
+    eager_or_op, graphed, interpreted, register_fakes, scalar_params, triton_available,
+    triton_op,
 )
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
@@ -82,11 +84,23 @@ if triton_available():
     import triton
 
     from neurokern.triton_kernels.spikgru2plus import (
+        spikgru2plus_step_bwd_fused_kernel,
         spikgru2plus_step_bwd_kernel,
+        spikgru2plus_step_fwd_fused_kernel,
         spikgru2plus_step_fwd_kernel,
     )
 
-    _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, B)
+    _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, D * B)
+    # fused kernels: [BLOCK_B, 16] tiles of (batch rows, hidden units), K in chunks of 64
+    _FUSED = dict(BLOCK_H=16, BLOCK_K=64)
+
+    def _fused_tiles(batch, hidden, directions, weight):
+        """`(grid, constexprs)` of the fused step kernels (tl.dot needs tiles of >= 16 rows)."""
+        block_b = min(64, max(16, triton.next_power_of_2(batch)))
+        grid = (triton.cdiv(hidden, _FUSED["BLOCK_H"]), triton.cdiv(batch, block_b), directions)
+        half = weight.dtype != torch.float32
+        return grid, dict(IEEE=not half, UPCAST=half and interpreted(), BLOCK_B=block_b,
+                          **_FUSED)
 
     def _directions(weight_hh):
         """D: 1 for a [3H, H] weight_hh, its leading size for a stacked [D, 3H, H] one."""
@@ -123,8 +137,42 @@ if triton_available():
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
         spiking: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if fused_products(gi.dtype):
+            return graphed("spikgru2plus_fwd_fused", _fwd_loop_fused, gi, weight_hh, bias_hh,
+                           alpha, v0, i0, s0, v_th, gamma, signed, reset_gate, spiking)
         return graphed("spikgru2plus_fwd", _fwd_loop, gi, weight_hh, bias_hh, alpha, v0, i0,
                        s0, v_th, gamma, signed, reset_gate, spiking)
+
+    def _fwd_loop_fused(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
+                        reset_gate, spiking):
+        """`_fwd_loop` with each step's product inside the step kernel: one launch per step."""
+        steps, rows, gates = gi.shape  # rows = D * B
+        hidden = gates // 3
+        directions = _directions(weight_hh)
+        s_seq = gi.new_empty((steps, rows, hidden))  # [T, D * B, H]
+        v_seq, i_seq = torch.empty_like(s_seq), torch.empty_like(s_seq)
+        zeros = gi.new_zeros((rows, hidden))
+        v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
+        params = scalar_params(v_th, gamma, gi.dtype, gi.device)
+        weight = weight_hh.contiguous()
+        grid, tiles = _fused_tiles(rows // directions, hidden, directions, weight)
+        # a product dtype below gi's: s_{t-1} in it, two buffers (a step reads all of one
+        # while its programs write the other)
+        mixed = weight.dtype != gi.dtype
+        s_mm = [s.to(weight.dtype, copy=True), torch.empty_like(s, dtype=weight.dtype)] \
+            if mixed else None
+        bias = gi if bias_hh is None else bias_hh.contiguous()
+        alpha = alpha.contiguous()
+        for t in range(steps):
+            s_prev_mm = s_mm[t % 2] if mixed else s
+            spikgru2plus_step_fwd_fused_kernel[grid](
+                gi[t], weight, s_prev_mm, bias, alpha, v, i, s, params,
+                s_seq[t], v_seq[t], i_seq[t], s_mm[(t + 1) % 2] if mixed else s_seq[t],
+                hidden, rows // directions, gi.stride(1),
+                RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
+                SPIKING=spiking, STORE_S_MM=mixed, **tiles)
+            v, i, s = v_seq[t], i_seq[t], s_seq[t]
+        return s_seq, v_seq, i_seq
 
     def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
                   spiking):
@@ -167,12 +215,14 @@ if triton_available():
         v_th: float, gamma: float, signed: bool, reset_gate: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                torch.Tensor, torch.Tensor]:
-        return graphed("spikgru2plus_bwd", _bwd_loop, grad_s, grad_v_last, grad_i_last,
-                       grad_s_last, gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0,
-                       s0, v_th, gamma, signed, reset_gate)
+        fused = fused_products(gi.dtype)
+        return graphed("spikgru2plus_bwd_fused" if fused else "spikgru2plus_bwd", _bwd_loop,
+                       grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh,
+                       alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate,
+                       fused)
 
     def _bwd_loop(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
-                  s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
+                  s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate, fused):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
@@ -198,15 +248,28 @@ if triton_available():
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), rows)
         alpha = alpha.contiguous()
-        for t in range(steps - 1, -1, -1):
-            grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
-            spikgru2plus_step_bwd_kernel[grid](
-                gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, ds_rec,
-                dv_next, di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
-                hidden, batch, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
-                RESET_GATE=reset_gate, SIGNED=signed, HAS_DS_REC=t < steps - 1,
-                HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
-            _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
+        if fused:  # each step's kernel computes its product path from dgh_{t+1} itself
+            weight = weight_hh.contiguous()
+            grid, tiles = _fused_tiles(batch, hidden, directions, weight)
+            for t in range(steps - 1, -1, -1):
+                grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
+                spikgru2plus_step_bwd_fused_kernel[grid](
+                    gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, weight,
+                    dgh[min(t + 1, steps - 1)], dv_next, di_next, params, dgi[t], dgh[t], ds,
+                    grad_prev, dalpha, hidden, batch, gi.stride(1), dgi.stride(1),
+                    grad_prev.stride(0), RESET_GATE=reset_gate, SIGNED=signed,
+                    HAS_DS_REC=t < steps - 1, HAS_GRAD_PREV=t > 0, **tiles)
+            _product(dgh[0], weight_hh, ds_rec, directions)  # the product path of dL/ds_0
+        else:
+            for t in range(steps - 1, -1, -1):
+                grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
+                spikgru2plus_step_bwd_kernel[grid](
+                    gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, ds_rec,
+                    dv_next, di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
+                    hidden, batch, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
+                    RESET_GATE=reset_gate, SIGNED=signed, HAS_DS_REC=t < steps - 1,
+                    HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
+                _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
         # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
         dgh4 = dgh.view(steps, directions, batch, gates)
         dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4,
@@ -223,6 +286,15 @@ register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
+
+
+def fused_products(dtype: torch.dtype) -> bool:
+    """Whether the Triton loops compute each step's recurrent product inside the step kernel
+    (one launch per step, `tl.dot` tiles) instead of one cuBLAS product plus one kernel:
+    `NEUROKERN_FUSED_PRODUCTS=1`, read at each call, for float32 compute (bf16/fp16 products
+    under autocast included); float64 always takes the cuBLAS path. Off by default: not yet
+    measured on a GPU (docs/kernels.md)."""
+    return dtype == torch.float32 and os.environ.get("NEUROKERN_FUSED_PRODUCTS", "0") == "1"
 
 
 def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:

@@ -2,6 +2,9 @@
 every gradient, float32 threshold flips, smooth-mode gradcheck of a 2-layer bidirectional module,
 streaming, half inputs, torch.library and torch.compile, argument checks."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -49,6 +52,24 @@ EXAMPLES = [
     dict(_BASE, steps=1, batch=1, hidden=5, state=None, seed=4),
     dict(_BASE, steps=6, batch=1, hidden=70, v_th=0.6, seed=5),
 ]
+
+
+# The Triton backend's two ways of running a step's recurrent product: a cuBLAS product plus
+# the step kernel ("library"), or inside the step kernel ("fused", NEUROKERN_FUSED_PRODUCTS=1).
+PRODUCTS = ["library", "fused"]
+
+
+@contextlib.contextmanager
+def products(kind):
+    previous = os.environ.get("NEUROKERN_FUSED_PRODUCTS")
+    os.environ["NEUROKERN_FUSED_PRODUCTS"] = "1" if kind == "fused" else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["NEUROKERN_FUSED_PRODUCTS"]
+        else:
+            os.environ["NEUROKERN_FUSED_PRODUCTS"] = previous
 
 
 def with_examples(test):
@@ -280,6 +301,44 @@ def test_float32_against_float64_reference(poison_empty, backend, case):
     check_float32(case, leaves, cot, backend, backend_device(backend))
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values == ("triton",)])
+@given(case=gru_cases())
+@with_examples
+def test_fused_products_float32_against_float64_reference(poison_empty, backend, case):
+    """The Triton loops with each step's product inside the step kernel (tl.dot tiles of
+    batch rows x hidden units, float32 in IEEE precision): the same checks as the library
+    path."""
+    leaves, cot = make_inputs(case)
+    with products("fused"):
+        check_float32(case, leaves, cot, backend, backend_device(backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values == ("triton",)])
+@pytest.mark.parametrize("batch", [1, 5, 70])
+def test_fused_products_bidirectional_float32(backend, batch):
+    """Both directions in one launch with fused products, batch sizes below one tile (16
+    rows), between tiles and over one tile (64 rows): spikes and states as the float64
+    reference's (nothing near a threshold with these seeds), gradients within float32
+    accuracy; and the same as the library path up to float32 rounding."""
+    dev = backend_device(backend)
+    case = dict(_BASE, steps=5, batch=batch, inputs=7, hidden=37, seed=21)
+    leaves, _ = make_inputs(case)
+    reverse, _ = make_inputs(dict(case, seed=22))
+    quantize = lambda d: {n: None if t is None else t.float().double()  # noqa: E731
+                          for n, t in d.items()}
+    ref = run_bidirectional(case, "reference", quantize(leaves), quantize(reverse), dev)
+    runs = {}
+    for kind in PRODUCTS:
+        with products(kind):
+            f32 = {n: None if t is None else t.float() for n, t in leaves.items()}
+            r32 = {n: None if t is None else t.float() for n, t in reverse.items()}
+            runs[kind] = [t.double() for t in run_bidirectional(case, backend, f32, r32, dev)]
+    for kind, out in runs.items():
+        assert torch.equal(out[0], ref[0]), f"{kind}: spikes differ"
+        for a, b in zip(out[1:], ref[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * (1 + b.abs().max()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_forced_threshold_flip(backend):
     """A membrane 2^-31 below v_th in float64 that float32 rounds onto v_th: the flip is found,
@@ -432,18 +491,22 @@ def test_half_input_is_computed_in_float32(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_runs_the_products_in_bf16(backend):
+@pytest.mark.parametrize("kind", PRODUCTS)
+def test_autocast_runs_the_products_in_bf16(backend, kind):
     """Under autocast (bf16) the Triton backend runs every matrix product in bf16 with float32
     state, as the reference does under autocast: its outputs follow the reference's under the
-    same autocast (float32 rounding apart) and differ from the float32 run; gradients within
-    bf16 accuracy of the reference's. The C++ CPU backend computes in float32 and ignores
-    autocast: results equal to the run without it."""
+    same autocast (float32 rounding apart; with fused products, whose float32 accumulators are
+    not rounded to bf16, within bf16 rounding) and differ from the float32 run; gradients
+    within bf16 accuracy of the reference's. The C++ CPU backend computes in float32 and
+    ignores autocast: results equal to the run without it."""
+    if kind == "fused" and backend != "triton":
+        pytest.skip("fused products are a Triton path")
     dev = backend_device(backend)
     case = dict(_BASE, steps=6, batch=4, inputs=16, hidden=40, seed=11)
     leaves, cot = make_inputs(case)
 
     def run_autocast(backend, enabled):
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled), products(kind):
             return run(case, backend, torch.float32, leaves, cot, dev)
 
     out, out32 = run_autocast(backend, True), run_autocast(backend, False)
@@ -460,8 +523,9 @@ def test_autocast_runs_the_products_in_bf16(backend):
     if dev == "cpu":  # same bf16 products as the reference: no flip with this seed
         assert same == 1
     if same == 1:
+        tol = 1e-5 if kind == "library" else 2 ** -7  # bf16 rounding of gh, relative to |v|
         for a, b in zip(out[0][1:], ref[0][1:]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * (1 + b.abs().max()))
         for name in LEAVES:
             if ref[1][name] is not None:
                 scale = ref[1][name].abs().max()
@@ -584,7 +648,8 @@ def test_cpu_op_checks_its_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch):
+@pytest.mark.parametrize("kind", PRODUCTS)
+def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch, kind):
     """The Triton loops replayed from a CUDA graph give bit-identical outputs and gradients to
     launch-by-launch runs, on a second call with new values (the replay reads new inputs),
     with a batch-major input of other strides, and after the graphs were dropped."""
@@ -602,6 +667,7 @@ def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch):
 
     inputs = [2 * torch.randn(5, 3, 6, device="cuda", requires_grad=True) for _ in range(2)]
     inputs.append((2 * torch.randn(3, 5, 6, device="cuda")).transpose(0, 1).requires_grad_())
+    monkeypatch.setenv("NEUROKERN_FUSED_PRODUCTS", "1" if kind == "fused" else "0")
     _kernels.clear_cuda_graphs()
     graphed = [run(x) for x in inputs]
     assert len(_kernels._graphs) == 2  # one forward, one backward graph for all layers

@@ -1,6 +1,12 @@
 """SpikGRU2+ gate and state arithmetic of one time step (SPEC.md 3), forward and backward, as
-elementwise Triton kernels over the `[B, H]` hidden units. The recurrent products stay outside
-(one `mm` per step), so that a step is one product plus one kernel.
+Triton kernels over the `[B, H]` hidden units, in two forms that share all their arithmetic
+(`_fwd_cell`, `_bwd_cell`):
+- step kernels (`spikgru2plus_step_{fwd,bwd}_kernel`): elementwise, one program per row and
+  block of hidden units; the recurrent products stay outside (one `mm` per step), so a step is
+  one product plus one kernel;
+- fused kernels (`spikgru2plus_step_{fwd,bwd}_fused_kernel`): each program also computes its
+  `[BLOCK_B, BLOCK_H]` tile of the step's recurrent product with `tl.dot` (U read from L2,
+  fp32 products in IEEE precision), so a step is one launch.
 
 Directions: the rows are D * B (direction-major): a bidirectional layer runs both directions in
 one launch per step, each in its own processing order, with row b of direction d = b // B
@@ -29,23 +35,32 @@ from .activations import spike_act, spike_surrogate
 
 
 @triton.jit
-def _gates(gi_row, gh_row, bias_ptr, h, mask, H, RESET_GATE: tl.constexpr,
-           HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
-    """r, z, the input-current term gi_i and gh_i of one [BLOCK] slice of hidden units; with
-    HAS_BIAS, b_hh is added to the gh values here (one rounding, as `gh + b_hh` would)."""
-    gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
+def _load_gh(gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype: tl.constexpr):
+    """The (r, z, i) thirds of gh at hidden units h (r only with the reset gate)."""
     gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)
-    gi_i = tl.load(gi_row + 2 * H + h, mask=mask, other=0).to(dtype)
     gh_i = tl.load(gh_row + 2 * H + h, mask=mask, other=0).to(dtype)
+    if RESET_GATE:
+        gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
+    else:
+        gh_r = tl.zeros_like(gh_z)
+    return gh_r, gh_z, gh_i
+
+
+@triton.jit
+def _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE: tl.constexpr,
+           HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    """r, z, the input-current term gi_i and gh_i from gh's thirds; with HAS_BIAS, b_hh
+    (bias_row) is added to them here (one rounding, as `gh + b_hh` would)."""
+    gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
+    gi_i = tl.load(gi_row + 2 * H + h, mask=mask, other=0).to(dtype)
     if HAS_BIAS:
-        gh_z += tl.load(bias_ptr + H + h, mask=mask, other=0).to(dtype)
-        gh_i += tl.load(bias_ptr + 2 * H + h, mask=mask, other=0).to(dtype)
+        gh_z += tl.load(bias_row + H + h, mask=mask, other=0).to(dtype)
+        gh_i += tl.load(bias_row + 2 * H + h, mask=mask, other=0).to(dtype)
     z = tl.sigmoid(gi_z + gh_z)
     if RESET_GATE:
         gi_r = tl.load(gi_row + h, mask=mask, other=0).to(dtype)
-        gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
         if HAS_BIAS:
-            gh_r += tl.load(bias_ptr + h, mask=mask, other=0).to(dtype)
+            gh_r += tl.load(bias_row + h, mask=mask, other=0).to(dtype)
         r = tl.sigmoid(gi_r + gh_r)
     else:
         r = tl.full(z.shape, 1, dtype)
@@ -53,9 +68,85 @@ def _gates(gi_row, gh_row, bias_ptr, h, mask, H, RESET_GATE: tl.constexpr,
 
 
 @triton.jit
+def _fwd_cell(gi_row, gh_r, gh_z, gh_i, bias_row, alpha_row, row, h, mask, H,
+              v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr, s_mm_ptr, v_th, gamma,
+              RESET_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SIGNED: tl.constexpr,
+              SPIKING: tl.constexpr, STORE_S_MM: tl.constexpr):
+    """One forward step of the hidden units at `row` (offsets into the [D * B, H] state, of
+    any shape; h: their hidden indices, alpha_row: the direction's leak) from gh's thirds."""
+    dtype = v_th.dtype
+    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE,
+                              HAS_BIAS, dtype)
+    alpha = tl.load(alpha_row + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i = alpha * i_prev + gi_i + gh_i * r
+    v = z * v_prev + (1 - z) * i - v_th * s_prev
+    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
+    tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
+    if STORE_S_MM:
+        tl.store(s_mm_ptr + row, s.to(s_mm_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_cell(gi_row, gh_r, gh_z, gh_i, alpha_row, row, h, mask, H, ds,
+              v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr, di_next_ptr, dgi_row, dgh_row,
+              ds_prev_ptr, grad_prev_row, dalpha_ptr, v_th, gamma,
+              RESET_GATE: tl.constexpr, SIGNED: tl.constexpr, HAS_GRAD_PREV: tl.constexpr):
+    """One backward step of the hidden units at `row` given dL/ds_t (`ds`, all paths) and gh's
+    thirds (b_hh included): writes dgi, dgh, the carries, the reset path and the leak sum."""
+    dtype = v_th.dtype
+    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, gi_row, h, mask, H, RESET_GATE, False,
+                              dtype)
+    alpha = tl.load(alpha_row + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
+    i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
+    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
+                                                                 other=0).to(dtype)
+    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
+    da_z = dv * (v_prev - i) * z * (1 - z)
+    if RESET_GATE:
+        da_r = di * gh_i * r * (1 - r)
+    else:
+        da_r = tl.zeros_like(di)
+    tl.store(dgi_row + h, da_r.to(dgi_row.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + h, da_r.to(dgh_row.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + H + h, da_z.to(dgi_row.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + H + h, da_z.to(dgh_row.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + 2 * H + h, di.to(dgi_row.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_row.dtype.element_ty), mask=mask)
+    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
+    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
+    ds_prev = -v_th * dv
+    if HAS_GRAD_PREV:
+        ds_prev += tl.load(grad_prev_row + h, mask=mask, other=0).to(dtype)
+    tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
+    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
+    tl.store(dalpha_ptr + row, dalpha, mask=mask)
+
+
+@triton.jit
+def _dot(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (float32 accumulation); with IEEE (float32 operands) in full float32, not
+    TF32. UPCAST: bf16/fp16 operands converted to float32 first (exact products, the same
+    float32 accumulation), for the Triton interpreter, whose tl.dot reads bf16 tiles as raw
+    integers (Triton 3.9: a bf16 16x16 product off by 1e10)."""
+    if UPCAST:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return acc + tl.dot(a, b, input_precision="ieee")
+    return acc + tl.dot(a, b)
+
+
+@triton.jit
 def spikgru2plus_step_fwd_kernel(
-    gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
-    gh_ptr,  # [B, 3H] U s_{t-1}, contiguous
+    gi_ptr,  # [D * B, 3H] this step's input projection (row stride gi_stride)
+    gh_ptr,  # [D * B, 3H] U s_{t-1}, contiguous
     bias_ptr,  # [D, 3H] b_hh, read if HAS_BIAS
     alpha_ptr,  # [D, H]
     v_prev_ptr, i_prev_ptr, s_prev_ptr,  # [D * B, H] state after step t-1, contiguous
@@ -76,28 +167,67 @@ def spikgru2plus_step_fwd_kernel(
     mask = h < H
     v_th = tl.load(params_ptr)
     gamma = tl.load(params_ptr + 1)
+    gh_r, gh_z, gh_i = _load_gh(gh_ptr + b * 3 * H, h, mask, H, RESET_GATE, v_th.dtype)
+    _fwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H, alpha_ptr + d * H,
+              b * H + h, h, mask, H, v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr,
+              s_mm_ptr, v_th, gamma, RESET_GATE, HAS_BIAS, SIGNED, SPIKING, STORE_S_MM)
+
+
+@triton.jit
+def spikgru2plus_step_fwd_fused_kernel(
+    gi_ptr,  # [D * B, 3H] this step's input projection (row stride gi_stride)
+    weight_ptr,  # [D, 3H, H] U, in the products' dtype
+    s_prev_mm_ptr,  # [D * B, H] s_{t-1} in the products' dtype
+    bias_ptr, alpha_ptr, v_prev_ptr, i_prev_ptr, s_prev_ptr, params_ptr, s_ptr, v_ptr, i_ptr,
+    s_mm_ptr,  # as for spikgru2plus_step_fwd_kernel
+    H, B, gi_stride,
+    RESET_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SIGNED: tl.constexpr,
+    SPIKING: tl.constexpr,
+    STORE_S_MM: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 products in full precision
+    UPCAST: tl.constexpr,  # see _dot
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # grid (H / BLOCK_H, B / BLOCK_B, D): a [BLOCK_B, BLOCK_H] tile of one direction
+    d = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = d * B + b  # [BLOCK_B] rows of [D * B]
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    # gh thirds of the tile: s_{t-1}[rows, :] @ U[g H + h, :]^T, K = H in BLOCK_K chunks
+    u = weight_ptr + d * 3 * H * H
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        s_tile = tl.load(s_prev_mm_ptr + rows[:, None] * H + k[None, :],
+                         mask=(b[:, None] < B) & (k[None, :] < H), other=0)
+        u_mask = (k[:, None] < H) & (h[None, :] < H)
+        u_tile = u + h[None, :] * H + k[:, None]  # [BLOCK_K, BLOCK_H]: U^T
+        acc_z = _dot(acc_z, s_tile, tl.load(u_tile + H * H, mask=u_mask, other=0), IEEE, UPCAST)
+        acc_i = _dot(acc_i, s_tile, tl.load(u_tile + 2 * H * H, mask=u_mask, other=0), IEEE, UPCAST)
+        if RESET_GATE:
+            acc_r = _dot(acc_r, s_tile, tl.load(u_tile, mask=u_mask, other=0), IEEE, UPCAST)
+    # the float32 accumulators as they are (the library path rounds a bf16 product to bf16)
     dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr + d * 3 * H,
-                              h, mask, H, RESET_GATE, HAS_BIAS, dtype)
-    row = b * H + h
-    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
-    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
-    s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i = alpha * i_prev + gi_i + gh_i * r
-    v = z * v_prev + (1 - z) * i - v_th * s_prev
-    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
-    tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
-    if STORE_S_MM:
-        tl.store(s_mm_ptr + row, s.to(s_mm_ptr.dtype.element_ty), mask=mask)
+    gh_r, gh_z, gh_i = acc_r.to(dtype), acc_z.to(dtype), acc_i.to(dtype)
+    mask = (b[:, None] < B) & (h[None, :] < H)
+    _fwd_cell(gi_ptr + rows[:, None] * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H,
+              alpha_ptr + d * H, rows[:, None] * H + h[None, :], h[None, :], mask, H,
+              v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr, s_mm_ptr, v_th, gamma,
+              RESET_GATE, HAS_BIAS, SIGNED, SPIKING, STORE_S_MM)
 
 
 @triton.jit
 def spikgru2plus_step_bwd_kernel(
-    gi_ptr,  # [B, 3H] this step's input projection (row stride gi_stride)
-    gh_ptr,  # [B, 3H] U s_{t-1} + b_hh, recomputed, contiguous
+    gi_ptr,  # [D * B, 3H] this step's input projection (row stride gi_stride)
+    gh_ptr,  # [D * B, 3H] U s_{t-1} + b_hh, recomputed, contiguous
     alpha_ptr,  # [D, H]
     v_prev_ptr, i_prev_ptr,  # [D * B, H] state after step t-1
     v_ptr, i_ptr,  # [D * B, H] state after step t
@@ -124,40 +254,62 @@ def spikgru2plus_step_bwd_kernel(
     v_th = tl.load(params_ptr)
     gamma = tl.load(params_ptr + 1)
     dtype = v_th.dtype
-    gh_row = gh_ptr + b * 3 * H
-    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_row, gh_row, h, mask, H, RESET_GATE,
-                              False, dtype)
     row = b * H + h
-    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
-    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
-    v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
-    i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
     ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
     if HAS_DS_REC:
         ds += tl.load(ds_rec_ptr + row, mask=mask, other=0).to(dtype)
-    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
-                                                                 other=0).to(dtype)
-    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
-    da_z = dv * (v_prev - i) * z * (1 - z)
-    dgi_row = dgi_ptr + b * dgi_stride
-    dgh_row = dgh_ptr + b * 3 * H
-    if RESET_GATE:
-        da_r = di * gh_i * r * (1 - r)
-    else:
-        da_r = tl.zeros_like(di)
-    tl.store(dgi_row + h, da_r.to(dgi_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + h, da_r.to(dgh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgi_row + H + h, da_z.to(dgi_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + H + h, da_z.to(dgh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgi_row + 2 * H + h, di.to(dgi_ptr.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
-    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
-    ds_prev = -v_th * dv
-    if HAS_GRAD_PREV:
-        ds_prev += tl.load(grad_prev_ptr + b * grad_prev_stride + h, mask=mask,
-                           other=0).to(dtype)
-    tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
-    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
-    tl.store(dalpha_ptr + row, dalpha, mask=mask)
+    gh_r, gh_z, gh_i = _load_gh(gh_ptr + b * 3 * H, h, mask, H, RESET_GATE, dtype)
+    _bwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, alpha_ptr + d * H, row, h, mask, H, ds,
+              v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr, di_next_ptr,
+              dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H, ds_prev_ptr,
+              grad_prev_ptr + b * grad_prev_stride, dalpha_ptr, v_th, gamma, RESET_GATE, SIGNED,
+              HAS_GRAD_PREV)
+
+
+@triton.jit
+def spikgru2plus_step_bwd_fused_kernel(
+    gi_ptr, gh_ptr, alpha_ptr, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, ds_ptr,
+    weight_ptr,  # [D, 3H, H] U, in the products' dtype
+    dgh_next_ptr,  # [D * B, 3H] dL/d(gh_{t+1}) (products' dtype), read if HAS_DS_REC
+    dv_next_ptr, di_next_ptr, params_ptr, dgi_ptr, dgh_ptr, ds_prev_ptr, grad_prev_ptr,
+    dalpha_ptr,  # as for spikgru2plus_step_bwd_kernel
+    H, B, gi_stride, dgi_stride, grad_prev_stride,
+    RESET_GATE: tl.constexpr,
+    SIGNED: tl.constexpr,
+    HAS_DS_REC: tl.constexpr,
+    HAS_GRAD_PREV: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 products in full precision
+    UPCAST: tl.constexpr,  # see _dot
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # grid (H / BLOCK_H, B / BLOCK_B, D): a [BLOCK_B, BLOCK_H] tile of one direction
+    d = tl.program_id(2).to(tl.int64)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = d * B + b  # [BLOCK_B]
+    v_th = tl.load(params_ptr)
+    gamma = tl.load(params_ptr + 1)
+    dtype = v_th.dtype
+    mask = (b[:, None] < B) & (h[None, :] < H)
+    row = rows[:, None] * H + h[None, :]
+    ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
+    if HAS_DS_REC:  # + the product path dL/d(gh_{t+1})[rows, :] @ U[:, h], K = 3H
+        u = weight_ptr + d * 3 * H * H
+        acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
+        for k0 in range(0, 3 * H, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            g_tile = tl.load(dgh_next_ptr + rows[:, None] * 3 * H + k[None, :],
+                             mask=(b[:, None] < B) & (k[None, :] < 3 * H), other=0)
+            u_tile = tl.load(u + k[:, None] * H + h[None, :],
+                             mask=(k[:, None] < 3 * H) & (h[None, :] < H), other=0)
+            acc = _dot(acc, g_tile, u_tile, IEEE, UPCAST)
+        ds += acc.to(dtype)
+    gh_r, gh_z, gh_i = _load_gh(gh_ptr + rows[:, None] * 3 * H, h[None, :], mask, H, RESET_GATE,
+                                dtype)
+    _bwd_cell(gi_ptr + rows[:, None] * gi_stride, gh_r, gh_z, gh_i, alpha_ptr + d * H, row,
+              h[None, :], mask, H, ds, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr,
+              di_next_ptr, dgi_ptr + rows[:, None] * dgi_stride, dgh_ptr + rows[:, None] * 3 * H,
+              ds_prev_ptr, grad_prev_ptr + rows[:, None] * grad_prev_stride, dalpha_ptr, v_th,
+              gamma, RESET_GATE, SIGNED, HAS_GRAD_PREV)
