@@ -2,7 +2,10 @@
 # One command for a GPU machine (e.g. the lent H100): build the extension with its CUDA part,
 # run the test suite on the GPU, run the benchmarks at the paper's sizes, and copy the results
 # (CSV, plots, logs) to $OUT (default benchmarks/results). Uses the machine's own torch/triton.
-#   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests)
+#   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests;
+#                              "quick" instead of "bench": the headline sizes only, Python loops
+#                              in forward+backward only, SpikGRU2+ also with fused products;
+#                              meant to fit one 10-minute device call with the tests, untimed)
 #   TEST_TIMEOUT=300           seconds for the test suite; a failing suite does not stop the
 #                              benchmarks, but the script then exits non-zero.
 set -uo pipefail
@@ -28,6 +31,18 @@ if [[ $STEPS == *tests* ]]; then
 fi
 if [[ $STEPS == *bench* ]]; then
     "$PY" benchmarks/main.py 2>&1 | tee "$OUT/bench.log" || status=1
+elif [[ $STEPS == *quick* ]]; then
+    {
+        failed=0
+        for args in "bench_plif.py --quick --skip-slow" \
+                    "bench_spikgru2plus.py --quick --skip-slow" \
+                    "bench_spikgru2plus.py --quick --skip-slow --fused-products" "plot.py"; do
+            echo "== $args"
+            # shellcheck disable=SC2086
+            "$PY" benchmarks/$args 2>&1 || failed=1
+        done
+        exit $failed
+    } | tee "$OUT/bench.log" || status=1
 fi
 if [ "$OUT" != benchmarks/results ]; then  # one archive: the device tool returns few files
     cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null
