@@ -26,9 +26,15 @@ the reference and cuDNN do under autocast: x, W and U are cast once, the spikes 
 the state, the gate arithmetic, gi and the saved v, i, s stay in float32 (`product_dtype`). The
 Triton ops take weight_hh in the products' dtype and everything else in the compute dtype.
 
+Directions: the Triton ops also run several directions at once (a bidirectional layer): weight_hh
+`[D, 3H, H]`, b_hh `[D, 3H]`, alpha `[D, H]`, and gi, the state and the sequences with rows
+`[D * B]`, direction-major, each direction in its own processing order (`SpikGRU2PlusFunction`
+flips the reverse direction's time before and after); one batched product per step.
+
 Saved for backward, per step and batch row, in the compute dtype: gi (3H values), s, v and i
-(H each), i.e. 6H values, plus x (time-major; a copy for batch_first input). The gates are
-recomputed in the backward from gi and one product S_prev U^T over all steps.
+(H each), i.e. 6H values, plus x (time-major, in the products' dtype; a copy for batch_first
+input). The gates are recomputed in the backward from gi and one product S_prev U^T over all
+steps.
 """
 
 import os
@@ -308,7 +314,9 @@ def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.d
 
 
 class SpikGRU2PlusFunction(torch.autograd.Function):
-    """One SpikGRU2+ layer direction on a fused backend.
+    """One SpikGRU2+ layer on a fused backend: one direction (weights `[3H, I]`, `[3H, H]`,
+    state `[B, H]`), or D directions at once (each parameter stacked `[D, ...]`, state
+    `[D, B, H]`; direction 1 runs backwards in time and `s` is `[T, B, D * H]`, as `nn.GRU`).
 
     Inputs `(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0)` (biases and state
     may be None), outputs `(s, v_T, i_T, s_T)`. The forward computes gi in one product and runs
