@@ -490,8 +490,9 @@ def test_half_input_is_computed_in_float32(backend, dtype):
         assert g.dtype == torch.float32 and torch.equal(g, g32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", PRODUCTS)
+@pytest.mark.parametrize("backend,kind", [
+    pytest.param(*b.values, kind, marks=b.marks, id=f"{b.id}-{kind}")
+    for b in BACKENDS for kind in PRODUCTS if kind == "library" or b.values == ("triton",)])
 def test_autocast_runs_the_products_in_bf16(backend, kind):
     """Under autocast (bf16) the Triton backend runs every matrix product in bf16 with float32
     state, as the reference does under autocast: its outputs follow the reference's under the
@@ -499,8 +500,6 @@ def test_autocast_runs_the_products_in_bf16(backend, kind):
     not rounded to bf16, within bf16 rounding) and differ from the float32 run; gradients
     within bf16 accuracy of the reference's. The C++ CPU backend computes in float32 and
     ignores autocast: results equal to the run without it."""
-    if kind == "fused" and backend != "triton":
-        pytest.skip("fused products are a Triton path")
     dev = backend_device(backend)
     case = dict(_BASE, steps=6, batch=4, inputs=16, hidden=40, seed=11)
     leaves, cot = make_inputs(case)
