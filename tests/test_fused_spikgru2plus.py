@@ -545,6 +545,10 @@ def _op_samples(device, backend):
            *(t.double() for t in state), 0.7, 3.0, True, False, False)
     if backend == "triton":  # the products in bf16 (autocast), everything else in float32
         yield (gi, weight_hh.bfloat16(), bias_hh, alpha, *state, 1.0, 10.0, True, True, True)
+        # two directions at once: rows [2B], parameters stacked [2, ...]
+        two = lambda t: torch.stack([t, t.flip(-1)])  # noqa: E731
+        yield (torch.cat([gi, gi.flip(0)], 1), two(weight_hh), two(bias_hh), two(alpha),
+               *(torch.cat([t, -t]) for t in state), 1.0, 10.0, True, True, True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
