@@ -461,6 +461,8 @@ def _impl(backend):
 
 
 def _bidirectional_impl(backend):
+    one_direction = _impl(backend)
+
     def spikgru2plus_bidirectional(x, params, reverse_params, *, v_th=1.0, gamma=10.0,
                                    signed=True, reset_gate=True, batch_first=False, state=None,
                                    spiking=True):
@@ -471,7 +473,7 @@ def _bidirectional_impl(backend):
             return reference.spikgru2plus_bidirectional(
                 x, params, reverse_params, v_th=v_th, gamma=gamma, signed=signed,
                 reset_gate=reset_gate, batch_first=batch_first, state=state, spiking=spiking,
-                layer=_impl(backend))
+                layer=one_direction)
         stacked = [None if p is None else torch.stack([p, q])
                    for p, q in zip(params, reverse_params)]
         v0, i0, s0 = state if state is not None else (None, None, None)
