@@ -143,45 +143,13 @@ if triton_available():
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
         spiking: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if fused_products(gi.dtype):
-            return graphed("spikgru2plus_fwd_fused", _fwd_loop_fused, gi, weight_hh, bias_hh,
-                           alpha, v0, i0, s0, v_th, gamma, signed, reset_gate, spiking)
-        return graphed("spikgru2plus_fwd", _fwd_loop, gi, weight_hh, bias_hh, alpha, v0, i0,
-                       s0, v_th, gamma, signed, reset_gate, spiking)
-
-    def _fwd_loop_fused(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
-                        reset_gate, spiking):
-        """`_fwd_loop` with each step's product inside the step kernel: one launch per step."""
-        steps, rows, gates = gi.shape  # rows = D * B
-        hidden = gates // 3
-        directions = _directions(weight_hh)
-        s_seq = gi.new_empty((steps, rows, hidden))  # [T, D * B, H]
-        v_seq, i_seq = torch.empty_like(s_seq), torch.empty_like(s_seq)
-        zeros = gi.new_zeros((rows, hidden))
-        v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
-        params = scalar_params(v_th, gamma, gi.dtype, gi.device)
-        weight = weight_hh.contiguous()
-        grid, tiles = _fused_tiles(rows // directions, hidden, directions, weight)
-        # a product dtype below gi's: s_{t-1} in it, two buffers (a step reads all of one
-        # while its programs write the other)
-        mixed = weight.dtype != gi.dtype
-        s_mm = [s.to(weight.dtype, copy=True), torch.empty_like(s, dtype=weight.dtype)] \
-            if mixed else None
-        bias = gi if bias_hh is None else bias_hh.contiguous()
-        alpha = alpha.contiguous()
-        for t in range(steps):
-            s_prev_mm = s_mm[t % 2] if mixed else s
-            spikgru2plus_step_fwd_fused_kernel[grid](
-                gi[t], weight, s_prev_mm, bias, alpha, v, i, s, params,
-                s_seq[t], v_seq[t], i_seq[t], s_mm[(t + 1) % 2] if mixed else s_seq[t],
-                hidden, rows // directions, gi.stride(1),
-                RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
-                SPIKING=spiking, STORE_S_MM=mixed, **tiles)
-            v, i, s = v_seq[t], i_seq[t], s_seq[t]
-        return s_seq, v_seq, i_seq
+        fused = fused_products(gi.dtype)
+        return graphed("spikgru2plus_fwd_fused" if fused else "spikgru2plus_fwd", _fwd_loop,
+                       gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
+                       reset_gate, spiking, fused)
 
     def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
-                  spiking):
+                  spiking, fused):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
@@ -190,22 +158,38 @@ if triton_available():
         zeros = gi.new_zeros((rows, hidden))
         v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
-        grid = (triton.cdiv(hidden, _BLOCK), rows)
-        # The products run in weight_hh's dtype: U s_{t-1} into gh (the kernel adds b_hh); with
-        # a lower one than gi's, the kernel also writes each s_t in it (s_mm) for the next one.
+        alpha = alpha.contiguous()
+        # The products run in weight_hh's dtype; with a lower one than gi's (mixed), the kernel
+        # also writes each s_t in it (s_mm) for the next product.
         mixed = weight_hh.dtype != gi.dtype
-        gh = gi.new_empty((rows, gates), dtype=weight_hh.dtype)
+        flags = dict(RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
+                     SPIKING=spiking, STORE_S_MM=mixed)
+        if fused:  # each step's kernel computes its product U s_{t-1} itself: one launch
+            weight = weight_hh.contiguous()
+            grid, tiles = _fused_tiles(rows // directions, hidden, directions, weight)
+            # mixed: two buffers of s in the products' dtype (a step reads all of one while
+            # its programs write the other)
+            s_mm = [s.to(weight.dtype, copy=True), torch.empty_like(s, dtype=weight.dtype)] \
+                if mixed else None
+            bias = gi if bias_hh is None else bias_hh.contiguous()
+            for t in range(steps):
+                spikgru2plus_step_fwd_fused_kernel[grid](
+                    gi[t], weight, s_mm[t % 2] if mixed else s, bias, alpha, v, i, s, params,
+                    s_seq[t], v_seq[t], i_seq[t], s_mm[(t + 1) % 2] if mixed else s_seq[t],
+                    hidden, rows // directions, gi.stride(1), **flags, **tiles)
+                v, i, s = v_seq[t], i_seq[t], s_seq[t]
+            return s_seq, v_seq, i_seq
+        grid = (triton.cdiv(hidden, _BLOCK), rows)
+        gh = gi.new_empty((rows, gates), dtype=weight_hh.dtype)  # U s_{t-1}; kernel adds b_hh
         s_mm = s.to(weight_hh.dtype, copy=True) if mixed else s
         weight_t = weight_hh.transpose(-1, -2)  # [D, H, 3H] (or [H, 3H])
         bias = gh if bias_hh is None else bias_hh.contiguous()
-        alpha = alpha.contiguous()
         for t in range(steps):
             _product(s_mm, weight_t, gh, directions)
             spikgru2plus_step_fwd_kernel[grid](
                 gi[t], gh, bias, alpha, v, i, s, params,
                 s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, rows // directions, gi.stride(1),
-                RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
-                SPIKING=spiking, STORE_S_MM=mixed, BLOCK=_BLOCK)
+                **flags, BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
             if not mixed:
                 s_mm = s
