@@ -1,9 +1,10 @@
 """Fused SpikGRU2+ layer direction (SPEC.md 3): the torch.library ops (the Triton ones and the
 C++ ones' fake implementations), the Triton launchers, the autograd Function, and the
-registration with the dispatcher (backends "cpu" and "triton").
+registration with the dispatcher (backends "cpu", "triton" and "cuda").
 
-Ops (schemas in csrc/register.cpp, CPU kernels in csrc/spikgru2plus_cpu.cpp; the same schemas
-as `neurokern_triton::*` on the Triton step kernels of triton_kernels/spikgru2plus.py):
+Ops (schemas in csrc/register.cpp, CPU kernels in csrc/spikgru2plus_cpu.cpp, CUDA kernels, the
+persistent loops, in csrc/cuda/; the same schemas as `neurokern_triton::*` on the Triton step
+kernels of triton_kernels/spikgru2plus.py):
     spikgru2plus_fwd(gi, weight_hh, bias_hh?, alpha, v0?, i0?, s0?, v_th, gamma, signed,
                      reset_gate, spiking) -> (s_seq, v_seq, i_seq)            each [T, B, H]
     spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
@@ -81,8 +82,10 @@ def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias
 
 
 def spikgru2plus_ops(backend):
-    """`(spikgru2plus_fwd, spikgru2plus_bwd)` op overloads of `backend` ("cpu" or "triton")."""
-    namespace = torch.ops.neurokern if backend == "cpu" else torch.ops.neurokern_triton
+    """`(spikgru2plus_fwd, spikgru2plus_bwd)` op overloads of `backend` ("cpu", "cuda" or
+    "triton"); the C++ ops of "cpu" and "cuda" are the same, the dispatcher picks the kernel
+    by the tensors' device."""
+    namespace = torch.ops.neurokern_triton if backend == "triton" else torch.ops.neurokern
     return namespace.spikgru2plus_fwd.default, namespace.spikgru2plus_bwd.default
 
 
@@ -290,8 +293,9 @@ def fused_products(dtype: torch.dtype) -> bool:
 def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:
     """The dtype the matrix products of a layer run in: under autocast (bf16/fp16) on the
     Triton backend, autocast's dtype, with the state and the gate arithmetic still in `dtype`
-    (the compute dtype); otherwise `dtype` itself. The C++ CPU kernels compute in float32 or
-    float64 only, so the "cpu" backend ignores autocast."""
+    (the compute dtype); otherwise `dtype` itself. The C++ CPU and CUDA kernels compute in
+    float32 or float64 only, so the "cpu" and "cuda" backends ignore autocast (their products
+    run in float32)."""
     if backend == "triton" and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
@@ -451,9 +455,10 @@ def _bidirectional_impl(backend):
                                    signed=True, reset_gate=True, batch_first=False, state=None,
                                    spiking=True):
         """`neurokern.reference.spikgru2plus_bidirectional` on the fused kernels. The Triton
-        backend runs both directions in one launch per step (the parameters stacked to
-        [2, ...], rows of the loop direction-major); the C++ one direction after the other."""
-        if backend != "triton":
+        and CUDA backends run both directions in one launch (per step on Triton, for the whole
+        loop on CUDA; the parameters stacked to [2, ...], rows of the loop direction-major); the
+        C++ CPU one direction after the other."""
+        if backend == "cpu":
             return reference.spikgru2plus_bidirectional(
                 x, params, reverse_params, v_th=v_th, gamma=gamma, signed=signed,
                 reset_gate=reset_gate, batch_first=batch_first, state=state, spiking=spiking,
@@ -478,3 +483,6 @@ if _extension.error is not None or _cpu_kernels_present():
     register("spikgru2plus_bidirectional", "cpu")(_bidirectional_impl("cpu"))
 spikgru2plus_triton = register("spikgru2plus", "triton")(_impl("triton"))
 register("spikgru2plus_bidirectional", "triton")(_bidirectional_impl("triton"))
+# The persistent CUDA loops (csrc/cuda/); the dispatcher reports when the extension lacks them.
+register("spikgru2plus", "cuda")(_impl("cuda"))
+register("spikgru2plus_bidirectional", "cuda")(_bidirectional_impl("cuda"))

@@ -1,0 +1,89 @@
+// CUDA kernels of neurokern::spikgru2plus_fwd and spikgru2plus_bwd: the persistent loops of
+// spikgru2plus_persistent.cuh, each launched once per call as a cooperative kernel (the launch
+// fails, rather than hangs, if its blocks cannot all be resident), on the current stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "cuda/spikgru2plus_persistent.cuh"
+
+namespace {
+
+using neurokern::persistent::Partition;
+
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// The launch policy of the persistent kernels on the current device.
+struct CudaLaunch {
+  int device;
+
+  // Staging 32 batch rows x 32 values of k per round: each thread sums 4 rows of one column.
+  int batch_chunk() const { return 32; }
+  int k_chunk() const { return 32; }
+
+  size_t max_shared_bytes() const {
+    return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  }
+
+  template <typename Kernel>
+  int max_blocks(Kernel kernel, int threads, size_t shared_bytes) const {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+    int per_multiprocessor = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel,
+                                                                 threads, shared_bytes));
+    return per_multiprocessor * device_attribute(cudaDevAttrMultiProcessorCount, device);
+  }
+
+  template <typename Kernel, typename... Args>
+  void run(Kernel kernel, const Partition& p, size_t shared_bytes, Args&... args) const {
+    TORCH_CHECK(device_attribute(cudaDevAttrCooperativeLaunch, device),
+                "neurokern: the persistent SpikGRU2+ kernels need cooperative launches, which "
+                "device ", device, " does not support; use backend=\"triton\"");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(shared_bytes)));
+    void* params[] = {const_cast<void*>(static_cast<const void*>(&args))...};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(p.blocks()),
+                                               dim3(p.threads()), params, shared_bytes,
+                                               c10::cuda::getCurrentCUDAStream(device).stream()));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& gi, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+    const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
+    const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
+    double gamma, bool signed_, bool reset_gate, bool spiking) {
+  const c10::cuda::CUDAGuard guard(gi.device());
+  return neurokern::persistent::spikgru2plus_fwd(CudaLaunch{gi.get_device()}, gi, weight_hh,
+                                                 bias_hh, alpha, v0, i0, s0, v_th, gamma,
+                                                 signed_, reset_gate, spiking);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bwd_cuda(const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
+         const std::optional<at::Tensor>& grad_i_last,
+         const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi,
+         const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+         const at::Tensor& alpha, const at::Tensor& s_seq, const at::Tensor& v_seq,
+         const at::Tensor& i_seq, const std::optional<at::Tensor>& v0,
+         const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
+         double gamma, bool signed_, bool reset_gate) {
+  const c10::cuda::CUDAGuard guard(gi.device());
+  return neurokern::persistent::spikgru2plus_bwd(
+      CudaLaunch{gi.get_device()}, grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh,
+      bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed_, reset_gate);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neurokern, CUDA, m) {
+  m.impl("spikgru2plus_fwd", &fwd_cuda);
+  m.impl("spikgru2plus_bwd", &bwd_cuda);
+}

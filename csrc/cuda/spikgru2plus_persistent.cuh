@@ -1,0 +1,510 @@
+// Persistent SpikGRU2+ loops (SPEC.md 3): the whole time loop of a layer, forward or backward,
+// in one cooperative launch, each block keeping its slice of the recurrent weights U in shared
+// memory for all steps and the grid synchronising once per step. The CUDA kernels of
+// neurokern::spikgru2plus_fwd / spikgru2plus_bwd (spikgru2plus_cuda.cu), with the contract of the
+// C++ CPU ops (csrc/register.cpp), extended to D directions at once as the Triton ops
+// (weight_hh [D, 3H, H], bias_hh [D, 3H], alpha [D, H], rows [D * B] direction-major, each
+// direction in its processing order).
+//
+// Work split: block n serves direction d = n / blocks_per_direction and the `units` hidden units
+// j0 .. j0 + units - 1, j0 = (n % blocks_per_direction) * units; its 3 * units "columns" c =
+// g * units + jj are the (r, z, i) rows g H + j0 + jj of U. Per step it computes, for every batch
+// row of its direction, chunk by chunk of `batch_chunk` rows:
+//   forward:  gh[b][c] = sum_k s_{t-1}[b][k] U[g H + j][k]      (k < H, s_{t-1} from all blocks)
+//             then the cell of its units: r, z, i_t, v_t, s_t (written for the next step);
+//   backward: part[b][c] = sum_k dgh_{t+1}[b][g H + k] U[g H + k][j]   (k < H, dgh from all blocks)
+//             then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the cell
+//             backward of its units, writing dgi_t, dgh_t (for the next step) and the carries.
+// Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
+// staged in shared memory k_chunk values at a time, each thread summing one column for 4 batch
+// rows. The products of the gate gradients over all steps (dU, db_hh) and the recomputed gh
+// (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop, as on the
+// other backends.
+//
+// The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
+// takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
+// CUDA thread as an OS thread; the launch itself is a policy (`Launch`) of the host functions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "activations.h"
+
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#define NEUROKERN_KERNEL __global__
+#define NEUROKERN_DEVICE __device__ __forceinline__
+#define NEUROKERN_HOST_DEVICE __host__ __device__
+namespace neurokern::persistent {
+NEUROKERN_DEVICE int thread_index() { return threadIdx.x; }
+NEUROKERN_DEVICE int block_threads() { return blockDim.x; }
+NEUROKERN_DEVICE int block_index() { return blockIdx.x; }
+NEUROKERN_DEVICE void sync_block() { __syncthreads(); }
+NEUROKERN_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
+template <typename T>
+NEUROKERN_DEVICE T* shared_memory() {
+  extern __shared__ __align__(16) unsigned char shared[];
+  return reinterpret_cast<T*>(shared);
+}
+// Data written by other blocks during this launch: read through L2 (L1 is not coherent).
+template <typename T>
+NEUROKERN_DEVICE T load_shared_by_grid(const T* p) { return __ldcg(p); }
+}  // namespace neurokern::persistent
+#elif !defined(NEUROKERN_CUDA_EMULATION)
+#error "spikgru2plus_persistent.cuh: compile with nvcc, or provide the emulation primitives"
+#endif
+
+namespace neurokern::persistent {
+
+// The shape of a launch: sizes, the work split and the tiles (see the top of this file).
+struct Partition {
+  int64_t steps, batch, hidden, directions;
+  int units;                 // hidden units per block
+  int blocks_per_direction;  // ceil(hidden / units)
+  int batch_chunk;           // batch rows per pass, a multiple of 4
+  int k_chunk;               // values of k staged per round
+
+  NEUROKERN_HOST_DEVICE int blocks() const { return static_cast<int>(directions) * blocks_per_direction; }
+  NEUROKERN_HOST_DEVICE int columns() const { return 3 * units; }
+  NEUROKERN_HOST_DEVICE int threads() const { return columns() * (batch_chunk / 4); }
+  // staged rows are batch_chunk + 4 apart: 16-byte aligned, and staging stores (consecutive
+  // k, stride batch_chunk + 4 words) spread over the banks
+  NEUROKERN_HOST_DEVICE int tile_stride() const { return batch_chunk + 4; }
+  // w [H][3 units], the staging tile ([tile_gates][k_chunk][tile_stride]: the backward stages
+  // the three gates' thirds of dgh), the chunk's products [batch_chunk][3 units]
+  NEUROKERN_HOST_DEVICE int64_t shared_elements(int tile_gates) const {
+    return hidden * columns() + int64_t(tile_gates) * k_chunk * tile_stride() +
+           int64_t(batch_chunk) * columns();
+  }
+};
+
+template <typename T>
+NEUROKERN_DEVICE T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// acc[q] = sum_{k < H} x(b0 + 4 quad + q, g, k) w[k][c] for this thread's column c and batch
+// quad (threads = columns * batch_chunk / 4), with x(b, g, k) = src[(row0 + b) src_row +
+// g src_gate + k] for b < batch (0 beyond it, or everywhere if src is null) and g = 0 when
+// tile_gates is 1 (every column reads the same factor, the forward), c / units when it is 3.
+// Starts and ends with the block synchronised around the staging tile.
+template <typename T>
+NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, const T* src,
+                                    int64_t src_row, int64_t src_gate, int tile_gates,
+                                    int64_t row0, int64_t b0, T acc[4]) {
+  const int tid = thread_index(), threads = block_threads();
+  const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
+  const int c = tid % columns, quad = tid / columns;
+  const int g = tile_gates == 1 ? 0 : c / p.units;
+  for (int q = 0; q < 4; ++q) acc[q] = T(0);
+  for (int64_t k0 = 0; k0 < p.hidden; k0 += kc) {
+    sync_block();  // the previous round's readers are done with the tile
+    const int items = tile_gates * p.batch_chunk * kc;
+    for (int idx = tid; idx < items; idx += threads) {
+      const int kk = idx % kc, bb = (idx / kc) % p.batch_chunk, gate = idx / (kc * p.batch_chunk);
+      const int64_t b = b0 + bb, k = k0 + kk;
+      T x = T(0);
+      if (src != nullptr && b < p.batch && k < p.hidden) {
+        x = load_shared_by_grid(src + (row0 + b) * src_row + gate * src_gate + k);
+      }
+      tile[(gate * kc + kk) * stride + bb] = x;  // [gate][kk][bb]
+    }
+    sync_block();
+    const int kmax = static_cast<int>(std::min<int64_t>(kc, p.hidden - k0));
+    const T* wk = w + k0 * columns + c;
+    const T* xk = tile + g * kc * stride + 4 * quad;
+    for (int kk = 0; kk < kmax; ++kk) {
+      const T u = wk[kk * columns];
+      const T* x = xk + kk * stride;
+      for (int q = 0; q < 4; ++q) acc[q] += x[q] * u;
+    }
+  }
+}
+
+template <typename T>
+struct FwdArgs {
+  Partition p;
+  const T* gi;  // [T, D * B, 3H], last dim contiguous
+  int64_t gi_step, gi_row;
+  const T* weight_hh;  // [D, 3H, H] contiguous
+  const T* bias_hh;    // [D, 3H] or null
+  const T* alpha;      // [D, H]
+  const T* v0;         // [D * B, H] each, or null (zeros)
+  const T* i0;
+  const T* s0;
+  T* s_seq;  // [T, D * B, H] out
+  T* v_seq;
+  T* i_seq;
+  T v_th;
+};
+
+// Forward: i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
+// s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate), z = sigmoid(gi_z + gh_z)
+// and gh = U s_{t-1} + b_hh.
+template <typename T, bool RESET_GATE, typename Act>
+NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) {
+  const Partition& p = a.p;
+  const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
+  const int units = p.units, columns = p.columns(), threads = block_threads();
+  const int d = block_index() / p.blocks_per_direction;
+  const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
+  T* w = shared_memory<T>();                               // [H][columns]
+  T* tile = w + hidden * columns;                          // [k_chunk][tile_stride]
+  T* gh = tile + int64_t(p.k_chunk) * p.tile_stride();     // [batch_chunk][columns]
+  const T* u = a.weight_hh + d * 3 * hidden * hidden;      // [3H, H]
+  for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
+    const int64_t c = idx / hidden, k = idx % hidden;      // reads along rows of U
+    const int64_t j = j0 + c % units;
+    w[k * columns + c] = j < hidden ? u[((c / units) * hidden + j) * hidden + k] : T(0);
+  }
+  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
+  const T* alpha = a.alpha + d * hidden;
+  const int64_t row0 = int64_t(d) * batch;
+  const int c = thread_index() % columns, quad = thread_index() / columns;
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const int64_t prev = (t - 1) * rows * hidden;
+    const T* s_prev = t == 0 ? a.s0 : a.s_seq + prev;
+    const T* v_prev = t == 0 ? a.v0 : a.v_seq + prev;
+    const T* i_prev = t == 0 ? a.i0 : a.i_seq + prev;
+    const T* gi_t = a.gi + t * a.gi_step;
+    const int64_t out = t * rows * hidden;
+    for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
+      T acc[4];
+      chunk_product(p, w, tile, s_prev, hidden, int64_t(0), 1, row0, b0, acc);
+      for (int q = 0; q < 4; ++q) gh[(4 * quad + q) * columns + c] = acc[q];
+      sync_block();
+      for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
+        const int bb = idx / units, jj = idx % units;
+        const int64_t b = b0 + bb, j = j0 + jj;
+        if (b >= batch || j >= hidden) continue;
+        const int64_t row = row0 + b, n = row * hidden + j;
+        const T* gi = gi_t + row * a.gi_row;
+        T gh_r = gh[bb * columns + jj], gh_z = gh[bb * columns + units + jj],
+          gh_i = gh[bb * columns + 2 * units + jj];
+        if (bias != nullptr) {
+          gh_r += bias[j];
+          gh_z += bias[hidden + j];
+          gh_i += bias[2 * hidden + j];
+        }
+        const T z = sigmoid(gi[hidden + j] + gh_z);
+        const T r = RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1);
+        const T vp = v_prev == nullptr ? T(0) : v_prev[n];
+        const T ip = i_prev == nullptr ? T(0) : i_prev[n];
+        const T sp = s_prev == nullptr ? T(0) : s_prev[n];
+        const T i = alpha[j] * ip + gi[2 * hidden + j] + gh_i * r;
+        const T v = z * vp + (T(1) - z) * i - a.v_th * sp;
+        a.i_seq[out + n] = i;
+        a.v_seq[out + n] = v;
+        a.s_seq[out + n] = act(v);
+      }
+    }
+    sync_grid();  // s_t complete: the next step's products read all of it
+  }
+}
+
+template <typename T>
+struct BwdArgs {
+  Partition p;
+  const T* grad_s;  // [T, D * B, H], last dim contiguous
+  int64_t grad_s_step, grad_s_row;
+  const T* gi;  // [T, D * B, 3H], last dim contiguous
+  int64_t gi_step, gi_row;
+  const T* gh;         // [T, D * B, 3H] contiguous: U s_{t-1} + b_hh
+  const T* weight_hh;  // [D, 3H, H] contiguous
+  const T* alpha;      // [D, H]
+  const T* v0;         // [D * B, H] or null (zeros)
+  const T* i0;
+  const T* v_seq;  // [T, D * B, H]
+  const T* i_seq;
+  T* ds;      // [D * B, H] in: dL/ds_{T-1} but the product path; out: dL/ds_0 (every path)
+  T* dv;      // [D * B, H] in: dL/dv_{T-1} carry (grad_v_last); out: dL/dv_0
+  T* di;      // [D * B, H] in: dL/di_{T-1} carry (grad_i_last); out: dL/di_0
+  T* dgi;     // [T, D * B, 3H] out, contiguous
+  T* dgh;     // [T, D * B, 3H] out, contiguous
+  T* dalpha;  // [D * B, H] zeros in; out: sum over t of dL/di_t i_{t-1}
+  T v_th;
+};
+
+// Backward, per step t = T-1 .. 0 (then once more to add the product path of s_0), given
+// dL/ds_t (ds plus the product path dgh_{t+1} U) and the carries dv = z_{t+1} dL/dv_{t+1},
+// di = alpha dL/di_{t+1}:
+//   dv_t = ds f'(v_t) + dv,  di_t = (1 - z) dv_t + di,  d(gi_i) = di_t,  d(gh_i) = di_t r,
+//   d(a_r) = di_t gh_i r (1 - r),  d(a_z) = dv_t (v_{t-1} - i_t) z (1 - z),
+//   carries z dv_t and alpha di_t, reset path -v_th dv_t onto dL/ds_{t-1}.
+template <typename T, bool RESET_GATE, typename Surr>
+NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surrogate) {
+  const Partition& p = a.p;
+  const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
+  const int units = p.units, columns = p.columns(), threads = block_threads();
+  const int d = block_index() / p.blocks_per_direction;
+  const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
+  T* w = shared_memory<T>();                                 // [H][columns]
+  T* tile = w + hidden * columns;                            // [3][k_chunk][tile_stride]
+  T* part = tile + 3 * int64_t(p.k_chunk) * p.tile_stride();  // [batch_chunk][columns]
+  const T* u = a.weight_hh + d * 3 * hidden * hidden;        // [3H, H]
+  for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
+    const int64_t jj = idx % units, k = (idx / units) % hidden, g = idx / (units * hidden);
+    const int64_t j = j0 + jj;  // reads along rows of U
+    w[k * columns + g * units + jj] = j < hidden ? u[(g * hidden + k) * hidden + j] : T(0);
+  }
+  const T* alpha = a.alpha + d * hidden;
+  const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
+  const int c = thread_index() % columns, quad = thread_index() / columns;
+  for (int64_t t = p.steps - 1; t >= -1; --t) {
+    const T* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
+    for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
+      T acc[4];
+      chunk_product(p, w, tile, dgh_next, gates, hidden, 3, row0, b0, acc);
+      for (int q = 0; q < 4; ++q) part[(4 * quad + q) * columns + c] = acc[q];
+      sync_block();
+      for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
+        const int bb = idx / units, jj = idx % units;
+        const int64_t b = b0 + bb, j = j0 + jj;
+        if (b >= batch || j >= hidden) continue;
+        const int64_t row = row0 + b, n = row * hidden + j;
+        const T* pb = part + bb * columns + jj;
+        const T ds = a.ds[n] + (pb[0] + pb[units] + pb[2 * units]);
+        if (t < 0) {  // after step 0: dL/ds_0 with its product path
+          a.ds[n] = ds;
+          continue;
+        }
+        const int64_t step = t * rows * hidden, g_off = t * rows * gates + row * gates;
+        const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
+        const T* gh = a.gh + g_off;
+        const T z = sigmoid(gi[hidden + j] + gh[hidden + j]);
+        const T r = RESET_GATE ? sigmoid(gi[j] + gh[j]) : T(1);
+        const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[step - rows * hidden + n];
+        const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[step - rows * hidden + n];
+        const T v = a.v_seq[step + n], i = a.i_seq[step + n];
+        const T dv = ds * surrogate(v) + a.dv[n];
+        const T di = (T(1) - z) * dv + a.di[n];
+        const T da_z = dv * (vp - i) * z * (T(1) - z);
+        const T da_r = RESET_GATE ? di * gh[2 * hidden + j] * r * (T(1) - r) : T(0);
+        T* dgi = a.dgi + g_off;
+        T* dgh = a.dgh + g_off;
+        dgi[j] = da_r;
+        dgh[j] = da_r;
+        dgi[hidden + j] = da_z;
+        dgh[hidden + j] = da_z;
+        dgi[2 * hidden + j] = di;
+        dgh[2 * hidden + j] = di * r;
+        a.dv[n] = z * dv;
+        a.di[n] = alpha[j] * di;
+        a.dalpha[n] += di * ip;
+        T ds_prev = -a.v_th * dv;
+        if (t > 0) ds_prev += a.grad_s[(t - 1) * a.grad_s_step + row * a.grad_s_row + j];
+        a.ds[n] = ds_prev;
+      }
+    }
+    if (t >= 0) sync_grid();  // dgh_t complete: the next step's products read all of it
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: argument checks, the work split, the launches. `Launch` provides
+//   int max_blocks(kernel, threads, shared_bytes)  blocks that can be resident at once
+//   size_t max_shared_bytes()                       shared memory one block may use
+//   int batch_chunk(), k_chunk()                    the tiles
+//   void run(kernel, partition, shared_bytes, args...)
+// ---------------------------------------------------------------------------------------------
+
+inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
+                        const std::optional<at::Tensor>& bias_hh, const at::Tensor& alpha,
+                        std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>>
+                            states,
+                        const char* op) {
+  TORCH_CHECK(gi.dim() == 3 && gi.size(2) % 3 == 0, op, ": gi must be [T, D * B, 3H], got ",
+              gi.sizes());
+  TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble, op,
+              ": gi must be float32 or float64, got ", gi.scalar_type());
+  const int64_t hidden = gi.size(2) / 3;
+  TORCH_CHECK(weight_hh.dim() == 2 || weight_hh.dim() == 3, op,
+              ": weight_hh must be [3H, H] or [D, 3H, H], got ", weight_hh.sizes());
+  const int64_t directions = weight_hh.dim() == 3 ? weight_hh.size(0) : 1;
+  TORCH_CHECK(directions >= 1 && gi.size(1) % directions == 0, op, ": the ", gi.size(1),
+              " rows of gi are not ", directions, " directions of equal batch");
+  auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(t.device() == gi.device(), op, ": ", name, " is on ", t.device(),
+                " but gi is on ", gi.device());
+    TORCH_CHECK(t.scalar_type() == gi.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+                " but gi is ", gi.scalar_type());
+    TORCH_CHECK(t.numel() == c10::multiply_integers(shape), op, ": ", name, " must be ", shape,
+                " (the leading 1 optional), got ", t.sizes());
+  };
+  check(weight_hh, "weight_hh", {directions, 3 * hidden, hidden});
+  check(alpha, "alpha", {directions, hidden});
+  if (bias_hh) check(*bias_hh, "bias_hh", {directions, 3 * hidden});
+  for (const auto& [name, state] : states) {
+    if (*state) check(**state, name, {gi.size(1), hidden});
+  }
+}
+
+// The smallest number of units per block whose launch fits the device: all blocks resident at
+// once (the grid synchronises) and the block's weights in shared memory.
+template <typename T, class Launch, class Kernel>
+Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
+               int64_t directions, int tile_gates, const char* op) {
+  Partition p{steps, rows / directions, hidden, directions, 1, 0, 4, launch.k_chunk()};
+  p.batch_chunk = static_cast<int>(
+      std::min<int64_t>(launch.batch_chunk(), (p.batch + 3) / 4 * 4));
+  const size_t limit = launch.max_shared_bytes();
+  for (int64_t units = 1; units <= hidden; ++units) {
+    p.units = static_cast<int>(units);
+    p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
+    const size_t bytes = sizeof(T) * p.shared_elements(tile_gates);
+    TORCH_CHECK(bytes <= limit, op, ": the persistent kernel needs ", bytes,
+                " bytes of shared memory per block for H = ", hidden, ", D = ", directions,
+                " (", units, " hidden units per block, ", sizeof(T) * 8,
+                "-bit weights) but a block may use ", limit,
+                "; use backend=\"triton\" for this size");
+    if (p.threads() > 1024) break;  // CUDA's limit of threads per block
+    if (p.blocks() <= launch.max_blocks(kernel, p.threads(), bytes)) return p;
+  }
+  TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
+              " directions keeps every block of the persistent kernel resident with at most 1024 "
+              "threads per block; use backend=\"triton\" for this size");
+  return p;
+}
+
+template <typename T>
+const T* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
+    const Launch& launch, const at::Tensor& gi_in, const at::Tensor& weight_hh_in,
+    const std::optional<at::Tensor>& bias_hh_in, const at::Tensor& alpha_in,
+    const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& i0_in,
+    const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool signed_,
+    bool reset_gate, bool spiking) {
+  constexpr const char* op = "neurokern::spikgru2plus_fwd (CUDA)";
+  check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
+              {{"v0", &v0_in}, {"i0", &i0_in}, {"s0", &s0_in}}, op);
+  const at::Tensor gi = gi_in.stride(2) == 1 ? gi_in : gi_in.contiguous();
+  const at::Tensor weight_hh = weight_hh_in.contiguous(), alpha = alpha_in.contiguous();
+  const auto bias_hh = contiguous(bias_hh_in), v0 = contiguous(v0_in), i0 = contiguous(i0_in),
+             s0 = contiguous(s0_in);
+  const int64_t steps = gi.size(0), rows = gi.size(1), hidden = gi.size(2) / 3;
+  const int64_t directions = weight_hh.dim() == 3 ? weight_hh.size(0) : 1;
+  at::Tensor s_seq = at::empty({steps, rows, hidden}, gi.options());
+  at::Tensor v_seq = at::empty_like(s_seq), i_seq = at::empty_like(s_seq);
+  if (steps == 0 || rows == 0 || hidden == 0) return {s_seq, v_seq, i_seq};
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_fwd", [&] {
+    using T = scalar_t;
+    FwdArgs<T> args{Partition{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
+                    weight_hh.data_ptr<T>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
+                    optional_ptr<T>(v0), optional_ptr<T>(i0), optional_ptr<T>(s0),
+                    s_seq.data_ptr<T>(), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
+                    static_cast<T>(v_th)};
+    dispatch_bools(signed_, spiking, [&](auto is_signed, auto is_spiking) {
+      using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
+      const Act act(v_th, gamma);
+      auto go = [&](auto kernel) {
+        args.p = plan<T>(launch, kernel, steps, rows, hidden, directions, 1, op);
+        launch.run(kernel, args.p, sizeof(T) * args.p.shared_elements(1), args, act);
+      };
+      if (reset_gate) {
+        go(spikgru2plus_persistent_fwd_kernel<T, true, Act>);
+      } else {
+        go(spikgru2plus_persistent_fwd_kernel<T, false, Act>);
+      }
+    });
+  });
+  return {s_seq, v_seq, i_seq};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
+                 const std::optional<at::Tensor>& grad_v_last,
+                 const std::optional<at::Tensor>& grad_i_last,
+                 const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi_in,
+                 const at::Tensor& weight_hh_in, const std::optional<at::Tensor>& bias_hh_in,
+                 const at::Tensor& alpha_in, const at::Tensor& s_seq, const at::Tensor& v_seq_in,
+                 const at::Tensor& i_seq_in, const std::optional<at::Tensor>& v0_in,
+                 const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0,
+                 double v_th, double gamma, bool signed_, bool reset_gate) {
+  constexpr const char* op = "neurokern::spikgru2plus_bwd (CUDA)";
+  check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
+              {{"v0", &v0_in}, {"i0", &i0_in}, {"s0", &s0}, {"grad_v_last", &grad_v_last},
+               {"grad_i_last", &grad_i_last}, {"grad_s_last", &grad_s_last}},
+              op);
+  const int64_t steps = gi_in.size(0), rows = gi_in.size(1), hidden = gi_in.size(2) / 3;
+  const int64_t directions = weight_hh_in.dim() == 3 ? weight_hh_in.size(0) : 1;
+  const int64_t batch = rows / directions;
+  TORCH_CHECK(steps >= 1, op, ": gi has no time steps");
+  for (const auto& [name, t] : {std::pair{"grad_s", &grad_s_in}, std::pair{"s_seq", &s_seq},
+                                std::pair{"v_seq", &v_seq_in}, std::pair{"i_seq", &i_seq_in}}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({steps, rows, hidden}), op, ": ", name,
+                " must be [T, D * B, H] = ", at::IntArrayRef({steps, rows, hidden}), ", got ",
+                t->sizes());
+    TORCH_CHECK(t->device() == gi_in.device() && t->scalar_type() == gi_in.scalar_type(), op,
+                ": ", name, " must be on gi's device in gi's dtype");
+  }
+  const at::Tensor gi = gi_in.stride(2) == 1 ? gi_in : gi_in.contiguous();
+  const at::Tensor grad_s = grad_s_in.stride(2) == 1 ? grad_s_in : grad_s_in.contiguous();
+  const at::Tensor weight_hh = weight_hh_in.contiguous().view({directions, 3 * hidden, hidden});
+  const at::Tensor alpha = alpha_in.contiguous(), v_seq = v_seq_in.contiguous(),
+                   i_seq = i_seq_in.contiguous();
+  const auto v0 = contiguous(v0_in), i0 = contiguous(i0_in);
+  auto zeros = [&] { return at::zeros({rows, hidden}, gi.options()); };
+  auto state_or_zeros = [&](const std::optional<at::Tensor>& t) {
+    return t ? t->reshape({rows, hidden}).to(gi.options(), false, true) : zeros();
+  };
+  // S_prev = [s_0, s_1 .. s_{T-1}]: gh of every step in one product, dU after the loop
+  at::Tensor s_prev = at::cat({state_or_zeros(s0).unsqueeze(0), s_seq.narrow(0, 0, steps - 1)});
+  at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden});
+  at::Tensor gh = at::einsum("tdbh,dgh->tdbg", {s_dirs, weight_hh});  // [T, D, B, 3H]
+  if (bias_hh_in) gh = gh + bias_hh_in->reshape({1, directions, 1, 3 * hidden});
+  gh = gh.reshape({steps, rows, 3 * hidden}).contiguous();
+  at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
+  at::Tensor dgh = at::empty_like(dgi);
+  at::Tensor ds = grad_s[steps - 1].clone();
+  if (grad_s_last) ds += grad_s_last->reshape({rows, hidden});
+  at::Tensor dv = state_or_zeros(grad_v_last), di = state_or_zeros(grad_i_last);
+  at::Tensor dalpha = zeros();
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_bwd", [&] {
+    using T = scalar_t;
+    BwdArgs<T> args{Partition{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
+                    gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh.data_ptr<T>(),
+                    weight_hh.data_ptr<T>(), alpha.data_ptr<T>(), optional_ptr<T>(v0),
+                    optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
+                    ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(), dgi.data_ptr<T>(),
+                    dgh.data_ptr<T>(), dalpha.data_ptr<T>(), static_cast<T>(v_th)};
+    auto go = [&](auto kernel, const auto& surrogate) {
+      args.p = plan<T>(launch, kernel, steps, rows, hidden, directions, 3, op);
+      launch.run(kernel, args.p, sizeof(T) * args.p.shared_elements(3), args, surrogate);
+    };
+    dispatch_bools(signed_, reset_gate, [&](auto is_signed, auto has_reset) {
+      using Surr = Surrogate<T, decltype(is_signed)::value>;
+      go(spikgru2plus_persistent_bwd_kernel<T, decltype(has_reset)::value, Surr>,
+         Surr(v_th, gamma));
+    });
+  });
+  // all steps at once, per direction: dU = dgh^T S_prev, db_hh and dalpha summed over T and B
+  at::Tensor dgh4 = dgh.view({steps, directions, batch, 3 * hidden});
+  at::Tensor dweight_hh = at::einsum("tdbg,tdbh->dgh", {dgh4, s_dirs});
+  at::Tensor dbias_hh = dgh4.sum(at::IntArrayRef{0, 2});
+  at::Tensor dalpha_d = dalpha.view({directions, batch, hidden}).sum(1);
+  if (weight_hh_in.dim() == 2) {
+    dweight_hh = dweight_hh[0];
+    dbias_hh = dbias_hh[0];
+    dalpha_d = dalpha_d[0];
+  }
+  return {dgi, dweight_hh, dbias_hh, dalpha_d.reshape(alpha_in.sizes()), dv, di, ds};
+}
+
+}  // namespace neurokern::persistent

@@ -1,0 +1,125 @@
+// The persistent SpikGRU2+ CUDA kernels (csrc/cuda/spikgru2plus_persistent.cuh), compiled for the
+// CPU and run with one OS thread per CUDA thread, so that CI tests their indexing, work split and
+// synchronisation without a GPU: every block's threads run at once, __syncthreads is a barrier
+// of the block's threads, the grid synchronisation one of all threads, each block has its own
+// shared memory (filled with NaN first, so a read of something never written shows). The host
+// side (argument checks, the split, ATen products) is the header's own, with this launch policy.
+// Built by tests/test_persistent_spikgru2plus.py with torch.utils.cpp_extension.load.
+#include <torch/extension.h>
+
+#include <barrier>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define NEUROKERN_CUDA_EMULATION 1
+#define NEUROKERN_KERNEL
+#define NEUROKERN_DEVICE inline
+#define NEUROKERN_HOST_DEVICE
+
+namespace neurokern::persistent {
+
+struct ThreadContext {
+  int thread, threads, block;
+  std::barrier<>* block_barrier;
+  std::barrier<>* grid_barrier;
+  unsigned char* shared;
+};
+inline thread_local ThreadContext context;
+
+inline int thread_index() { return context.thread; }
+inline int block_threads() { return context.threads; }
+inline int block_index() { return context.block; }
+inline void sync_block() { context.block_barrier->arrive_and_wait(); }
+inline void sync_grid() { context.grid_barrier->arrive_and_wait(); }
+template <typename T>
+T* shared_memory() { return reinterpret_cast<T*>(context.shared); }
+template <typename T>
+T load_shared_by_grid(const T* p) { return *p; }
+
+}  // namespace neurokern::persistent
+
+#include "cuda/spikgru2plus_persistent.cuh"
+
+namespace {
+
+using neurokern::persistent::Partition;
+
+// A small "device": `multiprocessors` resident blocks at most, so that small layers are split
+// over several blocks per direction, and small tiles, so that the batch and k loops run more
+// than one round.
+struct EmulatedLaunch {
+  int multiprocessors = 4;
+  int batch_rows = 8;
+  int k_values = 8;
+  size_t shared_bytes = 48 * 1024;
+
+  int batch_chunk() const { return batch_rows; }
+  int k_chunk() const { return k_values; }
+  size_t max_shared_bytes() const { return shared_bytes; }
+  template <typename Kernel>
+  int max_blocks(Kernel, int, size_t) const { return multiprocessors; }
+
+  template <typename Kernel, typename... Args>
+  void run(Kernel kernel, const Partition& p, size_t bytes, Args&... args) const {
+    const int blocks = p.blocks(), threads = p.threads();
+    std::barrier<> grid_barrier(int64_t(blocks) * threads);
+    std::vector<std::unique_ptr<std::barrier<>>> block_barriers;
+    std::vector<std::vector<double>> shared(blocks);  // double: aligned for any T
+    for (int b = 0; b < blocks; ++b) {
+      block_barriers.push_back(std::make_unique<std::barrier<>>(threads));
+      shared[b].resize(bytes / sizeof(double) + 1);
+      std::fill(shared[b].begin(), shared[b].end(), std::nan(""));
+    }
+    std::vector<std::thread> pool;
+    pool.reserve(size_t(blocks) * threads);
+    for (int b = 0; b < blocks; ++b) {
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, b, t] {
+          neurokern::persistent::context = {
+              t, threads, b, block_barriers[b].get(), &grid_barrier,
+              reinterpret_cast<unsigned char*>(shared[b].data())};
+          kernel(args...);
+        });
+      }
+    }
+    for (auto& thread : pool) thread.join();
+  }
+};
+
+EmulatedLaunch launch;
+
+void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_shared_bytes) {
+  TORCH_CHECK(batch_chunk % 4 == 0, "batch_chunk must be a multiple of 4");
+  launch = EmulatedLaunch{multiprocessors, batch_chunk, k_chunk,
+                          static_cast<size_t>(max_shared_bytes)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("configure", &configure, "The emulated device: resident blocks, tiles, shared memory.");
+  m.def("spikgru2plus_fwd", [](const at::Tensor& gi, const at::Tensor& weight_hh,
+                               const std::optional<at::Tensor>& bias_hh, const at::Tensor& alpha,
+                               const std::optional<at::Tensor>& v0,
+                               const std::optional<at::Tensor>& i0,
+                               const std::optional<at::Tensor>& s0, double v_th, double gamma,
+                               bool signed_, bool reset_gate, bool spiking) {
+    return neurokern::persistent::spikgru2plus_fwd(launch, gi, weight_hh, bias_hh, alpha, v0, i0,
+                                                   s0, v_th, gamma, signed_, reset_gate, spiking);
+  });
+  m.def("spikgru2plus_bwd",
+        [](const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
+           const std::optional<at::Tensor>& grad_i_last,
+           const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi,
+           const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+           const at::Tensor& alpha, const at::Tensor& s_seq, const at::Tensor& v_seq,
+           const at::Tensor& i_seq, const std::optional<at::Tensor>& v0,
+           const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
+           double gamma, bool signed_, bool reset_gate) {
+          return neurokern::persistent::spikgru2plus_bwd(
+              launch, grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh,
+              alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed_, reset_gate);
+        });
+}
