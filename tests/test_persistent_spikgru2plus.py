@@ -1,0 +1,192 @@
+"""The persistent SpikGRU2+ CUDA loops (backend "cuda", csrc/cuda/spikgru2plus_persistent.cuh)
+without a GPU: the kernels' own source, compiled for the CPU by tests/cuda_emulation.cpp with
+one OS thread per CUDA thread, runs behind backend "cuda" on CPU tensors and is compared with the
+reference through the whole Python path (autograd Function, both directions in one launch), on
+emulated devices small enough that every layer is split over several blocks and the batch and
+k loops take several rounds. Also: the CUDA source compiles for sm_90 with nvcc. On a GPU, the
+real kernels run every test of test_fused_spikgru2plus.py (backend "cuda" there)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import neurokern as nk
+import neurokern.spikgru2plus_ops as gru_ops
+from neurokern import dispatch
+from test_fused_spikgru2plus import (
+    EXAMPLES, check_float32, gru_cases, make_inputs, run, run_bidirectional,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+f64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    """The extension of tests/cuda_emulation.cpp (built once per test run, about 30 s)."""
+    from torch.utils import cpp_extension
+
+    build = tmp_path_factory.mktemp("cuda_emulation")
+    return cpp_extension.load(
+        "neurokern_cuda_emulation", [os.path.join(ROOT, "tests", "cuda_emulation.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O1"],
+        build_directory=str(build))
+
+
+@pytest.fixture
+def emulated_cuda(emulation, monkeypatch):
+    """Backend "cuda" runs CPU tensors on the emulated kernels; returns `configure(...)` of the
+    emulated device (resident blocks, batch rows and k values per round, shared memory)."""
+    available = dispatch.availability
+
+    def availability(op, backend, device_type):
+        if backend == "cuda" and device_type == "cpu" and op.startswith("spikgru2plus"):
+            return dispatch.Availability(True)
+        return available(op, backend, device_type)
+
+    ops = gru_ops.spikgru2plus_ops
+    monkeypatch.setattr(dispatch, "availability", availability)
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setattr(gru_ops, "spikgru2plus_ops", lambda backend: (
+        (emulation.spikgru2plus_fwd, emulation.spikgru2plus_bwd) if backend == "cuda"
+        else ops(backend)))
+    monkeypatch.setattr(gru_ops, "eager_or_op", lambda op: op)
+    emulation.configure(4, 8, 8, 256 * 1024)
+    return emulation.configure
+
+
+# emulated devices: (resident blocks (at least one per direction), batch rows per round, k
+# values per round)
+devices = st.tuples(st.sampled_from([2, 3, 5, 8]), st.sampled_from([4, 8]),
+                    st.sampled_from([3, 8, 32]))
+# besides gru_cases' draws (batch <= 4): batches of several rounds, H of one unit per block
+WIDE = [dict(EXAMPLES[0], batch=9, seed=6), dict(EXAMPLES[1], batch=6, hidden=3, seed=7)]
+
+
+def with_examples(test):
+    for case in EXAMPLES + WIDE:
+        test = example(case=case, device=(3, 4, 8))(test)
+    return test
+
+
+@given(case=gru_cases(), device=devices)
+@with_examples
+def test_float64_equals_reference(emulated_cuda, case, device):
+    emulated_cuda(*device, 256 * 1024)
+    leaves, cot = make_inputs(case)
+    ref = run(case, "reference", f64, leaves, cot, "cpu")
+    out = run(case, "cuda", f64, leaves, cot, "cpu")
+    assert torch.equal(out[0][0], ref[0][0]), "spikes differ in float64"
+    assert torch.equal(out[0][3], ref[0][3]), "final spikes differ in float64"
+    for a, b in zip(out[0][1:], ref[0][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for name, a in out[1].items():
+        b = ref[1][name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d{name}")
+
+
+@given(case=gru_cases(), device=devices)
+@with_examples
+def test_bidirectional_float64_equals_reference(emulated_cuda, case, device):
+    """Both directions in one launch: blocks of direction d serve rows d * B .. (d + 1) B - 1."""
+    emulated_cuda(*device, 256 * 1024)
+    leaves, _ = make_inputs(case)
+    reverse, _ = make_inputs(dict(case, seed=case["seed"] + 1))
+    ref = run_bidirectional(case, "reference", leaves, reverse, "cpu")
+    out = run_bidirectional(case, "cuda", leaves, reverse, "cpu")
+    assert torch.equal(out[0], ref[0]), "spikes differ in float64"
+    assert torch.equal(out[3], ref[3]), "final spikes differ in float64"
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@given(case=gru_cases(), device=devices)
+@with_examples
+def test_float32_against_float64_reference(emulated_cuda, case, device):
+    emulated_cuda(*device, 256 * 1024)
+    leaves, cot = make_inputs(case)
+    check_float32(case, leaves, cot, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("signed,reset_gate", [(True, True), (False, False)])
+def test_smooth_gradcheck_two_layer_bidirectional(emulated_cuda, signed, reset_gate):
+    """Smooth mode (real-valued s in the products), the stack of two bidirectional layers."""
+    emulated_cuda(3, 4, 3, 48 * 1024)
+    torch.manual_seed(0)
+    model = nk.nn.SpikGRU2Plus(3, 5, 2, bidirectional=True, signed=signed,
+                               reset_gate=reset_gate, spiking=False, v_th=0.6, gamma=2.0,
+                               backend="cuda").double()
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(4, 6, 3, dtype=f64, requires_grad=True)
+    state = tuple(torch.randn(4, 6, 5, dtype=f64, requires_grad=True) for _ in range(3))
+
+    def fn(x, v0, i0, s0, *ps):
+        out, (v, i, s) = torch.func.functional_call(model, dict(zip(names, ps)),
+                                                    (x, (v0, i0, s0)))
+        return out, v, i, s
+
+    assert torch.autograd.gradcheck(fn, (x, *state, *params), fast_mode=True)
+
+
+def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
+    emulated_cuda(4, 8, 8, 4096)  # 4 KiB: H = 40 needs 40 * 3 * 8 bytes of U per unit
+    x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(120, 4), torch.randn(120, 40)
+    with pytest.raises(RuntimeError, match=r"needs \d+ bytes of shared memory per block for "
+                                           r"H = 40, D = 1 .* but a block may use 4096"):
+        nk.spikgru2plus(x, w_ih, w_hh, None, None, torch.rand(40), backend="cuda")
+
+
+def test_op_checks_its_arguments(emulation):
+    gi, w = torch.randn(3, 4, 15), torch.randn(15, 5)
+    fwd = emulation.spikgru2plus_fwd
+    with pytest.raises(RuntimeError, match=r"alpha must be \[1, 5\]"):
+        fwd(gi, w, None, torch.rand(4), None, None, None, 1.0, 10.0, True, True, True)
+    with pytest.raises(RuntimeError, match="weight_hh is Double but gi is Float"):
+        fwd(gi, w.double(), None, torch.rand(5), None, None, None, 1.0, 10.0, True, True, True)
+    with pytest.raises(RuntimeError, match=r"the 4 rows of gi are not 3 directions"):
+        fwd(gi, torch.randn(3, 15, 5), None, torch.rand(3, 5), None, None, None, 1.0, 10.0,
+            True, True, True)
+    with pytest.raises(RuntimeError, match=r"s0 must be \[4, 5\]"):
+        fwd(gi, w, None, torch.rand(5), None, None, torch.zeros(2, 5), 1.0, 10.0, True, True,
+            True)
+
+
+def _nvcc_command(tmp_path):
+    """nvcc compiling csrc/cuda/spikgru2plus_cuda.cu for sm_90 with torch's headers, as the
+    extension build does (a CPU-only torch lacks one generated header of c10/cuda: an empty one
+    stands in, as in a CUDA build it only defines export macros)."""
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths()
+    stub = tmp_path / "stub"
+    if not any(os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h"))
+               for d in includes):
+        (stub / "c10/cuda/impl").mkdir(parents=True)
+        (stub / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n")
+    return ([shutil.which("nvcc"), "-c", "-std=c++20", "-arch=sm_90", "--expt-relaxed-constexpr",
+             "-Xptxas", "-v", "-DNEUROKERN_WITH_CUDA=1", "-Xcompiler", "-fPIC",
+             f"-I{stub}", f"-I{os.path.join(ROOT, 'csrc')}"]
+            + [f"-I{d}" for d in includes]
+            + [os.path.join(ROOT, "csrc/cuda/spikgru2plus_cuda.cu"), "-o",
+               str(tmp_path / "spikgru2plus_cuda.o")])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux build flags")
+def test_cuda_source_compiles_for_sm90_without_spills(tmp_path):
+    """The CUDA kernels compile for the H100 (24 kernels: float32/float64, signed, reset gate,
+    smooth mode), and none spills registers to local memory."""
+    proc = subprocess.run(_nvcc_command(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    entries = proc.stderr.count("Compiling entry function")
+    assert entries == 24, proc.stderr[-4000:]
+    assert proc.stderr.count("0 bytes spill stores, 0 bytes spill loads") == entries
