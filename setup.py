@@ -63,7 +63,8 @@ def extensions():
             cpp_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("NEUROKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            # no --use_fast_math: the kernels' exp and divisions round as the reference's do
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )]
     print(f"neurokern: CUDA part skipped ({reason}); building the C++ CPU kernels only",

@@ -37,6 +37,10 @@ template <typename T>
 T* shared_memory() { return reinterpret_cast<T*>(context.shared); }
 template <typename T>
 T load_shared_by_grid(const T* p) { return *p; }
+template <typename T>
+void load4(const T* p, T x[4]) {
+  for (int m = 0; m < 4; ++m) x[m] = p[m];
+}
 
 }  // namespace neurokern::persistent
 
@@ -91,7 +95,8 @@ struct EmulatedLaunch {
 EmulatedLaunch launch;
 
 void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_shared_bytes) {
-  TORCH_CHECK(batch_chunk % 4 == 0, "batch_chunk must be a multiple of 4");
+  TORCH_CHECK(batch_chunk % neurokern::persistent::kRowsPerThread == 0,
+              "batch_chunk must be a multiple of kRowsPerThread");
   launch = EmulatedLaunch{multiprocessors, batch_chunk, k_chunk,
                           static_cast<size_t>(max_shared_bytes)};
 }

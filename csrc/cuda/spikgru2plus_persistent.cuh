@@ -16,10 +16,11 @@
 //             then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the cell
 //             backward of its units, writing dgi_t, dgh_t (for the next step) and the carries.
 // Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
-// staged in shared memory k_chunk values at a time, each thread summing one column for 4 batch
-// rows. The products of the gate gradients over all steps (dU, db_hh) and the recomputed gh
-// (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop, as on the
-// other backends.
+// staged in shared memory k_chunk values at a time, each thread summing one column for
+// kRowsPerThread batch rows (per k: one load of w, two 16-byte broadcast loads of the factor,
+// eight fused multiply-adds). The products of the gate gradients over all steps (dU, db_hh) and
+// the recomputed gh (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop,
+// as on the other backends.
 //
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
@@ -57,6 +58,16 @@ NEUROKERN_DEVICE T* shared_memory() {
 // Data written by other blocks during this launch: read through L2 (L1 is not coherent).
 template <typename T>
 NEUROKERN_DEVICE T load_shared_by_grid(const T* p) { return __ldcg(p); }
+// x[0..3] = p[0..3], p 16-byte aligned: one vector load from shared memory (two for double)
+NEUROKERN_DEVICE void load4(const float* p, float x[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+NEUROKERN_DEVICE void load4(const double* p, double x[4]) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0];
+  const double2 b = reinterpret_cast<const double2*>(p)[1];
+  x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+}
 }  // namespace neurokern::persistent
 #elif !defined(NEUROKERN_CUDA_EMULATION)
 #error "spikgru2plus_persistent.cuh: compile with nvcc, or provide the emulation primitives"
@@ -64,24 +75,35 @@ NEUROKERN_DEVICE T load_shared_by_grid(const T* p) { return __ldcg(p); }
 
 namespace neurokern::persistent {
 
+// Batch rows each thread sums per column (a multiple of 4: the factor is read 4 at a time).
+constexpr int kRowsPerThread = 8;
+
 // The shape of a launch: sizes, the work split and the tiles (see the top of this file).
 struct Partition {
   int64_t steps, batch, hidden, directions;
   int units;                 // hidden units per block
   int blocks_per_direction;  // ceil(hidden / units)
-  int batch_chunk;           // batch rows per pass, a multiple of 4
+  int batch_chunk;           // batch rows per pass, a multiple of kRowsPerThread
   int k_chunk;               // values of k staged per round
 
-  NEUROKERN_HOST_DEVICE int blocks() const { return static_cast<int>(directions) * blocks_per_direction; }
+  NEUROKERN_HOST_DEVICE int blocks() const {
+    return static_cast<int>(directions) * blocks_per_direction;
+  }
   NEUROKERN_HOST_DEVICE int columns() const { return 3 * units; }
-  NEUROKERN_HOST_DEVICE int threads() const { return columns() * (batch_chunk / 4); }
+  NEUROKERN_HOST_DEVICE int threads() const {
+    return columns() * (batch_chunk / kRowsPerThread);
+  }
   // staged rows are batch_chunk + 4 apart: 16-byte aligned, and staging stores (consecutive
   // k, stride batch_chunk + 4 words) spread over the banks
   NEUROKERN_HOST_DEVICE int tile_stride() const { return batch_chunk + 4; }
-  // w [H][3 units], the staging tile ([tile_gates][k_chunk][tile_stride]: the backward stages
-  // the three gates' thirds of dgh), the chunk's products [batch_chunk][3 units]
+  // w [H][3 units] (rounded up to 4 elements: the tile after it is read 16 bytes at a time)
+  NEUROKERN_HOST_DEVICE int64_t weight_elements() const {
+    return (hidden * columns() + 3) / 4 * 4;
+  }
+  // w, the staging tile ([tile_gates][k_chunk][tile_stride]: the backward stages the three
+  // gates' thirds of dgh), the chunk's products [batch_chunk][3 units]
   NEUROKERN_HOST_DEVICE int64_t shared_elements(int tile_gates) const {
-    return hidden * columns() + int64_t(tile_gates) * k_chunk * tile_stride() +
+    return weight_elements() + int64_t(tile_gates) * k_chunk * tile_stride() +
            int64_t(batch_chunk) * columns();
   }
 };
@@ -91,20 +113,21 @@ NEUROKERN_DEVICE T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// acc[q] = sum_{k < H} x(b0 + 4 quad + q, g, k) w[k][c] for this thread's column c and batch
-// quad (threads = columns * batch_chunk / 4), with x(b, g, k) = src[(row0 + b) src_row +
-// g src_gate + k] for b < batch (0 beyond it, or everywhere if src is null) and g = 0 when
-// tile_gates is 1 (every column reads the same factor, the forward), c / units when it is 3.
+// acc[q] = sum_{k < H} x(b0 + kRowsPerThread group + q, g, k) w[k][c] for this thread's column
+// c and group of batch rows (threads = columns * batch_chunk / kRowsPerThread), with x(b, g, k) =
+// src[(row0 + b) src_row + g src_gate + k] for b < batch (0 beyond it, or everywhere if src is
+// null) and g = 0 when tile_gates is 1 (every column reads the same factor, the forward),
+// c / units when it is 3.
 // Starts and ends with the block synchronised around the staging tile.
 template <typename T>
 NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, const T* src,
                                     int64_t src_row, int64_t src_gate, int tile_gates,
-                                    int64_t row0, int64_t b0, T acc[4]) {
+                                    int64_t row0, int64_t b0, T acc[kRowsPerThread]) {
   const int tid = thread_index(), threads = block_threads();
   const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
-  const int c = tid % columns, quad = tid / columns;
+  const int c = tid % columns, group = tid / columns;
   const int g = tile_gates == 1 ? 0 : c / p.units;
-  for (int q = 0; q < 4; ++q) acc[q] = T(0);
+  for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
   for (int64_t k0 = 0; k0 < p.hidden; k0 += kc) {
     sync_block();  // the previous round's readers are done with the tile
     const int items = tile_gates * p.batch_chunk * kc;
@@ -120,11 +143,14 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, con
     sync_block();
     const int kmax = static_cast<int>(std::min<int64_t>(kc, p.hidden - k0));
     const T* wk = w + k0 * columns + c;
-    const T* xk = tile + g * kc * stride + 4 * quad;
+    const T* xk = tile + g * kc * stride + kRowsPerThread * group;
     for (int kk = 0; kk < kmax; ++kk) {
       const T u = wk[kk * columns];
-      const T* x = xk + kk * stride;
-      for (int q = 0; q < 4; ++q) acc[q] += x[q] * u;
+      for (int q = 0; q < kRowsPerThread; q += 4) {
+        T x[4];
+        load4(xk + kk * stride + q, x);
+        for (int m = 0; m < 4; ++m) acc[q + m] += x[m] * u;
+      }
     }
   }
 }
@@ -147,8 +173,8 @@ struct FwdArgs {
 };
 
 // Forward: i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
-// s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate), z = sigmoid(gi_z + gh_z)
-// and gh = U s_{t-1} + b_hh.
+// s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate),
+// z = sigmoid(gi_z + gh_z) and gh = U s_{t-1} + b_hh.
 template <typename T, bool RESET_GATE, typename Act>
 NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) {
   const Partition& p = a.p;
@@ -157,7 +183,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) 
   const int d = block_index() / p.blocks_per_direction;
   const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
   T* w = shared_memory<T>();                               // [H][columns]
-  T* tile = w + hidden * columns;                          // [k_chunk][tile_stride]
+  T* tile = w + p.weight_elements();                       // [k_chunk][tile_stride]
   T* gh = tile + int64_t(p.k_chunk) * p.tile_stride();     // [batch_chunk][columns]
   const T* u = a.weight_hh + d * 3 * hidden * hidden;      // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
@@ -168,7 +194,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) 
   const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
   const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch;
-  const int c = thread_index() % columns, quad = thread_index() / columns;
+  const int c = thread_index() % columns, group = thread_index() / columns;
   for (int64_t t = 0; t < p.steps; ++t) {
     const int64_t prev = (t - 1) * rows * hidden;
     const T* s_prev = t == 0 ? a.s0 : a.s_seq + prev;
@@ -177,9 +203,11 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) 
     const T* gi_t = a.gi + t * a.gi_step;
     const int64_t out = t * rows * hidden;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
-      T acc[4];
+      T acc[kRowsPerThread];
       chunk_product(p, w, tile, s_prev, hidden, int64_t(0), 1, row0, b0, acc);
-      for (int q = 0; q < 4; ++q) gh[(4 * quad + q) * columns + c] = acc[q];
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        gh[(kRowsPerThread * group + q) * columns + c] = acc[q];
+      }
       sync_block();
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
@@ -247,7 +275,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
   const int d = block_index() / p.blocks_per_direction;
   const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
   T* w = shared_memory<T>();                                 // [H][columns]
-  T* tile = w + hidden * columns;                            // [3][k_chunk][tile_stride]
+  T* tile = w + p.weight_elements();                         // [3][k_chunk][tile_stride]
   T* part = tile + 3 * int64_t(p.k_chunk) * p.tile_stride();  // [batch_chunk][columns]
   const T* u = a.weight_hh + d * 3 * hidden * hidden;        // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
@@ -257,13 +285,15 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
   }
   const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
-  const int c = thread_index() % columns, quad = thread_index() / columns;
+  const int c = thread_index() % columns, group = thread_index() / columns;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
     const T* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
-      T acc[4];
+      T acc[kRowsPerThread];
       chunk_product(p, w, tile, dgh_next, gates, hidden, 3, row0, b0, acc);
-      for (int q = 0; q < 4; ++q) part[(4 * quad + q) * columns + c] = acc[q];
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        part[(kRowsPerThread * group + q) * columns + c] = acc[q];
+      }
       sync_block();
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
@@ -281,8 +311,9 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
         const T* gh = a.gh + g_off;
         const T z = sigmoid(gi[hidden + j] + gh[hidden + j]);
         const T r = RESET_GATE ? sigmoid(gi[j] + gh[j]) : T(1);
-        const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[step - rows * hidden + n];
-        const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[step - rows * hidden + n];
+        const int64_t before = step - rows * hidden + n;  // the state after step t - 1
+        const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
+        const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
         const T v = a.v_seq[step + n], i = a.i_seq[step + n];
         const T dv = ds * surrogate(v) + a.dv[n];
         const T di = (T(1) - z) * dv + a.di[n];
@@ -316,11 +347,11 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
 //   void run(kernel, partition, shared_bytes, args...)
 // ---------------------------------------------------------------------------------------------
 
+using NamedState = std::pair<const char*, const std::optional<at::Tensor>*>;
+
 inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
                         const std::optional<at::Tensor>& bias_hh, const at::Tensor& alpha,
-                        std::initializer_list<std::pair<const char*, const std::optional<at::Tensor>*>>
-                            states,
-                        const char* op) {
+                        std::initializer_list<NamedState> states, const char* op) {
   TORCH_CHECK(gi.dim() == 3 && gi.size(2) % 3 == 0, op, ": gi must be [T, D * B, 3H], got ",
               gi.sizes());
   TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble, op,
@@ -352,9 +383,10 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
 template <typename T, class Launch, class Kernel>
 Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
                int64_t directions, int tile_gates, const char* op) {
-  Partition p{steps, rows / directions, hidden, directions, 1, 0, 4, launch.k_chunk()};
-  p.batch_chunk = static_cast<int>(
-      std::min<int64_t>(launch.batch_chunk(), (p.batch + 3) / 4 * 4));
+  Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, launch.k_chunk()};
+  constexpr int r = kRowsPerThread;
+  p.batch_chunk =
+      static_cast<int>(std::min<int64_t>(launch.batch_chunk(), (p.batch + r - 1) / r * r));
   const size_t limit = launch.max_shared_bytes();
   for (int64_t units = 1; units <= hidden; ++units) {
     p.units = static_cast<int>(units);
