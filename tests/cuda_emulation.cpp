@@ -50,11 +50,11 @@ namespace {
 
 using neurokern::persistent::Partition;
 
-// A small "device": `multiprocessors` resident blocks at most, so that small layers are split
+// A small "device": `sms` SMs, one resident block each, so that small layers are split
 // over several blocks per direction, and small tiles, so that the batch and k loops run more
 // than one round.
 struct EmulatedLaunch {
-  int multiprocessors = 4;
+  int sms = 4;
   int batch_rows = 8;
   int k_values = 8;
   size_t shared_bytes = 48 * 1024;
@@ -62,8 +62,9 @@ struct EmulatedLaunch {
   int batch_chunk() const { return batch_rows; }
   int k_chunk() const { return k_values; }
   size_t max_shared_bytes() const { return shared_bytes; }
+  int multiprocessors() const { return sms; }
   template <typename Kernel>
-  int max_blocks(Kernel, int, size_t) const { return multiprocessors; }
+  int max_blocks(Kernel, int, size_t) const { return sms; }
 
   template <typename Kernel, typename... Args>
   void run(Kernel kernel, const Partition& p, size_t bytes, Args&... args) const {

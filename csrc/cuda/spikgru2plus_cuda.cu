@@ -27,6 +27,10 @@ struct CudaLaunch {
   int batch_chunk() const { return 32; }
   int k_chunk() const { return 32; }
 
+  int multiprocessors() const {
+    return device_attribute(cudaDevAttrMultiProcessorCount, device);
+  }
+
   size_t max_shared_bytes() const {
     return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   }
@@ -38,7 +42,7 @@ struct CudaLaunch {
     int per_multiprocessor = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel,
                                                                  threads, shared_bytes));
-    return per_multiprocessor * device_attribute(cudaDevAttrMultiProcessorCount, device);
+    return per_multiprocessor * multiprocessors();
   }
 
   template <typename Kernel, typename... Args>

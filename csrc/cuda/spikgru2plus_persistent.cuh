@@ -341,6 +341,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
 
 // ---------------------------------------------------------------------------------------------
 // Host side: argument checks, the work split, the launches. `Launch` provides
+//   int multiprocessors()                           the device's SMs
 //   int max_blocks(kernel, threads, shared_bytes)  blocks that can be resident at once
 //   size_t max_shared_bytes()                       shared memory one block may use
 //   int batch_chunk(), k_chunk()                    the tiles
@@ -378,8 +379,10 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
   }
 }
 
-// The smallest number of units per block whose launch fits the device: all blocks resident at
-// once (the grid synchronises) and the block's weights in shared memory.
+// The smallest number of units per block whose launch fits the device: at most one block per
+// SM (each block stages the whole factor of every step from L2, so more blocks cost more
+// traffic, not more FMA lanes), all blocks resident at once (the grid synchronises) and the
+// block's weights in shared memory.
 template <typename T, class Launch, class Kernel>
 Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
                int64_t directions, int tile_gates, const char* op) {
@@ -398,7 +401,10 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
                 "-bit weights) but a block may use ", limit,
                 "; use backend=\"triton\" for this size");
     if (p.threads() > 1024) break;  // CUDA's limit of threads per block
-    if (p.blocks() <= launch.max_blocks(kernel, p.threads(), bytes)) return p;
+    if (p.blocks() <= launch.multiprocessors() &&
+        p.blocks() <= launch.max_blocks(kernel, p.threads(), bytes)) {
+      return p;
+    }
   }
   TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
               " directions keeps every block of the persistent kernel resident with at most 1024 "
