@@ -17,6 +17,7 @@
 #define NEUROKERN_KERNEL
 #define NEUROKERN_DEVICE inline
 #define NEUROKERN_HOST_DEVICE
+#define NEUROKERN_UNROLL
 
 namespace neurokern::persistent {
 
@@ -63,6 +64,8 @@ struct EmulatedLaunch {
   int k_chunk() const { return k_values; }
   size_t max_shared_bytes() const { return shared_bytes; }
   int multiprocessors() const { return sms; }
+  template <typename Kernel>
+  int max_threads(Kernel) const { return 1024; }
   template <typename Kernel>
   int max_blocks(Kernel, int, size_t) const { return sms; }
 

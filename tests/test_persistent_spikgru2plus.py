@@ -145,6 +145,17 @@ def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
         nk.spikgru2plus(x, w_ih, w_hh, None, None, torch.rand(40), backend="cuda")
 
 
+def test_more_blocks_than_the_device_holds_raises(emulated_cuda):
+    """Two directions need at least two resident blocks (the grid synchronises every step)."""
+    emulated_cuda(1, 8, 8, 256 * 1024)
+    x = torch.randn(3, 2, 4)
+    params = [(torch.randn(15, 4), torch.randn(15, 5), None, None, torch.rand(5))
+              for _ in range(2)]
+    with pytest.raises(RuntimeError, match="no split of H = 5 over D = 2 directions keeps "
+                                           "every block of the persistent kernel resident"):
+        nk.spikgru2plus_bidirectional(x, *params, backend="cuda")
+
+
 def test_op_checks_its_arguments(emulation):
     gi, w = torch.randn(3, 4, 15), torch.randn(15, 5)
     fwd = emulation.spikgru2plus_fwd

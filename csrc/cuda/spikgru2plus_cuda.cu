@@ -36,6 +36,13 @@ struct CudaLaunch {
   }
 
   template <typename Kernel>
+  int max_threads(Kernel kernel) const {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    return attributes.maxThreadsPerBlock;  // fewer than 1024 for kernels of many registers
+  }
+
+  template <typename Kernel>
   int max_blocks(Kernel kernel, int threads, size_t shared_bytes) const {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));

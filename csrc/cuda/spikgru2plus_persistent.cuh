@@ -16,7 +16,8 @@
 //             then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the cell
 //             backward of its units, writing dgi_t, dgh_t (for the next step) and the carries.
 // Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
-// staged in shared memory k_chunk values at a time, each thread summing one column for
+// staged in shared memory k_chunk values of k at a time (the next round's values loaded into
+// registers while the block sums the current one), each thread summing one column for
 // kRowsPerThread batch rows (per k: one load of w, two 16-byte broadcast loads of the factor,
 // eight fused multiply-adds). The products of the gate gradients over all steps (dU, db_hh) and
 // the recomputed gh (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop,
@@ -44,6 +45,7 @@
 #define NEUROKERN_KERNEL __global__
 #define NEUROKERN_DEVICE __device__ __forceinline__
 #define NEUROKERN_HOST_DEVICE __host__ __device__
+#define NEUROKERN_UNROLL _Pragma("unroll")
 namespace neurokern::persistent {
 NEUROKERN_DEVICE int thread_index() { return threadIdx.x; }
 NEUROKERN_DEVICE int block_threads() { return blockDim.x; }
@@ -77,14 +79,17 @@ namespace neurokern::persistent {
 
 // Batch rows each thread sums per column (a multiple of 4: the factor is read 4 at a time).
 constexpr int kRowsPerThread = 8;
+// Values each thread stages per round (the round's k_chunk is capped so that they suffice).
+constexpr int kMaxStaged = 16;
 
 // The shape of a launch: sizes, the work split and the tiles (see the top of this file).
 struct Partition {
   int64_t steps, batch, hidden, directions;
   int units;                 // hidden units per block
   int blocks_per_direction;  // ceil(hidden / units)
-  int batch_chunk;           // batch rows per pass, a multiple of kRowsPerThread
-  int k_chunk;               // values of k staged per round
+  int batch_chunk;           // batch rows per pass, a power of 2 >= kRowsPerThread
+  int k_chunk;               // values of k staged per round, a power of 2
+  int b_shift, k_shift;      // their log2
 
   NEUROKERN_HOST_DEVICE int blocks() const {
     return static_cast<int>(directions) * blocks_per_direction;
@@ -113,34 +118,65 @@ NEUROKERN_DEVICE T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// The staging of one round: value `idx` of the tile, [gate][kk][bb], is x(b0 + bb, gate, k0 + kk)
+// = src[(row0 + b) src_row + gate src_gate + k] (0 beyond the batch or H, or if src is null).
+// Each thread moves values tid, tid + threads, ..: up to kMaxStaged of them, held in registers
+// between the load (fetch) and the store to shared memory (store), so that the next round's
+// loads are in flight while the block sums the current one.
+struct Staging {
+  Partition p;
+  int tile_gates;
+  int64_t src_row, src_gate, row0, b0;
+
+  NEUROKERN_DEVICE int items() const { return tile_gates * p.batch_chunk * p.k_chunk; }
+
+  template <typename T>
+  NEUROKERN_DEVICE void fetch(const T* src, int64_t k0, T staged[kMaxStaged]) const {
+    const int kc = p.k_chunk, n = items();
+    NEUROKERN_UNROLL
+    for (int m = 0; m < kMaxStaged; ++m) {
+      const int idx = thread_index() + m * block_threads();
+      const int kk = idx & (kc - 1), bb = (idx >> p.k_shift) & (p.batch_chunk - 1),
+                gate = idx >> (p.k_shift + p.b_shift);
+      const int64_t b = b0 + bb, k = k0 + kk;
+      staged[m] = idx < n && src != nullptr && b < p.batch && k < p.hidden
+                      ? load_shared_by_grid(src + (row0 + b) * src_row + gate * src_gate + k)
+                      : T(0);
+    }
+  }
+
+  template <typename T>
+  NEUROKERN_DEVICE void store(const T staged[kMaxStaged], T* tile) const {
+    const int kc = p.k_chunk, n = items(), stride = p.tile_stride();
+    NEUROKERN_UNROLL
+    for (int m = 0; m < kMaxStaged; ++m) {
+      const int idx = thread_index() + m * block_threads();
+      const int kk = idx & (kc - 1), bb = (idx >> p.k_shift) & (p.batch_chunk - 1),
+                gate = idx >> (p.k_shift + p.b_shift);
+      if (idx < n) tile[(gate * kc + kk) * stride + bb] = staged[m];
+    }
+  }
+};
+
 // acc[q] = sum_{k < H} x(b0 + kRowsPerThread group + q, g, k) w[k][c] for this thread's column
-// c and group of batch rows (threads = columns * batch_chunk / kRowsPerThread), with x(b, g, k) =
-// src[(row0 + b) src_row + g src_gate + k] for b < batch (0 beyond it, or everywhere if src is
-// null) and g = 0 when tile_gates is 1 (every column reads the same factor, the forward),
-// c / units when it is 3.
+// c and group of batch rows (threads = columns * batch_chunk / kRowsPerThread), x as staged by
+// `staging` (see Staging) in rounds of k_chunk values of k, with g = 0 when tile_gates is 1
+// (every column reads the same factor, the forward), c / units when it is 3.
 // Starts and ends with the block synchronised around the staging tile.
 template <typename T>
 NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, const T* src,
-                                    int64_t src_row, int64_t src_gate, int tile_gates,
-                                    int64_t row0, int64_t b0, T acc[kRowsPerThread]) {
-  const int tid = thread_index(), threads = block_threads();
+                                    const Staging& staging, T acc[kRowsPerThread]) {
   const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
-  const int c = tid % columns, group = tid / columns;
-  const int g = tile_gates == 1 ? 0 : c / p.units;
+  const int c = thread_index() % columns, group = thread_index() / columns;
+  const int g = staging.tile_gates == 1 ? 0 : c / p.units;
   for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
+  T staged[kMaxStaged];
+  staging.fetch(src, 0, staged);
   for (int64_t k0 = 0; k0 < p.hidden; k0 += kc) {
     sync_block();  // the previous round's readers are done with the tile
-    const int items = tile_gates * p.batch_chunk * kc;
-    for (int idx = tid; idx < items; idx += threads) {
-      const int kk = idx % kc, bb = (idx / kc) % p.batch_chunk, gate = idx / (kc * p.batch_chunk);
-      const int64_t b = b0 + bb, k = k0 + kk;
-      T x = T(0);
-      if (src != nullptr && b < p.batch && k < p.hidden) {
-        x = load_shared_by_grid(src + (row0 + b) * src_row + gate * src_gate + k);
-      }
-      tile[(gate * kc + kk) * stride + bb] = x;  // [gate][kk][bb]
-    }
+    staging.store(staged, tile);
     sync_block();
+    if (k0 + kc < p.hidden) staging.fetch(src, k0 + kc, staged);
     const int kmax = static_cast<int>(std::min<int64_t>(kc, p.hidden - k0));
     const T* wk = w + k0 * columns + c;
     const T* xk = tile + g * kc * stride + kRowsPerThread * group;
@@ -204,7 +240,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) 
     const int64_t out = t * rows * hidden;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       T acc[kRowsPerThread];
-      chunk_product(p, w, tile, s_prev, hidden, int64_t(0), 1, row0, b0, acc);
+      chunk_product(p, w, tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, acc);
       for (int q = 0; q < kRowsPerThread; ++q) {
         gh[(kRowsPerThread * group + q) * columns + c] = acc[q];
       }
@@ -290,7 +326,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
     const T* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       T acc[kRowsPerThread];
-      chunk_product(p, w, tile, dgh_next, gates, hidden, 3, row0, b0, acc);
+      chunk_product(p, w, tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, acc);
       for (int q = 0; q < kRowsPerThread; ++q) {
         part[(kRowsPerThread * group + q) * columns + c] = acc[q];
       }
@@ -342,6 +378,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surr
 // ---------------------------------------------------------------------------------------------
 // Host side: argument checks, the work split, the launches. `Launch` provides
 //   int multiprocessors()                           the device's SMs
+//   int max_threads(kernel)                         threads a block of `kernel` may have
 //   int max_blocks(kernel, threads, shared_bytes)  blocks that can be resident at once
 //   size_t max_shared_bytes()                       shared memory one block may use
 //   int batch_chunk(), k_chunk()                    the tiles
@@ -386,29 +423,44 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
 template <typename T, class Launch, class Kernel>
 Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
                int64_t directions, int tile_gates, const char* op) {
-  Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, launch.k_chunk()};
-  constexpr int r = kRowsPerThread;
-  p.batch_chunk =
-      static_cast<int>(std::min<int64_t>(launch.batch_chunk(), (p.batch + r - 1) / r * r));
+  Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, 0, 0, 0};
+  auto ceil_log2 = [](int64_t n) {
+    int shift = 0;
+    while ((int64_t(1) << shift) < n) ++shift;
+    return shift;
+  };
+  const int most_rows = launch.batch_chunk();
+  TORCH_CHECK(most_rows >= kRowsPerThread && (1 << ceil_log2(most_rows)) == most_rows, op,
+              ": the launch's batch_chunk must be a power of 2 >= ", kRowsPerThread);
+  // the batch rounded up to a power of 2, at most most_rows
+  p.b_shift = std::min(ceil_log2(most_rows),
+                       ceil_log2(std::max<int64_t>(p.batch, kRowsPerThread)));
+  p.batch_chunk = 1 << p.b_shift;
   const size_t limit = launch.max_shared_bytes();
   for (int64_t units = 1; units <= hidden; ++units) {
     p.units = static_cast<int>(units);
     p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
+    // a power of 2 with each thread staging at most kMaxStaged values of a round
+    const int cap = std::min(launch.k_chunk(),
+                             kMaxStaged * p.threads() / (tile_gates * p.batch_chunk));
+    p.k_shift = ceil_log2(cap + 1) - 1;  // floor(log2(cap))
+    p.k_chunk = 1 << p.k_shift;
     const size_t bytes = sizeof(T) * p.shared_elements(tile_gates);
     TORCH_CHECK(bytes <= limit, op, ": the persistent kernel needs ", bytes,
                 " bytes of shared memory per block for H = ", hidden, ", D = ", directions,
                 " (", units, " hidden units per block, ", sizeof(T) * 8,
                 "-bit weights) but a block may use ", limit,
                 "; use backend=\"triton\" for this size");
-    if (p.threads() > 1024) break;  // CUDA's limit of threads per block
+    if (p.threads() > launch.max_threads(kernel)) break;
     if (p.blocks() <= launch.multiprocessors() &&
         p.blocks() <= launch.max_blocks(kernel, p.threads(), bytes)) {
       return p;
     }
   }
   TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
-              " directions keeps every block of the persistent kernel resident with at most 1024 "
-              "threads per block; use backend=\"triton\" for this size");
+              " directions keeps every block of the persistent kernel resident, one per SM, "
+              "with at most ", launch.max_threads(kernel),
+              " threads per block; use backend=\"triton\" for this size");
   return p;
 }
 
