@@ -498,8 +498,8 @@ def test_autocast_runs_the_products_in_bf16(backend, kind):
     state, as the reference does under autocast: its outputs follow the reference's under the
     same autocast (float32 rounding apart; with fused products, whose float32 accumulators are
     not rounded to bf16, within bf16 rounding) and differ from the float32 run; gradients
-    within bf16 accuracy of the reference's. The C++ CPU backend computes in float32 and
-    ignores autocast: results equal to the run without it."""
+    within bf16 accuracy of the reference's. The C++ backends (CPU, and the CUDA persistent
+    loops) compute in float32 and ignore autocast: results equal to the run without it."""
     dev = backend_device(backend)
     case = dict(_BASE, steps=6, batch=4, inputs=16, hidden=40, seed=11)
     leaves, cot = make_inputs(case)
@@ -509,7 +509,7 @@ def test_autocast_runs_the_products_in_bf16(backend, kind):
             return run(case, backend, torch.float32, leaves, cot, dev)
 
     out, out32 = run_autocast(backend, True), run_autocast(backend, False)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         for a, b in zip(out[0], out32[0]):
             assert torch.equal(a, b)
         for name in LEAVES:
@@ -545,7 +545,7 @@ def _op_samples(device, backend):
            *(t.double() for t in state), 0.7, 3.0, True, False, False)
     if backend == "triton":  # the products in bf16 (autocast), everything else in float32
         yield (gi, weight_hh.bfloat16(), bias_hh, alpha, *state, 1.0, 10.0, True, True, True)
-        # two directions at once: rows [2B], parameters stacked [2, ...]
+    if backend in ("triton", "cuda"):  # two directions at once: rows [2B], parameters [2, ...]
         two = lambda t: torch.stack([t, t.flip(-1)])  # noqa: E731
         yield (torch.cat([gi, gi.flip(0)], 1), two(weight_hh), two(bias_hh), two(alpha),
                *(torch.cat([t, -t]) for t in state), 1.0, 10.0, True, True, True)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import neurokern as nk
 import neurokern.spikgru2plus_ops as gru_ops
+import test_fused_spikgru2plus as fused_tests
 from neurokern import dispatch
 from test_fused_spikgru2plus import (
     EXAMPLES, check_float32, gru_cases, make_inputs, run, run_bidirectional,
@@ -135,6 +136,20 @@ def test_smooth_gradcheck_two_layer_bidirectional(emulated_cuda, signed, reset_g
         return out, v, i, s
 
     assert torch.autograd.gradcheck(fn, (x, *state, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("test_streaming_two_chunks_equals_one_pass", (False,)),
+    ("test_streaming_two_chunks_equals_one_pass", (True,)),
+    ("test_gradient_of_final_state_only", ()),
+    ("test_half_input_is_computed_in_float32", (torch.bfloat16,)),
+    ("test_autocast_runs_the_products_in_bf16", ("library",)),
+    ("test_bidirectional_bad_input", ()),
+])
+def test_fused_backend_tests_on_the_emulation(emulated_cuda, name, args):
+    """test_fused_spikgru2plus.py's tests that draw nothing, with backend "cuda" emulated."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    getattr(fused_tests, name)("cuda", *args)
 
 
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
