@@ -292,11 +292,12 @@ def fused_products(dtype: torch.dtype) -> bool:
 
 def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:
     """The dtype the matrix products of a layer run in: under autocast (bf16/fp16) on the
-    Triton backend, autocast's dtype, with the state and the gate arithmetic still in `dtype`
-    (the compute dtype); otherwise `dtype` itself. The C++ CPU and CUDA kernels compute in
-    float32 or float64 only, so the "cpu" and "cuda" backends ignore autocast (their products
-    run in float32)."""
-    if backend == "triton" and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    Triton and CUDA backends, autocast's dtype, with the state and the gate arithmetic still in
+    `dtype` (the compute dtype); otherwise `dtype` itself. The C++ CPU kernels compute in
+    float32 or float64 only, so the "cpu" backend ignores autocast. (The CUDA loops take U in
+    autocast's dtype and accumulate its products in float32.)"""
+    if (backend in ("triton", "cuda") and dtype == torch.float32
+            and torch.is_autocast_enabled(device_type)):
         return torch.get_autocast_dtype(device_type)
     return dtype
 

@@ -23,6 +23,11 @@
 // the recomputed gh (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop,
 // as on the other backends.
 //
+// Dtypes: the state, gi and all arithmetic in T (float32 or float64); U in W, T itself or, under
+// autocast with T = float32, bfloat16/float16 (the products' dtype of the other backends): kept
+// so in shared memory (half the bytes) and converted exactly to float32 as it is used, so the
+// products accumulate bf16 weights in float32 (as the Triton fused products do).
+//
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
 // CUDA thread as an OS thread; the launch itself is a policy (`Launch`) of the host functions.
@@ -37,6 +42,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "activations.h"
 
@@ -79,8 +85,10 @@ namespace neurokern::persistent {
 
 // Batch rows each thread sums per column (a multiple of 4: the factor is read 4 at a time).
 constexpr int kRowsPerThread = 8;
-// Values each thread stages per round (the round's k_chunk is capped so that they suffice).
-constexpr int kMaxStaged = 16;
+// Values each thread stages per round (the round's k_chunk is capped so that they suffice): 64
+// bytes of registers, 16 floats or 8 doubles (more spilled registers in the float64 kernels).
+template <typename T>
+constexpr int kMaxStaged = 64 / sizeof(T);
 
 // The shape of a launch: sizes, the work split and the tiles (see the top of this file).
 struct Partition {
@@ -101,15 +109,19 @@ struct Partition {
   // staged rows are batch_chunk + 4 apart: 16-byte aligned, and staging stores (consecutive
   // k, stride batch_chunk + 4 words) spread over the banks
   NEUROKERN_HOST_DEVICE int tile_stride() const { return batch_chunk + 4; }
-  // w [H][3 units] (rounded up to 4 elements: the tile after it is read 16 bytes at a time)
-  NEUROKERN_HOST_DEVICE int64_t weight_elements() const {
-    return (hidden * columns() + 3) / 4 * 4;
+  // w [H][3 units] of `weight_size`-byte values, rounded up to 16 bytes (the tile after it is
+  // read 16 bytes at a time)
+  NEUROKERN_HOST_DEVICE int64_t weight_bytes(int64_t weight_size) const {
+    return (hidden * columns() * weight_size + 15) / 16 * 16;
   }
-  // w, the staging tile ([tile_gates][k_chunk][tile_stride]: the backward stages the three
-  // gates' thirds of dgh), the chunk's products [batch_chunk][3 units]
-  NEUROKERN_HOST_DEVICE int64_t shared_elements(int tile_gates) const {
-    return weight_elements() + int64_t(tile_gates) * k_chunk * tile_stride() +
-           int64_t(batch_chunk) * columns();
+  // w, then in `value_size`-byte values the staging tile ([tile_gates][k_chunk][tile_stride]:
+  // the backward stages the three gates' thirds of dgh) and the chunk's products
+  // [batch_chunk][3 units]
+  NEUROKERN_HOST_DEVICE int64_t shared_bytes(int64_t weight_size, int64_t value_size,
+                                             int tile_gates) const {
+    return weight_bytes(weight_size) +
+           value_size * (int64_t(tile_gates) * k_chunk * tile_stride() +
+                         int64_t(batch_chunk) * columns());
   }
 };
 
@@ -120,7 +132,7 @@ NEUROKERN_DEVICE T sigmoid(T x) {
 
 // The staging of one round: value `idx` of the tile, [gate][kk][bb], is x(b0 + bb, gate, k0 + kk)
 // = src[(row0 + b) src_row + gate src_gate + k] (0 beyond the batch or H, or if src is null).
-// Each thread moves values tid, tid + threads, ..: up to kMaxStaged of them, held in registers
+// Each thread moves values tid, tid + threads, ..: up to kMaxStaged<T> of them, held in registers
 // between the load (fetch) and the store to shared memory (store), so that the next round's
 // loads are in flight while the block sums the current one.
 struct Staging {
@@ -131,10 +143,10 @@ struct Staging {
   NEUROKERN_DEVICE int items() const { return tile_gates * p.batch_chunk * p.k_chunk; }
 
   template <typename T>
-  NEUROKERN_DEVICE void fetch(const T* src, int64_t k0, T staged[kMaxStaged]) const {
+  NEUROKERN_DEVICE void fetch(const T* src, int64_t k0, T staged[kMaxStaged<T>]) const {
     const int kc = p.k_chunk, n = items();
     NEUROKERN_UNROLL
-    for (int m = 0; m < kMaxStaged; ++m) {
+    for (int m = 0; m < kMaxStaged<T>; ++m) {
       const int idx = thread_index() + m * block_threads();
       const int kk = idx & (kc - 1), bb = (idx >> p.k_shift) & (p.batch_chunk - 1),
                 gate = idx >> (p.k_shift + p.b_shift);
@@ -146,10 +158,10 @@ struct Staging {
   }
 
   template <typename T>
-  NEUROKERN_DEVICE void store(const T staged[kMaxStaged], T* tile) const {
+  NEUROKERN_DEVICE void store(const T staged[kMaxStaged<T>], T* tile) const {
     const int kc = p.k_chunk, n = items(), stride = p.tile_stride();
     NEUROKERN_UNROLL
-    for (int m = 0; m < kMaxStaged; ++m) {
+    for (int m = 0; m < kMaxStaged<T>; ++m) {
       const int idx = thread_index() + m * block_threads();
       const int kk = idx & (kc - 1), bb = (idx >> p.k_shift) & (p.batch_chunk - 1),
                 gate = idx >> (p.k_shift + p.b_shift);
@@ -163,14 +175,14 @@ struct Staging {
 // `staging` (see Staging) in rounds of k_chunk values of k, with g = 0 when tile_gates is 1
 // (every column reads the same factor, the forward), c / units when it is 3.
 // Starts and ends with the block synchronised around the staging tile.
-template <typename T>
-NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, const T* src,
+template <typename T, typename W>
+NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, const T* src,
                                     const Staging& staging, T acc[kRowsPerThread]) {
   const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
   const int c = thread_index() % columns, group = thread_index() / columns;
   const int g = staging.tile_gates == 1 ? 0 : c / p.units;
   for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
-  T staged[kMaxStaged];
+  T staged[kMaxStaged<T>];
   staging.fetch(src, 0, staged);
   for (int64_t k0 = 0; k0 < p.hidden; k0 += kc) {
     sync_block();  // the previous round's readers are done with the tile
@@ -178,10 +190,10 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, con
     sync_block();
     if (k0 + kc < p.hidden) staging.fetch(src, k0 + kc, staged);
     const int kmax = static_cast<int>(std::min<int64_t>(kc, p.hidden - k0));
-    const T* wk = w + k0 * columns + c;
+    const W* wk = w + k0 * columns + c;
     const T* xk = tile + g * kc * stride + kRowsPerThread * group;
     for (int kk = 0; kk < kmax; ++kk) {
-      const T u = wk[kk * columns];
+      const T u = static_cast<T>(wk[kk * columns]);
       for (int q = 0; q < kRowsPerThread; q += 4) {
         T x[4];
         load4(xk + kk * stride + q, x);
@@ -191,12 +203,12 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const T* w, T* tile, con
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 struct FwdArgs {
   Partition p;
   const T* gi;  // [T, D * B, 3H], last dim contiguous
   int64_t gi_step, gi_row;
-  const T* weight_hh;  // [D, 3H, H] contiguous
+  const W* weight_hh;  // [D, 3H, H] contiguous
   const T* bias_hh;    // [D, 3H] or null
   const T* alpha;      // [D, H]
   const T* v0;         // [D * B, H] each, or null (zeros)
@@ -211,21 +223,22 @@ struct FwdArgs {
 // Forward: i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
 // s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate),
 // z = sigmoid(gi_z + gh_z) and gh = U s_{t-1} + b_hh.
-template <typename T, bool RESET_GATE, typename Act>
-NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) {
+template <typename T, typename W, bool RESET_GATE, typename Act>
+NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act act) {
   const Partition& p = a.p;
   const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
   const int units = p.units, columns = p.columns(), threads = block_threads();
   const int d = block_index() / p.blocks_per_direction;
   const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
-  T* w = shared_memory<T>();                               // [H][columns]
-  T* tile = w + p.weight_elements();                       // [k_chunk][tile_stride]
-  T* gh = tile + int64_t(p.k_chunk) * p.tile_stride();     // [batch_chunk][columns]
-  const T* u = a.weight_hh + d * 3 * hidden * hidden;      // [3H, H]
+  unsigned char* shared = shared_memory<unsigned char>();
+  W* w = reinterpret_cast<W*>(shared);                                  // [H][columns]
+  T* tile = reinterpret_cast<T*>(shared + p.weight_bytes(sizeof(W)));  // [k_chunk][tile_stride]
+  T* gh = tile + int64_t(p.k_chunk) * p.tile_stride();                 // [batch_chunk][columns]
+  const W* u = a.weight_hh + d * 3 * hidden * hidden;                  // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
     const int64_t c = idx / hidden, k = idx % hidden;      // reads along rows of U
     const int64_t j = j0 + c % units;
-    w[k * columns + c] = j < hidden ? u[((c / units) * hidden + j) * hidden + k] : T(0);
+    w[k * columns + c] = j < hidden ? u[((c / units) * hidden + j) * hidden + k] : W(0);
   }
   const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
   const T* alpha = a.alpha + d * hidden;
@@ -274,7 +287,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T> a, Act act) 
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 struct BwdArgs {
   Partition p;
   const T* grad_s;  // [T, D * B, H], last dim contiguous
@@ -282,7 +295,7 @@ struct BwdArgs {
   const T* gi;  // [T, D * B, 3H], last dim contiguous
   int64_t gi_step, gi_row;
   const T* gh;         // [T, D * B, 3H] contiguous: U s_{t-1} + b_hh
-  const T* weight_hh;  // [D, 3H, H] contiguous
+  const W* weight_hh;  // [D, 3H, H] contiguous
   const T* alpha;      // [D, H]
   const T* v0;         // [D * B, H] or null (zeros)
   const T* i0;
@@ -303,21 +316,22 @@ struct BwdArgs {
 //   dv_t = ds f'(v_t) + dv,  di_t = (1 - z) dv_t + di,  d(gi_i) = di_t,  d(gh_i) = di_t r,
 //   d(a_r) = di_t gh_i r (1 - r),  d(a_z) = dv_t (v_{t-1} - i_t) z (1 - z),
 //   carries z dv_t and alpha di_t, reset path -v_th dv_t onto dL/ds_{t-1}.
-template <typename T, bool RESET_GATE, typename Surr>
-NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T> a, Surr surrogate) {
+template <typename T, typename W, bool RESET_GATE, typename Surr>
+NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr surrogate) {
   const Partition& p = a.p;
   const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
   const int units = p.units, columns = p.columns(), threads = block_threads();
   const int d = block_index() / p.blocks_per_direction;
   const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
-  T* w = shared_memory<T>();                                 // [H][columns]
-  T* tile = w + p.weight_elements();                         // [3][k_chunk][tile_stride]
-  T* part = tile + 3 * int64_t(p.k_chunk) * p.tile_stride();  // [batch_chunk][columns]
-  const T* u = a.weight_hh + d * 3 * hidden * hidden;        // [3H, H]
+  unsigned char* shared = shared_memory<unsigned char>();
+  W* w = reinterpret_cast<W*>(shared);                                  // [H][columns]
+  T* tile = reinterpret_cast<T*>(shared + p.weight_bytes(sizeof(W)));  // [3][k_chunk][stride]
+  T* part = tile + 3 * int64_t(p.k_chunk) * p.tile_stride();           // [batch_chunk][columns]
+  const W* u = a.weight_hh + d * 3 * hidden * hidden;                  // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
     const int64_t jj = idx % units, k = (idx / units) % hidden, g = idx / (units * hidden);
     const int64_t j = j0 + jj;  // reads along rows of U
-    w[k * columns + g * units + jj] = j < hidden ? u[(g * hidden + k) * hidden + j] : T(0);
+    w[k * columns + g * units + jj] = j < hidden ? u[(g * hidden + k) * hidden + j] : W(0);
   }
   const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
@@ -403,8 +417,11 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
   auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
     TORCH_CHECK(t.device() == gi.device(), op, ": ", name, " is on ", t.device(),
                 " but gi is on ", gi.device());
-    TORCH_CHECK(t.scalar_type() == gi.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
-                " but gi is ", gi.scalar_type());
+    // weight_hh may hold the products' lower dtype (autocast) when gi is float32
+    const bool lower = &t == &weight_hh && gi.scalar_type() == at::kFloat &&
+                       (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf);
+    TORCH_CHECK(t.scalar_type() == gi.scalar_type() || lower, op, ": ", name, " is ",
+                t.scalar_type(), " but gi is ", gi.scalar_type());
     TORCH_CHECK(t.numel() == c10::multiply_integers(shape), op, ": ", name, " must be ", shape,
                 " (the leading 1 optional), got ", t.sizes());
   };
@@ -420,7 +437,7 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
 // SM (each block stages the whole factor of every step from L2, so more blocks cost more
 // traffic, not more FMA lanes), all blocks resident at once (the grid synchronises) and the
 // block's weights in shared memory.
-template <typename T, class Launch, class Kernel>
+template <typename T, typename W, class Launch, class Kernel>
 Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
                int64_t directions, int tile_gates, const char* op) {
   Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, 0, 0, 0};
@@ -440,15 +457,15 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
   for (int64_t units = 1; units <= hidden; ++units) {
     p.units = static_cast<int>(units);
     p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
-    // a power of 2 with each thread staging at most kMaxStaged values of a round
+    // a power of 2 with each thread staging at most kMaxStaged<T> values of a round
     const int cap = std::min(launch.k_chunk(),
-                             kMaxStaged * p.threads() / (tile_gates * p.batch_chunk));
+                             kMaxStaged<T> * p.threads() / (tile_gates * p.batch_chunk));
     p.k_shift = ceil_log2(cap + 1) - 1;  // floor(log2(cap))
     p.k_chunk = 1 << p.k_shift;
-    const size_t bytes = sizeof(T) * p.shared_elements(tile_gates);
+    const size_t bytes = p.shared_bytes(sizeof(W), sizeof(T), tile_gates);
     TORCH_CHECK(bytes <= limit, op, ": the persistent kernel needs ", bytes,
                 " bytes of shared memory per block for H = ", hidden, ", D = ", directions,
-                " (", units, " hidden units per block, ", sizeof(T) * 8,
+                " (", units, " hidden units per block, ", sizeof(W) * 8,
                 "-bit weights) but a block may use ", limit,
                 "; use backend=\"triton\" for this size");
     if (p.threads() > launch.max_threads(kernel)) break;
@@ -462,6 +479,16 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
               "with at most ", launch.max_threads(kernel),
               " threads per block; use backend=\"triton\" for this size");
   return p;
+}
+
+// fn(W{}) with W the C++ type of the weights: T itself, or bf16/fp16 with T = float (autocast).
+template <typename T, typename Fn>
+void dispatch_weight(at::ScalarType weight_type, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (weight_type == at::kBFloat16) return fn(at::BFloat16{});
+    if (weight_type == at::kHalf) return fn(at::Half{});
+  }
+  fn(T{});
 }
 
 template <typename T>
@@ -494,23 +521,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
   if (steps == 0 || rows == 0 || hidden == 0) return {s_seq, v_seq, i_seq};
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_fwd", [&] {
     using T = scalar_t;
-    FwdArgs<T> args{Partition{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
-                    weight_hh.data_ptr<T>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
-                    optional_ptr<T>(v0), optional_ptr<T>(i0), optional_ptr<T>(s0),
-                    s_seq.data_ptr<T>(), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
-                    static_cast<T>(v_th)};
-    dispatch_bools(signed_, spiking, [&](auto is_signed, auto is_spiking) {
-      using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
-      const Act act(v_th, gamma);
-      auto go = [&](auto kernel) {
-        args.p = plan<T>(launch, kernel, steps, rows, hidden, directions, 1, op);
-        launch.run(kernel, args.p, sizeof(T) * args.p.shared_elements(1), args, act);
-      };
-      if (reset_gate) {
-        go(spikgru2plus_persistent_fwd_kernel<T, true, Act>);
-      } else {
-        go(spikgru2plus_persistent_fwd_kernel<T, false, Act>);
-      }
+    dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
+      using W = decltype(weight_type);
+      FwdArgs<T, W> args{Partition{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
+                         weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
+                         optional_ptr<T>(v0), optional_ptr<T>(i0), optional_ptr<T>(s0),
+                         s_seq.data_ptr<T>(), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
+                         static_cast<T>(v_th)};
+      dispatch_bools(signed_, spiking, [&](auto is_signed, auto is_spiking) {
+        using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
+        const Act act(v_th, gamma);
+        auto go = [&](auto kernel) {
+          args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 1, op);
+          launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 1), args, act);
+        };
+        if (reset_gate) {
+          go(spikgru2plus_persistent_fwd_kernel<T, W, true, Act>);
+        } else {
+          go(spikgru2plus_persistent_fwd_kernel<T, W, false, Act>);
+        }
+      });
     });
   });
   return {s_seq, v_seq, i_seq};
@@ -554,10 +584,12 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
   auto state_or_zeros = [&](const std::optional<at::Tensor>& t) {
     return t ? t->reshape({rows, hidden}).to(gi.options(), false, true) : zeros();
   };
-  // S_prev = [s_0, s_1 .. s_{T-1}]: gh of every step in one product, dU after the loop
+  // S_prev = [s_0, s_1 .. s_{T-1}]: gh of every step in one product, dU after the loop; both
+  // products in weight_hh's dtype (as on the Triton backend)
   at::Tensor s_prev = at::cat({state_or_zeros(s0).unsqueeze(0), s_seq.narrow(0, 0, steps - 1)});
-  at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden});
-  at::Tensor gh = at::einsum("tdbh,dgh->tdbg", {s_dirs, weight_hh});  // [T, D, B, 3H]
+  at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden}).to(weight_hh.scalar_type());
+  at::Tensor gh = at::einsum("tdbh,dgh->tdbg", {s_dirs, weight_hh})  // [T, D, B, 3H]
+                      .to(gi.scalar_type());
   if (bias_hh_in) gh = gh + bias_hh_in->reshape({1, directions, 1, 3 * hidden});
   gh = gh.reshape({steps, rows, 3 * hidden}).contiguous();
   at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
@@ -568,25 +600,31 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
   at::Tensor dalpha = zeros();
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_bwd", [&] {
     using T = scalar_t;
-    BwdArgs<T> args{Partition{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
-                    gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh.data_ptr<T>(),
-                    weight_hh.data_ptr<T>(), alpha.data_ptr<T>(), optional_ptr<T>(v0),
-                    optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
-                    ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(), dgi.data_ptr<T>(),
-                    dgh.data_ptr<T>(), dalpha.data_ptr<T>(), static_cast<T>(v_th)};
-    auto go = [&](auto kernel, const auto& surrogate) {
-      args.p = plan<T>(launch, kernel, steps, rows, hidden, directions, 3, op);
-      launch.run(kernel, args.p, sizeof(T) * args.p.shared_elements(3), args, surrogate);
-    };
-    dispatch_bools(signed_, reset_gate, [&](auto is_signed, auto has_reset) {
-      using Surr = Surrogate<T, decltype(is_signed)::value>;
-      go(spikgru2plus_persistent_bwd_kernel<T, decltype(has_reset)::value, Surr>,
-         Surr(v_th, gamma));
+    dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
+      using W = decltype(weight_type);
+      BwdArgs<T, W> args{Partition{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
+                         gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh.data_ptr<T>(),
+                         weight_hh.data_ptr<W>(), alpha.data_ptr<T>(), optional_ptr<T>(v0),
+                         optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
+                         ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(),
+                         dgi.data_ptr<T>(), dgh.data_ptr<T>(), dalpha.data_ptr<T>(),
+                         static_cast<T>(v_th)};
+      auto go = [&](auto kernel, const auto& surrogate) {
+        args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 3, op);
+        launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 3), args,
+                   surrogate);
+      };
+      dispatch_bools(signed_, reset_gate, [&](auto is_signed, auto has_reset) {
+        using Surr = Surrogate<T, decltype(is_signed)::value>;
+        go(spikgru2plus_persistent_bwd_kernel<T, W, decltype(has_reset)::value, Surr>,
+           Surr(v_th, gamma));
+      });
     });
   });
   // all steps at once, per direction: dU = dgh^T S_prev, db_hh and dalpha summed over T and B
   at::Tensor dgh4 = dgh.view({steps, directions, batch, 3 * hidden});
-  at::Tensor dweight_hh = at::einsum("tdbg,tdbh->dgh", {dgh4, s_dirs});
+  at::Tensor dweight_hh =
+      at::einsum("tdbg,tdbh->dgh", {dgh4.to(s_dirs.scalar_type()), s_dirs}).to(gi.scalar_type());
   at::Tensor dbias_hh = dgh4.sum(at::IntArrayRef{0, 2});
   at::Tensor dalpha_d = dalpha.view({directions, batch, hidden}).sum(1);
   if (weight_hh_in.dim() == 2) {
