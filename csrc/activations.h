@@ -1,7 +1,8 @@
 // Spike activations and their surrogate derivatives (SPEC.md 1) for the C++ CPU kernels, shared
-// by spike_cpu.cpp, plif_cpu.cpp and spikgru2plus_cpu.cpp, and by the CUDA ones in cuda/. Branch-free in spiking mode
-// (comparisons produce 0/1), so the loops that call them vectorise; the arithmetic follows
-// neurokern.reference's operation order, so float64 and float32 results round like it.
+// by spike_cpu.cpp, plif_cpu.cpp and spikgru2plus_cpu.cpp, and by the CUDA kernels in cuda/.
+// Branch-free in spiking mode (comparisons produce 0/1), so the loops that call them vectorise;
+// the arithmetic follows neurokern.reference's operation order, so float64 and float32 results
+// round like it.
 #pragma once
 
 #include <cmath>
@@ -10,7 +11,8 @@
 // The loop bodies are always inlined, so that each ISA copy of a kernel's task functions (see
 // plif_cpu.cpp) gets its own vectorised copy of them.
 // Under nvcc they are host-device functions: the persistent CUDA kernels
-// (cuda/spikgru2plus_persistent.cuh) call the same activations; their constructors stay on the host.
+// (cuda/spikgru2plus_persistent.cuh) call the same activations; the constructors stay on the
+// host.
 #if defined(__CUDACC__)
 #define NEUROKERN_INLINE __host__ __device__ __forceinline__
 #elif defined(__GNUC__) || defined(__clang__)

@@ -16,7 +16,8 @@ over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x
 sum of dgi after the backward loop. On the Triton backend a step is one recurrent product
 (`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward,
 and on a GPU each op's whole loop is captured once per shape in a CUDA graph and replayed
-(`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs it launch by launch).
+(`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs it launch by launch). On the CUDA
+backend each op is one persistent kernel for the whole loop (csrc/cuda/, docs/kernels.md).
 
 Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
 (x, weights and state converted before the ops, outputs and gradients converted back), exactly
@@ -25,12 +26,14 @@ Under autocast (bf16/fp16) the Triton backend runs every matrix product in autoc
 the reference and cuDNN do under autocast: x, W and U are cast once, the spikes (exact in bf16:
 -1, 0, +1) and the gate gradients dgh are kept in that dtype for the per-step products, while
 the state, the gate arithmetic, gi and the saved v, i, s stay in float32 (`product_dtype`). The
-Triton ops take weight_hh in the products' dtype and everything else in the compute dtype.
+Triton and CUDA ops take weight_hh in the products' dtype and everything else in the compute
+dtype (the CUDA loops accumulate the products of bf16 U with float32 factors in float32).
 
-Directions: the Triton ops also run several directions at once (a bidirectional layer): weight_hh
-`[D, 3H, H]`, b_hh `[D, 3H]`, alpha `[D, H]`, and gi, the state and the sequences with rows
-`[D * B]`, direction-major, each direction in its own processing order (`SpikGRU2PlusFunction`
-flips the reverse direction's time before and after); one batched product per step.
+Directions: the Triton and CUDA ops also run several directions at once (a bidirectional layer):
+weight_hh `[D, 3H, H]`, b_hh `[D, 3H]`, alpha `[D, H]`, and gi, the state and the sequences with
+rows `[D * B]`, direction-major, each direction in its own processing order
+(`SpikGRU2PlusFunction` flips the reverse direction's time before and after); on Triton one
+batched product per step.
 
 Saved for backward, per step and batch row, in the compute dtype: gi (3H values), s, v and i
 (H each), i.e. 6H values, plus x (time-major, in the products' dtype; a copy for batch_first
@@ -311,8 +314,8 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     may be None), outputs `(s, v_T, i_T, s_T)`. The forward computes gi in one product and runs
     the forward op; the backward runs the backward op from the saved gi, s, v, i and turns dgi
     into dx, dW and db_ih with one product each. The products run in `product_dtype` (bf16/fp16
-    under autocast on the Triton backend), everything else in the compute dtype; autocast itself
-    is switched off inside, so that each product runs in the dtype chosen here.
+    under autocast on the Triton and CUDA backends), everything else in the compute dtype;
+    autocast itself is switched off inside, so that each product runs in the dtype chosen here.
     """
 
     @staticmethod
