@@ -26,7 +26,9 @@
 // Dtypes: the state, gi and all arithmetic in T (float32 or float64); U in W, T itself or, under
 // autocast with T = float32, bfloat16/float16 (the products' dtype of the other backends): kept
 // so in shared memory (half the bytes) and converted exactly to float32 as it is used, so the
-// products accumulate bf16 weights in float32 (as the Triton fused products do).
+// products accumulate bf16 weights in float32 (as the Triton fused products do). The gate
+// gradients dgh, the backward's product factor, are stored in W too (as on the Triton backend),
+// which halves the backward's staging traffic under autocast.
 //
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
@@ -66,6 +68,12 @@ NEUROKERN_DEVICE T* shared_memory() {
 // Data written by other blocks during this launch: read through L2 (L1 is not coherent).
 template <typename T>
 NEUROKERN_DEVICE T load_shared_by_grid(const T* p) { return __ldcg(p); }
+NEUROKERN_DEVICE c10::BFloat16 load_shared_by_grid(const c10::BFloat16* p) {
+  return {__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::BFloat16::from_bits()};
+}
+NEUROKERN_DEVICE c10::Half load_shared_by_grid(const c10::Half* p) {
+  return {__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits()};
+}
 // x[0..3] = p[0..3], p 16-byte aligned: one vector load from shared memory (two for double)
 NEUROKERN_DEVICE void load4(const float* p, float x[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
@@ -131,7 +139,7 @@ NEUROKERN_DEVICE T sigmoid(T x) {
 }
 
 // The staging of one round: value `idx` of the tile, [gate][kk][bb], is x(b0 + bb, gate, k0 + kk)
-// = src[(row0 + b) src_row + gate src_gate + k] (0 beyond the batch or H, or if src is null).
+// = src[(row0 + b) src_row + gate src_gate + k] in T (0 beyond the batch or H, or if src is null).
 // Each thread moves values tid, tid + threads, ..: up to kMaxStaged<T> of them, held in registers
 // between the load (fetch) and the store to shared memory (store), so that the next round's
 // loads are in flight while the block sums the current one.
@@ -142,8 +150,8 @@ struct Staging {
 
   NEUROKERN_DEVICE int items() const { return tile_gates * p.batch_chunk * p.k_chunk; }
 
-  template <typename T>
-  NEUROKERN_DEVICE void fetch(const T* src, int64_t k0, T staged[kMaxStaged<T>]) const {
+  template <typename S, typename T>
+  NEUROKERN_DEVICE void fetch(const S* src, int64_t k0, T staged[kMaxStaged<T>]) const {
     const int kc = p.k_chunk, n = items();
     NEUROKERN_UNROLL
     for (int m = 0; m < kMaxStaged<T>; ++m) {
@@ -152,7 +160,8 @@ struct Staging {
                 gate = idx >> (p.k_shift + p.b_shift);
       const int64_t b = b0 + bb, k = k0 + kk;
       staged[m] = idx < n && src != nullptr && b < p.batch && k < p.hidden
-                      ? load_shared_by_grid(src + (row0 + b) * src_row + gate * src_gate + k)
+                      ? static_cast<T>(load_shared_by_grid(
+                            src + (row0 + b) * src_row + gate * src_gate + k))
                       : T(0);
     }
   }
@@ -175,8 +184,8 @@ struct Staging {
 // `staging` (see Staging) in rounds of k_chunk values of k, with g = 0 when tile_gates is 1
 // (every column reads the same factor, the forward), c / units when it is 3.
 // Starts and ends with the block synchronised around the staging tile.
-template <typename T, typename W>
-NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, const T* src,
+template <typename T, typename W, typename S>
+NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, const S* src,
                                     const Staging& staging, T acc[kRowsPerThread]) {
   const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
   const int c = thread_index() % columns, group = thread_index() / columns;
@@ -305,7 +314,7 @@ struct BwdArgs {
   T* dv;      // [D * B, H] in: dL/dv_{T-1} carry (grad_v_last); out: dL/dv_0
   T* di;      // [D * B, H] in: dL/di_{T-1} carry (grad_i_last); out: dL/di_0
   T* dgi;     // [T, D * B, 3H] out, contiguous
-  T* dgh;     // [T, D * B, 3H] out, contiguous
+  W* dgh;     // [T, D * B, 3H] out, contiguous, in the products' dtype
   T* dalpha;  // [D * B, H] zeros in; out: sum over t of dL/di_t i_{t-1}
   T v_th;
 };
@@ -337,7 +346,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
   const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
   const int c = thread_index() % columns, group = thread_index() / columns;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
-    const T* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
+    const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       T acc[kRowsPerThread];
       chunk_product(p, w, tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, acc);
@@ -370,13 +379,13 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         const T da_z = dv * (vp - i) * z * (T(1) - z);
         const T da_r = RESET_GATE ? di * gh[2 * hidden + j] * r * (T(1) - r) : T(0);
         T* dgi = a.dgi + g_off;
-        T* dgh = a.dgh + g_off;
+        W* dgh = a.dgh + g_off;
         dgi[j] = da_r;
-        dgh[j] = da_r;
+        dgh[j] = static_cast<W>(da_r);
         dgi[hidden + j] = da_z;
-        dgh[hidden + j] = da_z;
+        dgh[hidden + j] = static_cast<W>(da_z);
         dgi[2 * hidden + j] = di;
-        dgh[2 * hidden + j] = di * r;
+        dgh[2 * hidden + j] = static_cast<W>(di * r);
         a.dv[n] = z * dv;
         a.di[n] = alpha[j] * di;
         a.dalpha[n] += di * ip;
@@ -593,7 +602,7 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
   if (bias_hh_in) gh = gh + bias_hh_in->reshape({1, directions, 1, 3 * hidden});
   gh = gh.reshape({steps, rows, 3 * hidden}).contiguous();
   at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
-  at::Tensor dgh = at::empty_like(dgi);
+  at::Tensor dgh = at::empty_like(dgi, weight_hh.options());  // the products' dtype
   at::Tensor ds = grad_s[steps - 1].clone();
   if (grad_s_last) ds += grad_s_last->reshape({rows, hidden});
   at::Tensor dv = state_or_zeros(grad_v_last), di = state_or_zeros(grad_i_last);
@@ -607,7 +616,7 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
                          weight_hh.data_ptr<W>(), alpha.data_ptr<T>(), optional_ptr<T>(v0),
                          optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
                          ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(),
-                         dgi.data_ptr<T>(), dgh.data_ptr<T>(), dalpha.data_ptr<T>(),
+                         dgi.data_ptr<T>(), dgh.data_ptr<W>(), dalpha.data_ptr<T>(),
                          static_cast<T>(v_th)};
       auto go = [&](auto kernel, const auto& surrogate) {
         args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 3, op);
@@ -623,9 +632,8 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
   });
   // all steps at once, per direction: dU = dgh^T S_prev, db_hh and dalpha summed over T and B
   at::Tensor dgh4 = dgh.view({steps, directions, batch, 3 * hidden});
-  at::Tensor dweight_hh =
-      at::einsum("tdbg,tdbh->dgh", {dgh4.to(s_dirs.scalar_type()), s_dirs}).to(gi.scalar_type());
-  at::Tensor dbias_hh = dgh4.sum(at::IntArrayRef{0, 2});
+  at::Tensor dweight_hh = at::einsum("tdbg,tdbh->dgh", {dgh4, s_dirs}).to(gi.scalar_type());
+  at::Tensor dbias_hh = dgh4.sum(at::IntArrayRef{0, 2}, false, gi.scalar_type());
   at::Tensor dalpha_d = dalpha.view({directions, batch, hidden}).sum(1);
   if (weight_hh_in.dim() == 2) {
     dweight_hh = dweight_hh[0];
