@@ -69,6 +69,8 @@ struct EmulatedLaunch {
   template <typename Kernel>
   int max_blocks(Kernel, int, size_t) const { return sms; }
 
+  // The kernels read and write the tensors' memory from CPU threads: CPU tensors only
+  // (checked by the bindings below).
   template <typename Kernel, typename... Args>
   void run(Kernel kernel, const Partition& p, size_t bytes, Args&... args) const {
     const int blocks = p.blocks(), threads = p.threads();
@@ -115,6 +117,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                const std::optional<at::Tensor>& i0,
                                const std::optional<at::Tensor>& s0, double v_th, double gamma,
                                bool signed_, bool reset_gate, bool spiking) {
+    TORCH_CHECK(gi.is_cpu(), "the emulated CUDA kernels run CPU tensors only");
     return neurokern::persistent::spikgru2plus_fwd(launch, gi, weight_hh, bias_hh, alpha, v0, i0,
                                                    s0, v_th, gamma, signed_, reset_gate, spiking);
   });
@@ -127,6 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const at::Tensor& i_seq, const std::optional<at::Tensor>& v0,
            const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
            double gamma, bool signed_, bool reset_gate) {
+          TORCH_CHECK(gi.is_cpu(), "the emulated CUDA kernels run CPU tensors only");
           return neurokern::persistent::spikgru2plus_bwd(
               launch, grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh,
               alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed_, reset_gate);

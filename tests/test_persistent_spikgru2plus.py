@@ -58,12 +58,13 @@ def emulated_cuda(emulation, monkeypatch):
         (emulation.spikgru2plus_fwd, emulation.spikgru2plus_bwd) if backend == "cuda"
         else ops(backend)))
     monkeypatch.setattr(gru_ops, "eager_or_op", lambda op: op)
+    monkeypatch.setattr(fused_tests, "backend_device", lambda backend: "cpu")  # even on a GPU
     emulation.configure(4, 8, 8, 256 * 1024)
     return emulation.configure
 
 
 # emulated devices: (resident blocks (at least one per direction), batch rows per round, k
-# values per round)
+# values per round at most: the split takes a power of 2)
 devices = st.tuples(st.sampled_from([2, 3, 5, 8]), st.sampled_from([8, 16]),
                     st.sampled_from([3, 8, 32]))
 # besides gru_cases' draws (batch <= 4): batches of several rounds, H of one unit per block
