@@ -212,6 +212,25 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, con
   }
 }
 
+// What one block works on: its direction d, its first hidden unit j0, and its shared memory:
+// w [H][columns] (W), the staging tile [tile_gates][k_chunk][tile_stride] and the chunk's
+// products [batch_chunk][columns] (T).
+template <typename T, typename W>
+struct BlockSlice {
+  int d;
+  int64_t j0;
+  W* w;
+  T* tile;
+  T* products;
+
+  NEUROKERN_DEVICE BlockSlice(const Partition& p, int tile_gates)
+      : d(block_index() / p.blocks_per_direction),
+        j0(int64_t(block_index() % p.blocks_per_direction) * p.units),
+        w(shared_memory<W>()),
+        tile(reinterpret_cast<T*>(shared_memory<unsigned char>() + p.weight_bytes(sizeof(W)))),
+        products(tile + int64_t(tile_gates) * p.k_chunk * p.tile_stride()) {}
+};
+
 template <typename T, typename W>
 struct FwdArgs {
   Partition p;
@@ -237,13 +256,12 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
   const Partition& p = a.p;
   const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
   const int units = p.units, columns = p.columns(), threads = block_threads();
-  const int d = block_index() / p.blocks_per_direction;
-  const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
-  unsigned char* shared = shared_memory<unsigned char>();
-  W* w = reinterpret_cast<W*>(shared);                                  // [H][columns]
-  T* tile = reinterpret_cast<T*>(shared + p.weight_bytes(sizeof(W)));  // [k_chunk][tile_stride]
-  T* gh = tile + int64_t(p.k_chunk) * p.tile_stride();                 // [batch_chunk][columns]
-  const W* u = a.weight_hh + d * 3 * hidden * hidden;                  // [3H, H]
+  const BlockSlice<T, W> block(p, 1);
+  const int d = block.d;
+  const int64_t j0 = block.j0;
+  W* w = block.w;
+  T* gh = block.products;
+  const W* u = a.weight_hh + d * 3 * hidden * hidden;  // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
     const int64_t c = idx / hidden, k = idx % hidden;      // reads along rows of U
     const int64_t j = j0 + c % units;
@@ -262,7 +280,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
     const int64_t out = t * rows * hidden;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       T acc[kRowsPerThread];
-      chunk_product(p, w, tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, acc);
+      chunk_product(p, w, block.tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, acc);
       for (int q = 0; q < kRowsPerThread; ++q) {
         gh[(kRowsPerThread * group + q) * columns + c] = acc[q];
       }
@@ -330,13 +348,12 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
   const Partition& p = a.p;
   const int64_t hidden = p.hidden, batch = p.batch, rows = p.directions * batch;
   const int units = p.units, columns = p.columns(), threads = block_threads();
-  const int d = block_index() / p.blocks_per_direction;
-  const int64_t j0 = int64_t(block_index() % p.blocks_per_direction) * units;
-  unsigned char* shared = shared_memory<unsigned char>();
-  W* w = reinterpret_cast<W*>(shared);                                  // [H][columns]
-  T* tile = reinterpret_cast<T*>(shared + p.weight_bytes(sizeof(W)));  // [3][k_chunk][stride]
-  T* part = tile + 3 * int64_t(p.k_chunk) * p.tile_stride();           // [batch_chunk][columns]
-  const W* u = a.weight_hh + d * 3 * hidden * hidden;                  // [3H, H]
+  const BlockSlice<T, W> block(p, 3);
+  const int d = block.d;
+  const int64_t j0 = block.j0;
+  W* w = block.w;
+  T* part = block.products;
+  const W* u = a.weight_hh + d * 3 * hidden * hidden;  // [3H, H]
   for (int64_t idx = thread_index(); idx < hidden * columns; idx += threads) {
     const int64_t jj = idx % units, k = (idx / units) % hidden, g = idx / (units * hidden);
     const int64_t j = j0 + jj;  // reads along rows of U
@@ -349,7 +366,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
     const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       T acc[kRowsPerThread];
-      chunk_product(p, w, tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, acc);
+      chunk_product(p, w, block.tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, acc);
       for (int q = 0; q < kRowsPerThread; ++q) {
         part[(kRowsPerThread * group + q) * columns + c] = acc[q];
       }
