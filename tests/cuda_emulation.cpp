@@ -70,7 +70,7 @@ struct EmulatedLaunch {
   int max_blocks(Kernel, int, size_t) const { return sms; }
 
   // The kernels read and write the tensors' memory from CPU threads: CPU tensors only
-  // (checked by the bindings below).
+  // (checked by emulated_launch).
   template <typename Kernel, typename... Args>
   void run(Kernel kernel, const Partition& p, size_t bytes, Args&... args) const {
     const int blocks = p.blocks(), threads = p.threads();
@@ -107,32 +107,16 @@ void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_sh
                           static_cast<size_t>(max_shared_bytes)};
 }
 
+// The policy of one op call: the configured device; CPU tensors only.
+EmulatedLaunch emulated_launch(const at::Tensor& gi) {
+  TORCH_CHECK(gi.is_cpu(), "the emulated CUDA kernels run CPU tensors only");
+  return launch;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure, "The emulated device: resident blocks, tiles, shared memory.");
-  m.def("spikgru2plus_fwd", [](const at::Tensor& gi, const at::Tensor& weight_hh,
-                               const std::optional<at::Tensor>& bias_hh, const at::Tensor& alpha,
-                               const std::optional<at::Tensor>& v0,
-                               const std::optional<at::Tensor>& i0,
-                               const std::optional<at::Tensor>& s0, double v_th, double gamma,
-                               bool signed_, bool reset_gate, bool spiking) {
-    TORCH_CHECK(gi.is_cpu(), "the emulated CUDA kernels run CPU tensors only");
-    return neurokern::persistent::spikgru2plus_fwd(launch, gi, weight_hh, bias_hh, alpha, v0, i0,
-                                                   s0, v_th, gamma, signed_, reset_gate, spiking);
-  });
-  m.def("spikgru2plus_bwd",
-        [](const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
-           const std::optional<at::Tensor>& grad_i_last,
-           const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi,
-           const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
-           const at::Tensor& alpha, const at::Tensor& s_seq, const at::Tensor& v_seq,
-           const at::Tensor& i_seq, const std::optional<at::Tensor>& v0,
-           const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
-           double gamma, bool signed_, bool reset_gate) {
-          TORCH_CHECK(gi.is_cpu(), "the emulated CUDA kernels run CPU tensors only");
-          return neurokern::persistent::spikgru2plus_bwd(
-              launch, grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh,
-              alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed_, reset_gate);
-        });
+  m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>);
+  m.def("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<emulated_launch>);
 }

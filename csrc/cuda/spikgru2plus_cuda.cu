@@ -19,11 +19,15 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
-// The launch policy of the persistent kernels on the current device.
+// The launch policy of the persistent kernels on gi's device, which it makes current for the
+// op call.
 struct CudaLaunch {
+  c10::cuda::CUDAGuard guard;
   int device;
 
-  // Staging 32 batch rows x 32 values of k per round: each thread sums 4 rows of one column.
+  explicit CudaLaunch(const at::Tensor& gi) : guard(gi.device()), device(gi.get_device()) {}
+
+  // At most 32 batch rows x 32 values of k per round (each thread sums 8 rows of one column).
   int batch_chunk() const { return 32; }
   int k_chunk() const { return 32; }
 
@@ -66,35 +70,11 @@ struct CudaLaunch {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
-    const at::Tensor& gi, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
-    const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
-    const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
-    double gamma, bool signed_, bool reset_gate, bool spiking) {
-  const c10::cuda::CUDAGuard guard(gi.device());
-  return neurokern::persistent::spikgru2plus_fwd(CudaLaunch{gi.get_device()}, gi, weight_hh,
-                                                 bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                                                 signed_, reset_gate, spiking);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-bwd_cuda(const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
-         const std::optional<at::Tensor>& grad_i_last,
-         const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi,
-         const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
-         const at::Tensor& alpha, const at::Tensor& s_seq, const at::Tensor& v_seq,
-         const at::Tensor& i_seq, const std::optional<at::Tensor>& v0,
-         const std::optional<at::Tensor>& i0, const std::optional<at::Tensor>& s0, double v_th,
-         double gamma, bool signed_, bool reset_gate) {
-  const c10::cuda::CUDAGuard guard(gi.device());
-  return neurokern::persistent::spikgru2plus_bwd(
-      CudaLaunch{gi.get_device()}, grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh,
-      bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed_, reset_gate);
-}
+CudaLaunch cuda_launch(const at::Tensor& gi) { return CudaLaunch(gi); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neurokern, CUDA, m) {
-  m.impl("spikgru2plus_fwd", &fwd_cuda);
-  m.impl("spikgru2plus_bwd", &bwd_cuda);
+  m.impl("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<cuda_launch>);
+  m.impl("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<cuda_launch>);
 }

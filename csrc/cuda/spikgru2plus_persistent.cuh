@@ -416,7 +416,9 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side: argument checks, the work split, the launches. `Launch` provides
+// Host side: argument checks, the work split, the launches. The ops take the launch policy as
+// a template argument, `make_launch(gi)`, called once per op call (the CUDA policy also holds
+// the device guard for the call); the policy provides
 //   int multiprocessors()                           the device's SMs
 //   int max_threads(kernel)                         threads a block of `kernel` may have
 //   int max_blocks(kernel, threads, shared_bytes)  blocks that can be resident at once
@@ -526,14 +528,15 @@ inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) 
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-template <class Launch>
+template <auto make_launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
-    const Launch& launch, const at::Tensor& gi_in, const at::Tensor& weight_hh_in,
+    const at::Tensor& gi_in, const at::Tensor& weight_hh_in,
     const std::optional<at::Tensor>& bias_hh_in, const at::Tensor& alpha_in,
     const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& i0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool signed_,
     bool reset_gate, bool spiking) {
   constexpr const char* op = "neurokern::spikgru2plus_fwd (CUDA)";
+  const auto launch = make_launch(gi_in);
   check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
               {{"v0", &v0_in}, {"i0", &i0_in}, {"s0", &s0_in}}, op);
   const at::Tensor gi = gi_in.stride(2) == 1 ? gi_in : gi_in.contiguous();
@@ -572,9 +575,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
   return {s_seq, v_seq, i_seq};
 }
 
-template <class Launch>
+template <auto make_launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
+spikgru2plus_bwd(const at::Tensor& grad_s_in,
                  const std::optional<at::Tensor>& grad_v_last,
                  const std::optional<at::Tensor>& grad_i_last,
                  const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi_in,
@@ -584,6 +587,7 @@ spikgru2plus_bwd(const Launch& launch, const at::Tensor& grad_s_in,
                  const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0,
                  double v_th, double gamma, bool signed_, bool reset_gate) {
   constexpr const char* op = "neurokern::spikgru2plus_bwd (CUDA)";
+  const auto launch = make_launch(gi_in);
   check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
               {{"v0", &v0_in}, {"i0", &i0_in}, {"s0", &s0}, {"grad_v_last", &grad_v_last},
                {"grad_i_last", &grad_i_last}, {"grad_s_last", &grad_s_last}},
