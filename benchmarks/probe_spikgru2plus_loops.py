@@ -14,8 +14,9 @@ import triton.testing
 
 import neurokern  # noqa: F401  (registers the ops)
 
-if not torch.cuda.is_available():
-    sys.exit("probe_spikgru2plus_loops.py needs a GPU")
+if not torch.cuda.is_available():  # gpu_run.sh's dry runs on a CPU go on past it
+    print("probe_spikgru2plus_loops.py: skipped, it needs a GPU")
+    sys.exit(0)
 dev = torch.device("cuda")
 B, H = 32, 1024
 torch.backends.cuda.matmul.allow_tf32 = False
