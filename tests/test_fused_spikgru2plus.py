@@ -547,7 +547,7 @@ def _op_samples(device, backend):
            *(t.double() for t in state), 0.7, 3.0, True, False, False)
     if backend in ("triton", "cuda"):  # the products in bf16 (autocast), the rest in float32
         yield (gi, weight_hh.bfloat16(), bias_hh, alpha, *state, 1.0, 10.0, True, True, True)
-    if backend in ("triton", "cuda"):  # two directions at once: rows [2B], parameters [2, ...]
+        # two directions at once: rows [2B], parameters stacked [2, ...]
         two = lambda t: torch.stack([t, t.flip(-1)])  # noqa: E731
         yield (torch.cat([gi, gi.flip(0)], 1), two(weight_hh), two(bias_hh), two(alpha),
                *(torch.cat([t, -t]) for t in state), 1.0, 10.0, True, True, True)

@@ -154,7 +154,8 @@ def test_fused_backend_tests_on_the_emulation(emulated_cuda, name, args):
 
 
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
-    emulated_cuda(4, 8, 8, 4096)  # 4 KiB: H = 40 needs 40 * 3 * 8 bytes of U per unit
+    # H = 40 over at most 4 blocks: 10 units per block, 40 * 30 * 4 bytes of U > 4 KiB
+    emulated_cuda(4, 8, 8, 4096)
     x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(120, 4), torch.randn(120, 40)
     with pytest.raises(RuntimeError, match=r"needs \d+ bytes of shared memory per block for "
                                            r"H = 40, D = 1 .* but a block may use 4096"):
