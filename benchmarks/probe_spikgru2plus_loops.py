@@ -3,7 +3,9 @@ step: the CUDA persistent loops (backend "cuda", one cooperative launch per op) 
 loops (per step a cuBLAS product and a kernel, replayed from a CUDA graph), at B = 32, H = 1024,
 one and two directions, float32 weights and bf16 weights (autocast's products). The time per
 step over T = 90 minus T = 10 separates the per-step cost (products, barrier) from the fixed
-cost of a call (launch, the backward's gh and dU products). One line per case.
+cost of a call (launch, the backward's gh and dU products). One line per case, then one line
+comparing the two backends' results at T = 90 (fraction of spikes that differ, and the relative
+error of the backward's dgi and dU, both backward calls given the Triton forward's saved state).
 
     python benchmarks/probe_spikgru2plus_loops.py
 """
@@ -40,10 +42,14 @@ for directions in (1, 2):
         weight = weight.to(weight_dtype)
         bias = torch.randn(shape[:-2] + (3 * H,), device=dev, generator=gen)
         alpha = torch.rand(shape[:-2] + (H,), device=dev, generator=gen)
+        # the same inputs and output gradients for both backends
+        inputs = {steps: (torch.randn(steps, rows, 3 * H, device=dev, generator=gen),
+                          torch.randn(steps, rows, H, device=dev, generator=gen))
+                  for steps in (10, 90)}
+        results = {}
         for backend, (fwd, bwd) in ops.items():
             times = {}
-            for steps in (10, 90):
-                gi = torch.randn(steps, rows, 3 * H, device=dev, generator=gen)
+            for steps, (gi, grad) in inputs.items():
                 args = (gi, weight, bias, alpha, None, None, None, 1.0, 10.0, True, True, True)
                 try:
                     s, v, i = fwd(*args)
@@ -51,7 +57,6 @@ for directions in (1, 2):
                     print(f"D={directions} U {str(weight_dtype)[6:]:<8} {backend:<6} "
                           f"failed: {exc}")
                     break
-                grad = torch.randn_like(s)
                 times[steps] = (
                     bench(lambda: fwd(*args)),
                     bench(lambda: bwd(grad, None, None, None, gi, weight, bias, alpha, s, v, i,
@@ -61,3 +66,35 @@ for directions in (1, 2):
                 print(f"D={directions} U {str(weight_dtype)[6:]:<8} {backend:<6} "
                       f"T=90 fwd {times[90][0]:.3f} bwd {times[90][1]:.3f} ms; "
                       f"per step fwd {per_step[0]:.1f} bwd {per_step[1]:.1f} us", flush=True)
+                results[backend] = (s, v, i), bwd
+        if len(results) == 2:
+            gi, grad = inputs[90]
+            saved = results["triton"][0]
+            grads = {backend: bwd(grad, None, None, None, gi, weight, bias, alpha, *saved, None,
+                                  None, None, 1.0, 10.0, True, True)
+                     for backend, (_, bwd) in results.items()}
+
+            def rel(a, b):
+                return ((a.double() - b.double()).norm() / b.double().norm()).item()
+            flips = (results["cuda"][0][0] != saved[0]).double().mean().item()
+            print(f"D={directions} U {str(weight_dtype)[6:]:<8} cuda vs triton: spikes differ "
+                  f"{flips:.2e}, dgi rel {rel(grads['cuda'][0], grads['triton'][0]):.1e}, "
+                  f"dU rel {rel(grads['cuda'][1], grads['triton'][1]):.1e}", flush=True)
+
+# The Triton loops' per-step product of two directions: one batched product (torch.bmm) or one
+# torch.mm per direction, forward (s_{t-1} U^T) and backward (dgh_{t+1} U) shapes.
+print("two directions' per-step product, us: bmm vs one mm per direction")
+for weight_dtype in (torch.float32, torch.bfloat16):
+    weight = torch.randn(2, 3 * H, H, device=dev).to(weight_dtype)
+    for name, a, w in (("fwd", torch.randn(2, B, H, device=dev), weight.transpose(1, 2)),
+                       ("bwd", torch.randn(2, B, 3 * H, device=dev), weight)):
+        a = a.to(weight_dtype)
+        out = torch.empty(2, B, w.shape[2], device=dev, dtype=weight_dtype)
+
+        def per_direction():
+            for d in range(2):
+                torch.mm(a[d], w[d], out=out[d])
+        t_bmm = bench(lambda: torch.bmm(a, w, out=out)) * 1e3
+        t_mm = bench(per_direction) * 1e3
+        print(f"  {name} U {str(weight_dtype)[6:]:<8} bmm {t_bmm:.1f} mm x2 {t_mm:.1f}",
+              flush=True)

@@ -120,11 +120,19 @@ if triton_available():
 
     def _product(a, weight, out, directions):
         """out = a @ weight per direction: rows of `a` and `out` are direction-major
-        ([D * B, .]), `weight` is [D, ., .] (or 2-D for D = 1); one (batched) product."""
+        ([D * B, .]), `weight` is [D, ., .] (or 2-D for D = 1); one batched product, or one
+        product per direction for the backward's float32 shape (K = 3H): measured on an H100
+        at B = 32, H = 1024 (benchmarks/probe_spikgru2plus_loops.py), cuBLAS's float32 bmm
+        took 126 us there against 36 us for two mm calls (forward shape: 43 vs 51 us; bf16:
+        bmm faster in both)."""
         if directions == 1:
             return torch.mm(a, weight, out=out)
-        return torch.bmm(a.view(directions, -1, a.shape[-1]), weight,
-                         out=out.view(directions, -1, out.shape[-1]))
+        a, out = a.view(directions, -1, a.shape[-1]), out.view(directions, -1, out.shape[-1])
+        if weight.dtype == torch.float32 and weight.shape[1] > weight.shape[2]:
+            for d in range(directions):
+                torch.mm(a[d], weight[d], out=out[d])
+            return out
+        return torch.bmm(a, weight, out=out)
 
     def _recurrent(s_prev, weight_hh, bias_hh, dtype):
         """gh = U s + b_hh for all steps at once ([T, D * B, 3H]), the product in weight_hh's

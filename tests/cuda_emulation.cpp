@@ -59,9 +59,11 @@ struct EmulatedLaunch {
   int batch_rows = 8;
   int k_values = 8;
   size_t shared_bytes = 48 * 1024;
+  int slices = 4;
 
   int batch_chunk() const { return batch_rows; }
   int k_chunk() const { return k_values; }
+  int k_split() const { return slices; }
   size_t max_shared_bytes() const { return shared_bytes; }
   int multiprocessors() const { return sms; }
   template <typename Kernel>
@@ -100,11 +102,13 @@ struct EmulatedLaunch {
 
 EmulatedLaunch launch;
 
-void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_shared_bytes) {
+void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_shared_bytes,
+               int k_split) {
   TORCH_CHECK(batch_chunk % neurokern::persistent::kRowsPerThread == 0,
               "batch_chunk must be a multiple of kRowsPerThread");
+  TORCH_CHECK(k_split >= 1 && (k_split & (k_split - 1)) == 0, "k_split must be a power of 2");
   launch = EmulatedLaunch{multiprocessors, batch_chunk, k_chunk,
-                          static_cast<size_t>(max_shared_bytes)};
+                          static_cast<size_t>(max_shared_bytes), k_split};
 }
 
 // The policy of one op call: the configured device; CPU tensors only.
@@ -116,7 +120,10 @@ EmulatedLaunch emulated_launch(const at::Tensor& gi) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("configure", &configure, "The emulated device: resident blocks, tiles, shared memory.");
+  m.def("configure", &configure,
+        "The emulated device: resident blocks, tiles, shared memory, most slices per block.",
+        pybind11::arg("multiprocessors"), pybind11::arg("batch_chunk"), pybind11::arg("k_chunk"),
+        pybind11::arg("max_shared_bytes"), pybind11::arg("k_split") = 4);
   m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>);
   m.def("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<emulated_launch>);
 }

@@ -16,7 +16,10 @@ from neurokern import train
 # Small and quick: 4 classes x 8 train / 4 test samples, T = 8, two steps of batch 8 per epoch.
 QUICK = ["--config", "small", "--synthetic-classes", "4", "--synthetic-train", "8",
          "--synthetic-test", "4", "--num-steps", "8", "--batch-size", "8", "--num-workers", "0",
-         "--log-every", "1", "--augment", "baseline"]
+         "--log-every", "1", "--augment", "baseline",
+         # CPU also on a GPU machine: exact resumes (cuDNN convolutions are not deterministic)
+         # and two processes where the machine may have one GPU
+         "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

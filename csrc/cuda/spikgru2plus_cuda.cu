@@ -27,9 +27,11 @@ struct CudaLaunch {
 
   explicit CudaLaunch(const at::Tensor& gi) : guard(gi.device()), device(gi.get_device()) {}
 
-  // At most 32 batch rows x 32 values of k per round (each thread sums 8 rows of one column).
+  // At most 32 batch rows x 256 values of k per round (each thread sums 8 rows of one column;
+  // the staging registers cap a round further) and 8 slices of the block's threads.
   int batch_chunk() const { return 32; }
-  int k_chunk() const { return 32; }
+  int k_chunk() const { return 256; }
+  int k_split() const { return 8; }
 
   int multiprocessors() const {
     return device_attribute(cudaDevAttrMultiProcessorCount, device);

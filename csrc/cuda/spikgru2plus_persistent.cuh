@@ -19,7 +19,10 @@
 // staged in shared memory k_chunk values of k at a time (the next round's values loaded into
 // registers while the block sums the current one), each thread summing one column for
 // kRowsPerThread batch rows (per k: one load of w, two 16-byte broadcast loads of the factor,
-// eight fused multiply-adds). The products of the gate gradients over all steps (dU, db_hh) and
+// eight fused multiply-adds) over its slice of the round: the block's threads are k_split
+// groups ("slices") that each sum k_chunk / k_split values of k of every round, and the slices'
+// partial sums are added in shared memory at the end (k_split x more threads per block than
+// columns x row groups: enough warps per SM to hide the latencies of the loads). The products of the gate gradients over all steps (dU, db_hh) and
 // the recomputed gh (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop,
 // as on the other backends.
 //
@@ -50,7 +53,8 @@
 
 #if defined(__CUDACC__)
 #include <cooperative_groups.h>
-#define NEUROKERN_KERNEL __global__
+// at most 384 threads per block: the compiler keeps each thread within 168 registers
+#define NEUROKERN_KERNEL __global__ __launch_bounds__(384)
 #define NEUROKERN_DEVICE __device__ __forceinline__
 #define NEUROKERN_HOST_DEVICE __host__ __device__
 #define NEUROKERN_UNROLL _Pragma("unroll")
@@ -93,10 +97,12 @@ namespace neurokern::persistent {
 
 // Batch rows each thread sums per column (a multiple of 4: the factor is read 4 at a time).
 constexpr int kRowsPerThread = 8;
-// Values each thread stages per round (the round's k_chunk is capped so that they suffice): 64
-// bytes of registers, 16 floats or 8 doubles (more spilled registers in the float64 kernels).
+// Values each thread stages per round (the round's k_chunk is capped so that they suffice): 8,
+// so that a round of one k fits the smallest block (3 threads, 3 gates x 8 rows); with 16 the
+// float32 kernels spilled within the 168 registers of 384 threads, with 8 they do not (the
+// float64 ones spill up to 12 bytes).
 template <typename T>
-constexpr int kMaxStaged = 64 / sizeof(T);
+constexpr int kMaxStaged = 8;
 
 // The shape of a launch: sizes, the work split and the tiles (see the top of this file).
 struct Partition {
@@ -106,14 +112,18 @@ struct Partition {
   int batch_chunk;           // batch rows per pass, a power of 2 >= kRowsPerThread
   int k_chunk;               // values of k staged per round, a power of 2
   int b_shift, k_shift;      // their log2
+  int k_split;               // slices of the block's threads, each summing k_chunk / k_split
+                             // values of k per round: a power of 2 <= k_chunk
 
   NEUROKERN_HOST_DEVICE int blocks() const {
     return static_cast<int>(directions) * blocks_per_direction;
   }
   NEUROKERN_HOST_DEVICE int columns() const { return 3 * units; }
-  NEUROKERN_HOST_DEVICE int threads() const {
+  // threads of one slice: one per column and group of kRowsPerThread batch rows
+  NEUROKERN_HOST_DEVICE int slice_threads() const {
     return columns() * (batch_chunk / kRowsPerThread);
   }
+  NEUROKERN_HOST_DEVICE int threads() const { return slice_threads() * k_split; }
   // staged rows are batch_chunk + 4 apart: 16-byte aligned, and staging stores (consecutive
   // k, stride batch_chunk + 4 words) spread over the banks
   NEUROKERN_HOST_DEVICE int tile_stride() const { return batch_chunk + 4; }
@@ -122,14 +132,19 @@ struct Partition {
   NEUROKERN_HOST_DEVICE int64_t weight_bytes(int64_t weight_size) const {
     return (hidden * columns() * weight_size + 15) / 16 * 16;
   }
-  // w, then in `value_size`-byte values the staging tile ([tile_gates][k_chunk][tile_stride]:
-  // the backward stages the three gates' thirds of dgh) and the chunk's products
-  // [batch_chunk][3 units]
+  // values of the staging tile ([tile_gates][k_chunk][tile_stride]: the backward stages the
+  // three gates' thirds of dgh), also holding the slices' partial sums at the end of a chunk
+  // ([k_split][batch_chunk][columns])
+  NEUROKERN_HOST_DEVICE int64_t tile_values(int tile_gates) const {
+    const int64_t staging = int64_t(tile_gates) * k_chunk * tile_stride();
+    const int64_t partial = k_split > 1 ? int64_t(k_split) * batch_chunk * columns() : 0;
+    return staging > partial ? staging : partial;
+  }
+  // w, then in `value_size`-byte values the tile and the chunk's products [batch_chunk][columns]
   NEUROKERN_HOST_DEVICE int64_t shared_bytes(int64_t weight_size, int64_t value_size,
                                              int tile_gates) const {
     return weight_bytes(weight_size) +
-           value_size * (int64_t(tile_gates) * k_chunk * tile_stride() +
-                         int64_t(batch_chunk) * columns());
+           value_size * (tile_values(tile_gates) + int64_t(batch_chunk) * columns());
   }
 };
 
@@ -179,17 +194,21 @@ struct Staging {
   }
 };
 
-// acc[q] = sum_{k < H} x(b0 + kRowsPerThread group + q, g, k) w[k][c] for this thread's column
-// c and group of batch rows (threads = columns * batch_chunk / kRowsPerThread), x as staged by
-// `staging` (see Staging) in rounds of k_chunk values of k, with g = 0 when tile_gates is 1
-// (every column reads the same factor, the forward), c / units when it is 3.
-// Starts and ends with the block synchronised around the staging tile.
+// products[bb][c] = sum_{k < H} x(b0 + bb, g, k) w[k][c] for the chunk's batch rows bb and the
+// block's columns c, x as staged by `staging` (see Staging) in rounds of k_chunk values of k,
+// with g = 0 when tile_gates is 1 (every column reads the same factor, the forward), c / units
+// when it is 3. Thread (slice, group, c) sums column c for the kRowsPerThread rows of its group
+// over its slice's k_chunk / k_split values of each round; the slices' sums are then added in
+// shared memory (in the tile, free by then). Starts and ends with the block synchronised.
 template <typename T, typename W, typename S>
 NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, const S* src,
-                                    const Staging& staging, T acc[kRowsPerThread]) {
+                                    const Staging& staging, T* products) {
   const int columns = p.columns(), kc = p.k_chunk, stride = p.tile_stride();
-  const int c = thread_index() % columns, group = thread_index() / columns;
+  const int c = thread_index() % columns, group = (thread_index() / columns) %
+                                                  (p.batch_chunk / kRowsPerThread);
+  const int slice = thread_index() / p.slice_threads(), per_slice = kc / p.k_split;
   const int g = staging.tile_gates == 1 ? 0 : c / p.units;
+  T acc[kRowsPerThread];
   for (int q = 0; q < kRowsPerThread; ++q) acc[q] = T(0);
   T staged[kMaxStaged<T>];
   staging.fetch(src, 0, staged);
@@ -198,10 +217,11 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, con
     staging.store(staged, tile);
     sync_block();
     if (k0 + kc < p.hidden) staging.fetch(src, k0 + kc, staged);
-    const int kmax = static_cast<int>(std::min<int64_t>(kc, p.hidden - k0));
+    const int first = slice * per_slice;
+    const int last = static_cast<int>(std::min<int64_t>(first + per_slice, p.hidden - k0));
     const W* wk = w + k0 * columns + c;
     const T* xk = tile + g * kc * stride + kRowsPerThread * group;
-    for (int kk = 0; kk < kmax; ++kk) {
+    for (int kk = first; kk < last; ++kk) {
       const T u = static_cast<T>(wk[kk * columns]);
       for (int q = 0; q < kRowsPerThread; q += 4) {
         T x[4];
@@ -210,6 +230,20 @@ NEUROKERN_DEVICE void chunk_product(const Partition& p, const W* w, T* tile, con
       }
     }
   }
+  const int rows = p.batch_chunk * columns;
+  T* mine = p.k_split == 1 ? products : tile + slice * rows;
+  if (p.k_split > 1) sync_block();  // every slice is done with the last round's tile
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    mine[(kRowsPerThread * group + q) * columns + c] = acc[q];
+  }
+  sync_block();
+  if (p.k_split == 1) return;
+  for (int idx = thread_index(); idx < rows; idx += block_threads()) {
+    T sum = tile[idx];
+    for (int other = 1; other < p.k_split; ++other) sum += tile[other * rows + idx];
+    products[idx] = sum;
+  }
+  sync_block();
 }
 
 // What one block works on: its direction d, its first hidden unit j0, and its shared memory:
@@ -228,7 +262,7 @@ struct BlockSlice {
         j0(int64_t(block_index() % p.blocks_per_direction) * p.units),
         w(shared_memory<W>()),
         tile(reinterpret_cast<T*>(shared_memory<unsigned char>() + p.weight_bytes(sizeof(W)))),
-        products(tile + int64_t(tile_gates) * p.k_chunk * p.tile_stride()) {}
+        products(tile + p.tile_values(tile_gates)) {}
 };
 
 template <typename T, typename W>
@@ -270,7 +304,6 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
   const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
   const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch;
-  const int c = thread_index() % columns, group = thread_index() / columns;
   for (int64_t t = 0; t < p.steps; ++t) {
     const int64_t prev = (t - 1) * rows * hidden;
     const T* s_prev = t == 0 ? a.s0 : a.s_seq + prev;
@@ -279,12 +312,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
     const T* gi_t = a.gi + t * a.gi_step;
     const int64_t out = t * rows * hidden;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
-      T acc[kRowsPerThread];
-      chunk_product(p, w, block.tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, acc);
-      for (int q = 0; q < kRowsPerThread; ++q) {
-        gh[(kRowsPerThread * group + q) * columns + c] = acc[q];
-      }
-      sync_block();
+      chunk_product(p, w, block.tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, gh);
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
         const int64_t b = b0 + bb, j = j0 + jj;
@@ -361,16 +389,10 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
   }
   const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
-  const int c = thread_index() % columns, group = thread_index() / columns;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
     const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
-      T acc[kRowsPerThread];
-      chunk_product(p, w, block.tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, acc);
-      for (int q = 0; q < kRowsPerThread; ++q) {
-        part[(kRowsPerThread * group + q) * columns + c] = acc[q];
-      }
-      sync_block();
+      chunk_product(p, w, block.tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, part);
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
         const int64_t b = b0 + bb, j = j0 + jj;
@@ -423,7 +445,8 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
 //   int max_threads(kernel)                         threads a block of `kernel` may have
 //   int max_blocks(kernel, threads, shared_bytes)  blocks that can be resident at once
 //   size_t max_shared_bytes()                       shared memory one block may use
-//   int batch_chunk(), k_chunk()                    the tiles
+//   int batch_chunk(), k_chunk()                    the tiles (most rows, most values of k)
+//   int k_split()                                   the most slices of a block (a power of 2)
 //   void run(kernel, partition, shared_bytes, args...)
 // ---------------------------------------------------------------------------------------------
 
@@ -464,11 +487,12 @@ inline void check_layer(const at::Tensor& gi, const at::Tensor& weight_hh,
 // The smallest number of units per block whose launch fits the device: at most one block per
 // SM (each block stages the whole factor of every step from L2, so more blocks cost more
 // traffic, not more FMA lanes), all blocks resident at once (the grid synchronises) and the
-// block's weights in shared memory.
+// block's weights in shared memory; for it, the most slices (k_split, at most the policy's) that
+// fit the kernel's thread limit, the shared memory and the residency.
 template <typename T, typename W, class Launch, class Kernel>
 Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows, int64_t hidden,
                int64_t directions, int tile_gates, const char* op) {
-  Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, 0, 0, 0};
+  Partition p{steps, rows / directions, hidden, directions, 1, 0, 0, 0, 0, 0, 1};
   auto ceil_log2 = [](int64_t n) {
     int shift = 0;
     while ((int64_t(1) << shift) < n) ++shift;
@@ -482,29 +506,41 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
                        ceil_log2(std::max<int64_t>(p.batch, kRowsPerThread)));
   p.batch_chunk = 1 << p.b_shift;
   const size_t limit = launch.max_shared_bytes();
-  for (int64_t units = 1; units <= hidden; ++units) {
-    p.units = static_cast<int>(units);
-    p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
-    // a power of 2 with each thread staging at most kMaxStaged<T> values of a round
+  const int max_threads = launch.max_threads(kernel);
+  // k_chunk: a power of 2 with each thread staging at most kMaxStaged<T> values of a round
+  auto set_k_chunk = [&] {
     const int cap = std::min(launch.k_chunk(),
                              kMaxStaged<T> * p.threads() / (tile_gates * p.batch_chunk));
     p.k_shift = ceil_log2(cap + 1) - 1;  // floor(log2(cap))
     p.k_chunk = 1 << p.k_shift;
+  };
+  for (int64_t units = 1; units <= hidden; ++units) {
+    p.units = static_cast<int>(units);
+    p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
+    p.k_split = 1;
+    set_k_chunk();
     const size_t bytes = p.shared_bytes(sizeof(W), sizeof(T), tile_gates);
     TORCH_CHECK(bytes <= limit, op, ": the persistent kernel needs ", bytes,
                 " bytes of shared memory per block for H = ", hidden, ", D = ", directions,
                 " (", units, " hidden units per block, ", sizeof(W) * 8,
                 "-bit weights) but a block may use ", limit,
                 "; use backend=\"triton\" for this size");
-    if (p.threads() > launch.max_threads(kernel)) break;
-    if (p.blocks() <= launch.multiprocessors() &&
-        p.blocks() <= launch.max_blocks(kernel, p.threads(), bytes)) {
-      return p;
+    if (p.threads() > max_threads) break;
+    if (p.blocks() > launch.multiprocessors()) continue;
+    for (int split = launch.k_split(); split >= 1; split /= 2) {
+      p.k_split = split;
+      set_k_chunk();
+      if (p.threads() > max_threads || p.k_chunk < split) continue;
+      const size_t split_bytes = p.shared_bytes(sizeof(W), sizeof(T), tile_gates);
+      if (split_bytes <= limit &&
+          p.blocks() <= launch.max_blocks(kernel, p.threads(), split_bytes)) {
+        return p;
+      }
     }
   }
   TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
               " directions keeps every block of the persistent kernel resident, one per SM, "
-              "with at most ", launch.max_threads(kernel),
+              "with at most ", max_threads,
               " threads per block; use backend=\"triton\" for this size");
   return p;
 }
