@@ -27,8 +27,11 @@ if [[ $STEPS == *build* ]]; then
 fi
 "$PY" -m neurokern | tee "$OUT/backends.txt"
 if [[ $STEPS == *tests* ]]; then
-    timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE 2>&1 \
-        | tee "$OUT/tests.log" | tail -25 || status=1
+    # 8 workers where pytest-xdist is installed (the device machine has it): about 2 minutes
+    parallel=()
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+    timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE \
+        "${parallel[@]}" 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
 fi
 if [[ $STEPS == *bench* ]]; then
     "$PY" benchmarks/main.py 2>&1 | tee "$OUT/bench.log" || status=1

@@ -22,9 +22,9 @@
 // eight fused multiply-adds) over its slice of the round: the block's threads are k_split
 // groups ("slices") that each sum k_chunk / k_split values of k of every round, and the slices'
 // partial sums are added in shared memory at the end (k_split x more threads per block than
-// columns x row groups: enough warps per SM to hide the latencies of the loads). The products of the gate gradients over all steps (dU, db_hh) and
-// the recomputed gh (U s_{t-1} + b_hh over all steps) are single ATen products outside the loop,
-// as on the other backends.
+// columns x row groups: more warps per SM to hide the latencies of the loads). The products of
+// the gate gradients over all steps (dU, db_hh) and the recomputed gh (U s_{t-1} + b_hh over
+// all steps) are single ATen products outside the loop, as on the other backends.
 //
 // Dtypes: the state, gi and all arithmetic in T (float32 or float64); U in W, T itself or, under
 // autocast with T = float32, bfloat16/float16 (the products' dtype of the other backends): kept
