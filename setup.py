@@ -11,6 +11,7 @@ Environment variables (all documented in docs/environment.md):
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -24,6 +25,16 @@ except ImportError:
              "(the extension is compiled against the installed torch)")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolchain():
+    """neurokern/_toolchain.py, loaded by its path: importing the package would need the
+    extension this script builds."""
+    spec = importlib.util.spec_from_file_location(
+        "neurokern_toolchain", os.path.join(ROOT, "neurokern", "_toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name):
@@ -51,10 +62,14 @@ def extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda, reason = cuda_build_decision()
-    # No -std flag: torch.utils.cpp_extension passes the standard torch was built with (C++20
-    # since torch 2.10); forcing C++17 built an extension that crashed while formatting an
-    # error message under torch 2.11 (seen on an H100 machine).
+    # No -std flag: torch.utils.cpp_extension adds the one its torch's headers need (c++17 with
+    # torch 2.11, c++20 with 2.13). (The crash while formatting an error message seen under
+    # torch 2.11 on an H100 machine was not the standard but a static libstdc++, see below.)
     cxx_flags = ["-O3", "-fopenmp"]
+    # the shared libstdc++ of torch, also with a g++ that would link libstdc++.a (a private copy
+    # crashed the first error message; neurokern/_toolchain.py)
+    link_flags = ["-fopenmp"] + _toolchain().shared_libstdcxx_link_args(
+        cpp_extension.get_cxx_compiler())
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         print(f"neurokern: building the CUDA part ({reason})", flush=True)
@@ -65,7 +80,7 @@ def extensions():
             define_macros=[("NEUROKERN_WITH_CUDA", "1")],
             # no --use_fast_math: the kernels' exp and divisions round as the reference's do
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )]
     print(f"neurokern: CUDA part skipped ({reason}); building the C++ CPU kernels only",
           flush=True)
@@ -74,7 +89,7 @@ def extensions():
         cpp_sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )]
 
 

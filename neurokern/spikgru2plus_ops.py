@@ -354,9 +354,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         # all directions' input projections in one product: [T * B, D * 3H]
         gi = torch.mm(x_tm.view(steps * batch, inputs),
                       weight_ih_c.reshape(-1, inputs).t()).to(dtype)
-        if bias_ih is not None:  # after the product, as the reference rounds it; not in
-            # place: torch 2.11's torch.compile gave wrong gradients for an autograd.Function
-            # with an in-place op in its forward (pytorch/pytorch#184113, seen on an H100)
+        if bias_ih is not None:  # after the product, as the reference rounds it
             gi = gi + bias_ih.to(dtype).reshape(-1)
         gi = _to_processing_order(gi.view(steps, batch, -1), directions)  # [T, D * B, 3H]
         s_seq, v_seq, i_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c, v_th,
@@ -369,11 +367,19 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.inputs = tuple(None if t is None else (t.dtype, t.shape)
                            for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0))
+        # Each output is a tensor that no other op of this forward returned as well: no
+        # `.to()` to the same dtype or `.contiguous()` of a contiguous view (both return their
+        # input itself). torch 2.11's torch.compile returns every intermediate of an
+        # autograd.Function's forward as an extra output, and autograd gives a tensor returned
+        # twice the gradient slot of the later copy: the backward then got zeros for grad_s
+        # (pytorch/pytorch#180642; fixed by pytorch/pytorch#180921, torch 2.13 has the fix).
         s = _to_time_order(s_seq, directions)  # [T, B, D * H]
-        s = s.transpose(0, 1).contiguous() if batch_first else s
+        if batch_first:  # a copy also where the transposed view is contiguous (T or B = 1)
+            s = s.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        s = s if s.dtype == x.dtype else s.to(x.dtype)
         final_shape = (directions, batch, -1) if directions > 1 else (batch, -1)
-        return (s.to(x.dtype), *(seq[-1].reshape(final_shape).to(x.dtype, copy=True)
-                                  for seq in (v_seq, i_seq, s_seq)))
+        return (s, *(seq[-1].reshape(final_shape).to(x.dtype, copy=True)
+                     for seq in (v_seq, i_seq, s_seq)))
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -34,11 +34,15 @@ def emulation(tmp_path_factory):
     """The extension of tests/cuda_emulation.cpp (built once per test run, about 30 s)."""
     from torch.utils import cpp_extension
 
+    from neurokern._toolchain import shared_libstdcxx_link_args
+
     build = tmp_path_factory.mktemp("cuda_emulation")
     return cpp_extension.load(
         "neurokern_cuda_emulation", [os.path.join(ROOT, "tests", "cuda_emulation.cpp")],
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O1", "-std=c++20"],  # std::barrier; older torch builds pass c++17
+        # torch's shared libstdc++ also where CXX would link a static copy, as setup.py does
+        extra_ldflags=shared_libstdcxx_link_args(cpp_extension.get_cxx_compiler()),
         build_directory=str(build))
 
 
