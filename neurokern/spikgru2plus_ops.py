@@ -372,7 +372,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         # input itself). torch 2.11's torch.compile returns every intermediate of an
         # autograd.Function's forward as an extra output, and autograd gives a tensor returned
         # twice the gradient slot of the later copy: the backward then got zeros for grad_s
-        # (pytorch/pytorch#180642; fixed by pytorch/pytorch#180921, torch 2.13 has the fix).
+        # (pytorch/pytorch#180642; torch 2.13 gives the right gradients either way).
         s = _to_time_order(s_seq, directions)  # [T, B, D * H]
         if batch_first:  # a copy also where the transposed view is contiguous (T or B = 1)
             s = s.transpose(0, 1).clone(memory_format=torch.contiguous_format)
