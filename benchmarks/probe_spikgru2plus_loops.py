@@ -98,3 +98,14 @@ for weight_dtype in (torch.float32, torch.bfloat16):
         t_mm = bench(per_direction) * 1e3
         print(f"  {name} U {str(weight_dtype)[6:]:<8} bmm {t_bmm:.1f} mm x2 {t_mm:.1f}",
               flush=True)
+
+# The backward's products over all steps outside the loop, two directions, T = 90: the
+# recomputed gh = S_prev U^T (what saving gh in the forward would save) and dU = dgh^T S_prev.
+print("two directions' products over all steps (T = 90), ms")
+for weight_dtype in (torch.float32, torch.bfloat16):
+    weight = torch.randn(2, 3 * H, H, device=dev).to(weight_dtype)
+    s_prev = torch.randn(2, 90 * B, H, device=dev).sign().to(weight_dtype)
+    dgh = torch.randn(2, 90 * B, 3 * H, device=dev).to(weight_dtype)
+    t_gh = bench(lambda: torch.matmul(s_prev, weight.transpose(1, 2)))
+    t_du = bench(lambda: torch.matmul(dgh.transpose(1, 2), s_prev))
+    print(f"  U {str(weight_dtype)[6:]:<8} gh {t_gh:.3f} dU {t_du:.3f}", flush=True)
