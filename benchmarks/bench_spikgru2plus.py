@@ -12,7 +12,6 @@ neurokern's Triton backend keeps its state and gate arithmetic in float32).
 """
 
 import argparse
-import os
 
 import torch
 from torch.nn import functional as torch_F
@@ -94,20 +93,7 @@ def main(argv=None):
                         help="time the Python loops in forward+backward only")
     parser.add_argument("--quick", action="store_true",
                         help="GPU: the headline layer and the 3-layer stack only")
-    parser.add_argument("--fused-products", action="store_true",
-                        help="only neurokern triton, with each step's product inside the step "
-                             "kernel (NEUROKERN_FUSED_PRODUCTS=1)")
-    args = parser.parse_args(argv)
-    previous = os.environ.get("NEUROKERN_FUSED_PRODUCTS")
-    if args.fused_products:
-        os.environ["NEUROKERN_FUSED_PRODUCTS"] = "1"
-    try:
-        run(args)
-    finally:  # leave the environment as it was (benchmarks/main.py runs more after this)
-        if previous is None:
-            os.environ.pop("NEUROKERN_FUSED_PRODUCTS", None)
-        else:
-            os.environ["NEUROKERN_FUSED_PRODUCTS"] = previous
+    run(parser.parse_args(argv))
 
 
 def run(args):
@@ -135,10 +121,6 @@ def run(args):
                 providers, leaves = stack_providers(device, inputs, hidden, layers)
             x = torch.randn(steps, batch, inputs, device=device, requires_grad=True)
             for name, fn in providers.items():
-                if args.fused_products:
-                    if not name.startswith("neurokern triton"):
-                        continue
-                    name += " (fused products)"
                 slow = "loop" in name or "reference" in name
                 modes = ("fwd+bwd",) if slow and args.skip_slow else (
                     "forward", "backward", "fwd+bwd")

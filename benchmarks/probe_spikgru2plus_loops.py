@@ -3,7 +3,7 @@ step: the CUDA persistent loops (backend "cuda", one cooperative launch per op) 
 loops (per step a cuBLAS product and a kernel, replayed from a CUDA graph), at B = 32, H = 1024,
 one and two directions, float32 weights and bf16 weights (autocast's products). The time per
 step over T = 90 minus T = 10 separates the per-step cost (products, barrier) from the fixed
-cost of a call (launch, the backward's gh and dU products). One line per case, then one line
+cost of a call (launch, the backward's dU product). One line per case, then one line
 comparing the two backends' results at T = 90 (fraction of spikes that differ, and the relative
 error of the backward's dgi and dU, both backward calls given the Triton forward's saved state).
 
@@ -52,21 +52,21 @@ for directions in (1, 2):
             for steps, (gi, grad) in inputs.items():
                 args = (gi, weight, bias, alpha, None, None, None, 1.0, 10.0, True, True, True)
                 try:
-                    s, v, i = fwd(*args)
+                    saved = fwd(*args)  # s, v, i, gh
                 except RuntimeError as exc:  # e.g. the persistent split does not fit
                     print(f"D={directions} U {str(weight_dtype)[6:]:<8} {backend:<6} "
                           f"failed: {exc}")
                     break
                 times[steps] = (
                     bench(lambda: fwd(*args)),
-                    bench(lambda: bwd(grad, None, None, None, gi, weight, bias, alpha, s, v, i,
+                    bench(lambda: bwd(grad, None, None, None, gi, weight, bias, alpha, *saved,
                                       None, None, None, 1.0, 10.0, True, True)))
             if len(times) == 2:
                 per_step = [(times[90][k] - times[10][k]) / 80 * 1e3 for k in (0, 1)]
                 print(f"D={directions} U {str(weight_dtype)[6:]:<8} {backend:<6} "
                       f"T=90 fwd {times[90][0]:.3f} bwd {times[90][1]:.3f} ms; "
                       f"per step fwd {per_step[0]:.1f} bwd {per_step[1]:.1f} us", flush=True)
-                results[backend] = (s, v, i), bwd
+                results[backend] = saved, bwd
         if len(results) == 2:
             gi, grad = inputs[90]
             saved = results["triton"][0]
@@ -99,13 +99,11 @@ for weight_dtype in (torch.float32, torch.bfloat16):
         print(f"  {name} U {str(weight_dtype)[6:]:<8} bmm {t_bmm:.1f} mm x2 {t_mm:.1f}",
               flush=True)
 
-# The backward's products over all steps outside the loop, two directions, T = 90: the
-# recomputed gh = S_prev U^T (what saving gh in the forward would save) and dU = dgh^T S_prev.
+# The backward's product over all steps after the loop, two directions, T = 90:
+# dU = dgh^T S_prev (the forward's gh is saved, so gh = S_prev U^T is no longer recomputed).
 print("two directions' products over all steps (T = 90), ms")
 for weight_dtype in (torch.float32, torch.bfloat16):
-    weight = torch.randn(2, 3 * H, H, device=dev).to(weight_dtype)
     s_prev = torch.randn(2, 90 * B, H, device=dev).sign().to(weight_dtype)
     dgh = torch.randn(2, 90 * B, 3 * H, device=dev).to(weight_dtype)
-    t_gh = bench(lambda: torch.matmul(s_prev, weight.transpose(1, 2)))
     t_du = bench(lambda: torch.matmul(dgh.transpose(1, 2), s_prev))
-    print(f"  U {str(weight_dtype)[6:]:<8} gh {t_gh:.3f} dU {t_du:.3f}", flush=True)
+    print(f"  U {str(weight_dtype)[6:]:<8} dU {t_du:.3f}", flush=True)

@@ -33,19 +33,21 @@ TORCH_LIBRARY(neurokern, m) {
   // The recurrent loop of one SpikGRU2+ layer direction (SPEC.md 3) from the input projection
   // gi = x W^T + b_ih ([T, B, 3H], time-major, contiguous), which the caller computes in one
   // product for all steps. Returns s_seq, v_seq, i_seq ([T, B, H]; s in gi's dtype, v and i in
-  // the compute dtype): everything the backward needs besides gi and the weights.
+  // the compute dtype) and gh_seq ([T, B, 3H], s_{t-1} U^T of every step without b_hh, in
+  // weight_hh's dtype): everything the backward needs besides gi and the weights.
   m.def(
       "spikgru2plus_fwd(Tensor gi, Tensor weight_hh, Tensor? bias_hh, Tensor alpha, "
       "Tensor? v0, Tensor? i0, Tensor? s0, float v_th, float gamma, bool signed, "
-      "bool reset_gate, bool spiking) -> (Tensor s_seq, Tensor v_seq, Tensor i_seq)");
-  // Backward of spikgru2plus_fwd. Gradients of the final state may be None (zero). Returns
-  // dgi ([T, B, 3H]; the caller turns it into dx, dW, db_ih with products over all steps),
-  // dweight_hh, dbias_hh ([3H], zeros if bias_hh is None), dalpha, dv0, di0, ds0.
+      "bool reset_gate, bool spiking) -> (Tensor s_seq, Tensor v_seq, Tensor i_seq, "
+      "Tensor gh_seq)");
+  // Backward of spikgru2plus_fwd, from its outputs. Gradients of the final state may be None
+  // (zero). Returns dgi ([T, B, 3H]; the caller turns it into dx, dW, db_ih with products over
+  // all steps), dweight_hh, dbias_hh ([3H], zeros if bias_hh is None), dalpha, dv0, di0, ds0.
   m.def(
       "spikgru2plus_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_i_last, "
       "Tensor? grad_s_last, Tensor gi, Tensor weight_hh, Tensor? bias_hh, Tensor alpha, "
-      "Tensor s_seq, Tensor v_seq, Tensor i_seq, Tensor? v0, Tensor? i0, Tensor? s0, "
-      "float v_th, float gamma, bool signed, bool reset_gate) -> (Tensor dgi, "
+      "Tensor s_seq, Tensor v_seq, Tensor i_seq, Tensor gh_seq, Tensor? v0, Tensor? i0, "
+      "Tensor? s0, float v_th, float gamma, bool signed, bool reset_gate) -> (Tensor dgi, "
       "Tensor dweight_hh, Tensor dbias_hh, Tensor dalpha, Tensor dv0, Tensor di0, Tensor ds0)");
 }
 

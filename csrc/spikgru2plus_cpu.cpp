@@ -3,19 +3,19 @@
 // backward, dx = dgi W, dW = dgi^T x, db_ih = sum dgi are single products over all steps, done by
 // the caller (neurokern/spikgru2plus_ops.py).
 //
-// Forward, per step t: one recurrent product gh = s_{t-1} U^T ([B, H] x [H, 3H]), then one
-// parallel elementwise pass over the B * H neurons computing r, z, i, v, s and writing s_seq,
-// v_seq, i_seq (the membranes and currents are what the backward needs besides gi and s).
+// Forward, per step t: one recurrent product gh_t = s_{t-1} U^T ([B, H] x [H, 3H], written to
+// gh_seq), then one parallel elementwise pass over the B * H neurons computing r, z, i, v, s and
+// writing s_seq, v_seq, i_seq (the membranes, currents and gh are what the backward needs
+// besides gi and s).
 //
-// Backward: the previous spikes S_prev = [s_0, s_1 .. s_{T-1}] are all known, so gh of every
-// step is recomputed with one product; then the reverse loop runs, per step, one elementwise pass
-// (gate and state gradients, written as dgi and, over the recomputed gh, as dgh) and one product
-// ds_{t-1} += dgh_t U; after the loop dU = dgh^T S_prev is one product, db_hh and dalpha are sums.
-// Its scratch: gh of every step ([T, B, 3H], overwritten by dL/dgh) and S_prev ([T, B, H]).
+// Backward: the reverse loop runs, per step, one elementwise pass (gate and state gradients from
+// gi and the forward's gh_t, written as dgi and dgh) and one product ds_{t-1} += dgh_t U; after
+// the loop dU = dgh^T S_prev is one product, db_hh and dalpha are sums. Its scratch: dL/dgh of
+// every step ([T, B, 3H]) and S_prev = [s_0, s_1 .. s_{T-1}] ([T, B, H]).
 //
 // Ternary spikes: in spiking mode s_{t-1} holds -1, 0 or +1 and mostly 0, so s U^T is a signed
 // sum of the rows of U^T that the spikes select: additions only, exact products. The products
-// with a spike factor (s U^T forward; S_prev U^T and S_prev^T dgh backward) take that route when
+// with a spike factor (s U^T forward, S_prev^T dgh backward) take that route when
 // at most kSparseMaxDensity of the factor is nonzero (any real values are handled, e.g. an
 // initial state s0), and at::mm otherwise (smooth mode, dense spiking). The sums are tiled by
 // columns, each tile's partial sums held in registers, and each thread owns the same band of
@@ -513,9 +513,10 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
                 const at::Tensor& i0,     // [B, H]
                 const at::Tensor& s0,     // [B, H]
                 bool has_s0, double v_th, double gamma,
-                at::Tensor& s_seq,    // [T, B, H]
-                at::Tensor& v_seq,    // [T, B, H]
-                at::Tensor& i_seq) {  // [T, B, H]
+                at::Tensor& s_seq,     // [T, B, H]
+                at::Tensor& v_seq,     // [T, B, H]
+                at::Tensor& i_seq,     // [T, B, H]
+                at::Tensor& gh_seq) {  // [T, B, 3H] s_{t-1} U^T of every step
   using Act = LaneActivation<T, SIGNED, SPIKING>;
   const int64_t steps = gi.size(0), B = gi.size(1), H = U.size(1);
   const Act act(v_th, gamma);
@@ -523,17 +524,16 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
   const at::Tensor Ut = U.t();  // [H, 3H] view
   // [H, 3H] contiguous, for the spike sums of every step
   const at::Tensor Ut_rows = SPIKING ? Ut.contiguous() : at::Tensor();
-  at::Tensor gh = at::empty({B, 3 * H}, gi.options());        // [B, 3H] s_{t-1} U^T
   SpikeLists lists;
 
   FwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();
   p.alpha = alpha.const_data_ptr<T>();
-  p.gh = gh.const_data_ptr<T>();
   p.H = H;
   p.v_th = static_cast<T>(v_th);
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor s_prev = t == 0 ? s0 : s_seq.select(0, t - 1);  // [B, H]
+    at::Tensor gh = gh_seq.select(0, t);                                // [B, 3H]
     if (t == 0 && !has_s0) {
       gh.zero_();
     } else if (SPIKING) {
@@ -542,6 +542,7 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
       at::mm_out(gh, s_prev, Ut);
     }
     p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
+    p.gh = gh.const_data_ptr<T>();
     p.v_prev = t == 0 ? v0.const_data_ptr<T>() : v_seq.const_data_ptr<T>() + (t - 1) * B * H;
     p.i_prev = t == 0 ? i0.const_data_ptr<T>() : i_seq.const_data_ptr<T>() + (t - 1) * B * H;
     p.s_prev = s_prev.const_data_ptr<T>();
@@ -568,7 +569,8 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
 template <typename T>
 struct BwdStep {
   const T* gi;      // [B, 3H]
-  T* gh;            // [B, 3H] recomputed s_{t-1} U^T (without b_hh); dL/dgh on return
+  const T* gh;      // [B, 3H] the forward's s_{t-1} U^T (without b_hh)
+  T* dgh;           // [B, 3H] out: dL/dgh
   const T* b_hh;    // [3H]
   const T* alpha;   // [H]
   const T* v;       // [B, H] v_t
@@ -599,7 +601,8 @@ NEUROKERN_INLINE void bwd_lanes(const BwdStep<T>& p, const Sur& sur, int64_t b, 
   const int64_t H = p.H;
   const int64_t o = b * H + h;
   const T* gi = p.gi + b * 3 * H + h;
-  T* gh = p.gh + b * 3 * H + h;
+  const T* gh = p.gh + b * 3 * H + h;
+  T* dgh = p.dgh + b * 3 * H + h;
   T* dgi = p.dgi + b * 3 * H + h;
   const T* bias = p.b_hh + h;
   auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
@@ -619,9 +622,9 @@ NEUROKERN_INLINE void bwd_lanes(const BwdStep<T>& p, const Sur& sur, int64_t b, 
   st(dgi, dar);
   st(dgi + H, daz);
   st(dgi + 2 * H, di);
-  st(gh, dar);
-  st(gh + H, daz);
-  st(gh + 2 * H, di * r);
+  st(dgh, dar);
+  st(dgh + H, daz);
+  st(dgh + 2 * H, di * r);
   st(p.dalpha + o, ld(p.dalpha + o) + di * ld(p.i_prev + o));
   st(p.dv_carry + o, z * dv);
   st(p.di_carry + o, ld(p.alpha + h) * di);
@@ -655,6 +658,7 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
                 const at::Tensor& alpha,   // [H]
                 const at::Tensor& s_seq,   // [T, B, H] contiguous
                 const at::Tensor& v_seq, const at::Tensor& i_seq,
+                const at::Tensor& gh_seq,  // [T, B, 3H] contiguous, the forward's s_{t-1} U^T
                 const at::Tensor& v0, const at::Tensor& i0, const at::Tensor& s0,  // [B, H]
                 double v_th, double gamma,
                 at::Tensor& dgi,        // [T, B, 3H]
@@ -662,20 +666,16 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
                 at::Tensor& di_carry,   // [B, H] grad_i_last on entry, di0 on return
                 at::Tensor& ds_carry,   // [B, H] grad_s_last on entry, ds0 on return
                 at::Tensor& dalpha_bh,  // [B, H] zeros on entry, sum_t di_t i_{t-1} on return
-                at::Tensor& gh_all,     // [T, B, 3H] scratch; dL/dgh of every step on return
+                at::Tensor& dgh,        // [T, B, 3H] dL/dgh of every step on return
                 at::Tensor& s_prev) {   // [T, B, H] scratch; S_prev on return
   using Sur = LaneSurrogate<T, SIGNED>;
   const int64_t steps = gi.size(0), B = gi.size(1), H = U.size(1);
   const Sur sur(v_th, gamma);
   const bool avx2 = use_avx2();
-  const at::Tensor Ut = U.t();  // [H, 3H] view
 
-  // S_prev = [s_0, s_1 .. s_{T-1}], and gh of every step in one product.
+  // S_prev = [s_0, s_1 .. s_{T-1}], the right factor of dU after the loop
   s_prev.select(0, 0).copy_(s0);
   if (steps > 1) s_prev.narrow(0, 1, steps - 1).copy_(s_seq.narrow(0, 0, steps - 1));
-  at::Tensor gh_2d = gh_all.view({steps * B, 3 * H});
-  SpikeLists lists;
-  product_with_spikes<T>(s_prev.view({steps * B, H}), Ut, gh_2d, lists);
 
   BwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();
@@ -689,7 +689,8 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
   p.neg_v_th = -static_cast<T>(v_th);
   for (int64_t t = steps - 1; t >= 0; --t) {
     p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
-    p.gh = gh_all.mutable_data_ptr<T>() + t * B * 3 * H;
+    p.gh = gh_seq.const_data_ptr<T>() + t * B * 3 * H;
+    p.dgh = dgh.mutable_data_ptr<T>() + t * B * 3 * H;
     p.v = v_seq.const_data_ptr<T>() + t * B * H;
     p.i = i_seq.const_data_ptr<T>() + t * B * H;
     p.v_prev = t == 0 ? v0.const_data_ptr<T>() : p.v - B * H;
@@ -705,7 +706,7 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
 #endif
       bwd_range_default<T, Sur, RESET>(p, sur, n0, n1);
     });
-    ds_carry.addmm_(gh_all.select(0, t), U);  // += dgh_t U: [B, 3H] x [3H, H]
+    ds_carry.addmm_(dgh.select(0, t), U);  // += dgh_t U: [B, 3H] x [3H, H]
   }
 }
 
@@ -791,7 +792,7 @@ void dispatch_bools3(bool a, bool b, bool c, Fn&& fn) {
   a ? with_b(std::true_type{}) : with_b(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
     const at::Tensor& gi_in, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0_in, double v_th,
@@ -811,17 +812,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
   at::Tensor s_seq = at::empty({steps, B, H}, gi.options());
   at::Tensor v_seq = at::empty({steps, B, H}, gi.options());
   at::Tensor i_seq = at::empty({steps, B, H}, gi.options());
-  if (steps == 0 || B * H == 0) return {s_seq, v_seq, i_seq};
+  at::Tensor gh_seq = at::empty({steps, B, 3 * H}, gi.options());
+  if (steps == 0 || B * H == 0) return {s_seq, v_seq, i_seq, gh_seq};
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_fwd_cpu", [&] {
     dispatch_bools3(is_signed, spiking, reset_gate, [&](auto signed_c, auto spiking_c,
                                                        auto reset_c) {
       fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value,
                  decltype(reset_c)::value>(gi, weight_hh, bias, alpha, v0, i0, s0, has_s0, v_th,
-                                           gamma, s_seq, v_seq, i_seq);
+                                           gamma, s_seq, v_seq, i_seq, gh_seq);
     });
   });
-  return {s_seq, v_seq, i_seq};
+  return {s_seq, v_seq, i_seq, gh_seq};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -831,7 +833,7 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
                      const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
                      const at::Tensor& alpha_in, const at::Tensor& s_seq_in,
                      const at::Tensor& v_seq_in, const at::Tensor& i_seq_in,
-                     const std::optional<at::Tensor>& v0_in,
+                     const at::Tensor& gh_seq_in, const std::optional<at::Tensor>& v0_in,
                      const std::optional<at::Tensor>& i0_in,
                      const std::optional<at::Tensor>& s0_in, double v_th, double gamma,
                      bool is_signed, bool reset_gate) {
@@ -855,6 +857,9 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
   const at::Tensor s_seq = s_seq_in.contiguous();
   const at::Tensor v_seq = v_seq_in.contiguous();
   const at::Tensor i_seq = i_seq_in.contiguous();
+  check_cpu(gh_seq_in, op, "gh_seq", dtype);
+  check_shape(gh_seq_in, op, "gh_seq", {steps, B, 3 * H}, "[T, B, 3H]");
+  const at::Tensor gh_seq = gh_seq_in.contiguous();
   const at::Tensor v0 = checked_state(v0_in, op, "v0", B, H, gi.options(), false);
   const at::Tensor i0 = checked_state(i0_in, op, "i0", B, H, gi.options(), false);
   const at::Tensor s0 = checked_state(s0_in, op, "s0", B, H, gi.options(), false);
@@ -871,8 +876,8 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
     AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_bwd_cpu", [&] {
       neurokern::dispatch_bools(is_signed, reset_gate, [&](auto signed_c, auto reset_c) {
         bwd_kernel<scalar_t, decltype(signed_c)::value, decltype(reset_c)::value>(
-            grad_s, gi, weight_hh, bias, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma,
-            dgi, dv0, di0, ds0, dalpha_bh, dgh, s_prev);
+            grad_s, gi, weight_hh, bias, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th,
+            gamma, dgi, dv0, di0, ds0, dalpha_bh, dgh, s_prev);
       });
     });
   }

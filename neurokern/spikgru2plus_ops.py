@@ -6,15 +6,18 @@ Ops (schemas in csrc/register.cpp, CPU kernels in csrc/spikgru2plus_cpu.cpp, CUD
 persistent loops, in csrc/cuda/; the same schemas as `neurokern_triton::*` on the Triton step
 kernels of triton_kernels/spikgru2plus.py):
     spikgru2plus_fwd(gi, weight_hh, bias_hh?, alpha, v0?, i0?, s0?, v_th, gamma, signed,
-                     reset_gate, spiking) -> (s_seq, v_seq, i_seq)            each [T, B, H]
+                     reset_gate, spiking) -> (s_seq, v_seq, i_seq, gh_seq)
+        s, v, i: [T, B, H]; gh_seq: [T, B, 3H], U s_{t-1} of every step (without b_hh) as the
+        loop computed it, in weight_hh's dtype: the backward reads the gates' recurrent terms
+        from it instead of recomputing them
     spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
-                     bias_hh?, alpha, s_seq, v_seq, i_seq, v0?, i0?, s0?, v_th, gamma, signed,
-                     reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
+                     bias_hh?, alpha, s_seq, v_seq, i_seq, gh_seq, v0?, i0?, s0?, v_th, gamma,
+                     signed, reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
 
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
-sum of dgi after the backward loop. On the Triton backend a step is one recurrent product
-(`torch.addmm`) and one fused kernel for all gate and state arithmetic, forward and backward,
+sum of dgi after the backward loop, dU = dgh^T S_prev likewise inside the backward op. On the
+Triton backend a step is one recurrent product (cuBLAS) and one fused kernel for all gate and state arithmetic, forward and backward,
 and on a GPU each op's whole loop is captured once per shape in a CUDA graph and replayed
 (`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs it launch by launch). On the CUDA
 backend each op is one persistent kernel for the whole loop (csrc/cuda/, docs/kernels.md).
@@ -35,21 +38,21 @@ rows `[D * B]`, direction-major, each direction in its own processing order
 (`SpikGRU2PlusFunction` flips the reverse direction's time before and after); on Triton one
 batched product per step.
 
-Saved for backward, per step and batch row, in the compute dtype: gi (3H values), s, v and i
-(H each), i.e. 6H values, plus x (time-major, in the products' dtype; a copy for batch_first
-input). The gates are recomputed in the backward from gi and one product S_prev U^T over all
-steps.
+Saved for backward, per step and batch row: gi (3H values), s, v and i (H each) in the compute
+dtype and gh = U s_{t-1} (3H, in the products' dtype), i.e. 9H values, plus x (time-major, in
+the products' dtype; a copy for batch_first input). The gates are recomputed in the backward
+from gi and gh. Keeping gh costs 3H values per step and row (35 MB per direction of the
+paper's layer in float32) and saves the backward a product S_prev U^T over all steps, which
+measured 0.92 ms per bidirectional float32 layer on an H100 (docs/kernels.md).
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from neurokern import _extension, reference
 from neurokern._kernels import (
-    eager_or_op, graphed, interpreted, register_fakes, scalar_params, triton_available,
-    triton_op,
+    eager_or_op, graphed, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
@@ -71,11 +74,12 @@ def _fwd_fake(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, re
               spiking):
     steps, batch, gates = gi.shape
     shape = (steps, batch, gates // 3)
-    return gi.new_empty(shape), gi.new_empty(shape), gi.new_empty(shape)
+    return (gi.new_empty(shape), gi.new_empty(shape), gi.new_empty(shape),
+            gi.new_empty(gi.shape, dtype=weight_hh.dtype))
 
 
 def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
-              s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
+              s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
     steps, rows, gates = gi.shape  # rows = D * B
     hidden = gates // 3
     return (gi.new_empty((steps, rows, gates)), gi.new_empty(weight_hh.shape),
@@ -96,23 +100,11 @@ if triton_available():
     import triton
 
     from neurokern.triton_kernels.spikgru2plus import (
-        spikgru2plus_step_bwd_fused_kernel,
         spikgru2plus_step_bwd_kernel,
-        spikgru2plus_step_fwd_fused_kernel,
         spikgru2plus_step_fwd_kernel,
     )
 
     _BLOCK = 128  # hidden units per program; the grid is (H / BLOCK, D * B)
-    # fused kernels: [BLOCK_B, 16] tiles of (batch rows, hidden units), K in chunks of 64
-    _FUSED = dict(BLOCK_H=16, BLOCK_K=64)
-
-    def _fused_tiles(batch, hidden, directions, weight):
-        """`(grid, constexprs)` of the fused step kernels (tl.dot needs tiles of >= 16 rows)."""
-        block_b = min(64, max(16, triton.next_power_of_2(batch)))
-        grid = (triton.cdiv(hidden, _FUSED["BLOCK_H"]), triton.cdiv(batch, block_b), directions)
-        half = weight.dtype != torch.float32
-        return grid, dict(IEEE=not half, UPCAST=half and interpreted(), BLOCK_B=block_b,
-                          **_FUSED)
 
     def _directions(weight_hh):
         """D: 1 for a [3H, H] weight_hh, its leading size for a stacked [D, 3H, H] one."""
@@ -134,41 +126,25 @@ if triton_available():
             return out
         return torch.bmm(a, weight, out=out)
 
-    def _recurrent(s_prev, weight_hh, bias_hh, dtype):
-        """gh = U s + b_hh for all steps at once ([T, D * B, 3H]), the product in weight_hh's
-        dtype, the sum in `dtype`."""
-        steps, rows, hidden = s_prev.shape
-        directions = _directions(weight_hh)
-        s_dirs = s_prev.to(weight_hh.dtype).view(steps, directions, rows // directions, hidden)
-        # [D, T * B, H] @ [D, H, 3H] -> [T, D, B, 3H]
-        gh = torch.matmul(s_dirs.transpose(0, 1).reshape(directions, -1, hidden),
-                          weight_hh.view(directions, -1, hidden).transpose(1, 2))
-        gh = gh.view(directions, steps, rows // directions, -1).transpose(0, 1).to(dtype)
-        if bias_hh is not None:
-            gh = gh + bias_hh.view(directions, 1, -1)
-        # contiguous: the kernel reads rows of 3H (with B = 1 the reshape alone would be a
-        # view with the directions' rows T * 3H apart)
-        return gh.reshape(steps, rows, -1).contiguous()
-
     @triton_op("neurokern_triton::spikgru2plus_fwd")
     def triton_spikgru2plus_fwd(
         gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
         alpha: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
         spiking: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused = fused_products(gi.dtype)
-        return graphed("spikgru2plus_fwd_fused" if fused else "spikgru2plus_fwd", _fwd_loop,
-                       gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
-                       reset_gate, spiking, fused)
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return graphed("spikgru2plus_fwd", _fwd_loop, gi, weight_hh, bias_hh, alpha, v0, i0, s0,
+                       v_th, gamma, signed, reset_gate, spiking)
 
     def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
-                  spiking, fused):
+                  spiking):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
         s_seq = gi.new_empty((steps, rows, hidden))  # [T, D * B, H]
         v_seq, i_seq = torch.empty_like(s_seq), torch.empty_like(s_seq)
+        # U s_{t-1} of every step, kept for the backward; the kernel adds b_hh
+        gh_seq = gi.new_empty((steps, rows, gates), dtype=weight_hh.dtype)
         zeros = gi.new_zeros((rows, hidden))
         v, i, s = (zeros if t is None else t.contiguous() for t in (v0, i0, s0))
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
@@ -176,38 +152,21 @@ if triton_available():
         # The products run in weight_hh's dtype; with a lower one than gi's (mixed), the kernel
         # also writes each s_t in it (s_mm) for the next product.
         mixed = weight_hh.dtype != gi.dtype
-        flags = dict(RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
-                     SPIKING=spiking, STORE_S_MM=mixed)
-        if fused:  # each step's kernel computes its product U s_{t-1} itself: one launch
-            weight = weight_hh.contiguous()
-            grid, tiles = _fused_tiles(rows // directions, hidden, directions, weight)
-            # mixed: two buffers of s in the products' dtype (a step reads all of one while
-            # its programs write the other)
-            s_mm = [s.to(weight.dtype, copy=True), torch.empty_like(s, dtype=weight.dtype)] \
-                if mixed else None
-            bias = gi if bias_hh is None else bias_hh.contiguous()
-            for t in range(steps):
-                spikgru2plus_step_fwd_fused_kernel[grid](
-                    gi[t], weight, s_mm[t % 2] if mixed else s, bias, alpha, v, i, s, params,
-                    s_seq[t], v_seq[t], i_seq[t], s_mm[(t + 1) % 2] if mixed else s_seq[t],
-                    hidden, rows // directions, gi.stride(1), **flags, **tiles)
-                v, i, s = v_seq[t], i_seq[t], s_seq[t]
-            return s_seq, v_seq, i_seq
         grid = (triton.cdiv(hidden, _BLOCK), rows)
-        gh = gi.new_empty((rows, gates), dtype=weight_hh.dtype)  # U s_{t-1}; kernel adds b_hh
         s_mm = s.to(weight_hh.dtype, copy=True) if mixed else s
         weight_t = weight_hh.transpose(-1, -2)  # [D, H, 3H] (or [H, 3H])
-        bias = gh if bias_hh is None else bias_hh.contiguous()
+        bias = gi if bias_hh is None else bias_hh.contiguous()
         for t in range(steps):
-            _product(s_mm, weight_t, gh, directions)
+            _product(s_mm, weight_t, gh_seq[t], directions)
             spikgru2plus_step_fwd_kernel[grid](
-                gi[t], gh, bias, alpha, v, i, s, params,
+                gi[t], gh_seq[t], bias, alpha, v, i, s, params,
                 s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, rows // directions, gi.stride(1),
-                **flags, BLOCK=_BLOCK)
+                RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
+                SPIKING=spiking, STORE_S_MM=mixed, BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
             if not mixed:
                 s_mm = s
-        return s_seq, v_seq, i_seq
+        return s_seq, v_seq, i_seq, gh_seq
 
     @triton_op("neurokern_triton::spikgru2plus_bwd")
     def triton_spikgru2plus_bwd(
@@ -215,18 +174,16 @@ if triton_available():
         grad_i_last: Optional[torch.Tensor], grad_s_last: Optional[torch.Tensor],
         gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
         alpha: torch.Tensor, s_seq: torch.Tensor, v_seq: torch.Tensor, i_seq: torch.Tensor,
-        v0: Optional[torch.Tensor], i0: Optional[torch.Tensor], s0: Optional[torch.Tensor],
-        v_th: float, gamma: float, signed: bool, reset_gate: bool,
+        gh_seq: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
+        s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                torch.Tensor, torch.Tensor]:
-        fused = fused_products(gi.dtype)
-        return graphed("spikgru2plus_bwd_fused" if fused else "spikgru2plus_bwd", _bwd_loop,
-                       grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh,
-                       alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate,
-                       fused)
+        return graphed("spikgru2plus_bwd", _bwd_loop, grad_s, grad_v_last, grad_i_last,
+                       grad_s_last, gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, gh_seq,
+                       v0, i0, s0, v_th, gamma, signed, reset_gate)
 
     def _bwd_loop(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
-                  s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate, fused):
+                  s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
@@ -234,15 +191,12 @@ if triton_available():
         if grad_s.stride(-1) != 1:
             grad_s = grad_s.contiguous()
         zeros = gi.new_zeros((rows, hidden))
-
-        def before(first, seq):  # [T, D * B, H]: the state entering each step
-            return torch.cat([(zeros if first is None else first).unsqueeze(0), seq[:-1]])
-
-        s_prev, v_prev, i_prev = before(s0, s_seq), before(v0, v_seq), before(i0, i_seq)
-        s_prev = s_prev.to(weight_hh.dtype)  # the products' operand
-        gh = _recurrent(s_prev, weight_hh, bias_hh, gi.dtype)  # [T, D * B, 3H], one product
+        v0, i0 = (zeros if t is None else t.contiguous() for t in (v0, i0))
+        # S_prev = [s_0, s_1 .. s_{T-1}] ([T, D * B, H]) in the products' dtype, for dU
+        s_prev = torch.cat([(zeros if s0 is None else s0).unsqueeze(0), s_seq[:-1]])
+        s_prev = s_prev.to(weight_hh.dtype)
         # dgh feeds the products, so it is kept in their dtype (weight_hh's)
-        dgi, dgh = torch.empty_like(gi), torch.empty_like(gh, dtype=weight_hh.dtype)
+        dgi, dgh = torch.empty_like(gi), torch.empty_like(gh_seq)
         dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [D * B, H]
         di_next = zeros.clone() if grad_i_last is None else grad_i_last.clone()
         # dL/ds_t = ds (output gradient and reset path, updated in place by the kernel) + ds_rec
@@ -252,28 +206,17 @@ if triton_available():
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), rows)
         alpha = alpha.contiguous()
-        if fused:  # each step's kernel computes its product path from dgh_{t+1} itself
-            weight = weight_hh.contiguous()
-            grid, tiles = _fused_tiles(batch, hidden, directions, weight)
-            for t in range(steps - 1, -1, -1):
-                grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
-                spikgru2plus_step_bwd_fused_kernel[grid](
-                    gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, weight,
-                    dgh[min(t + 1, steps - 1)], dv_next, di_next, params, dgi[t], dgh[t], ds,
-                    grad_prev, dalpha, hidden, batch, gi.stride(1), dgi.stride(1),
-                    grad_prev.stride(0), RESET_GATE=reset_gate, SIGNED=signed,
-                    HAS_DS_REC=t < steps - 1, HAS_GRAD_PREV=t > 0, **tiles)
-            _product(dgh[0], weight_hh, ds_rec, directions)  # the product path of dL/ds_0
-        else:
-            for t in range(steps - 1, -1, -1):
-                grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
-                spikgru2plus_step_bwd_kernel[grid](
-                    gi[t], gh[t], alpha, v_prev[t], i_prev[t], v_seq[t], i_seq[t], ds, ds_rec,
-                    dv_next, di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
-                    hidden, batch, gi.stride(1), dgi.stride(1), grad_prev.stride(0),
-                    RESET_GATE=reset_gate, SIGNED=signed, HAS_DS_REC=t < steps - 1,
-                    HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
-                _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
+        bias = gi if bias_hh is None else bias_hh.contiguous()
+        for t in range(steps - 1, -1, -1):
+            grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
+            spikgru2plus_step_bwd_kernel[grid](
+                gi[t], gh_seq[t], bias, alpha, v_seq[t - 1] if t > 0 else v0,
+                i_seq[t - 1] if t > 0 else i0, v_seq[t], i_seq[t], ds, ds_rec, dv_next,
+                di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha, hidden, batch,
+                gi.stride(1), dgi.stride(1), grad_prev.stride(0), RESET_GATE=reset_gate,
+                HAS_BIAS=bias_hh is not None, SIGNED=signed, HAS_DS_REC=t < steps - 1,
+                HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
+            _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
         # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
         dgh4 = dgh.view(steps, directions, batch, gates)
         dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4,
@@ -290,15 +233,6 @@ register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
-
-
-def fused_products(dtype: torch.dtype) -> bool:
-    """Whether the Triton loops compute each step's recurrent product inside the step kernel
-    (one launch per step, `tl.dot` tiles) instead of one cuBLAS product plus one kernel:
-    `NEUROKERN_FUSED_PRODUCTS=1`, read at each call, for float32 compute (bf16/fp16 products
-    under autocast included); float64 always takes the cuBLAS path. Off by default: not yet
-    measured on a GPU (docs/kernels.md)."""
-    return dtype == torch.float32 and os.environ.get("NEUROKERN_FUSED_PRODUCTS", "0") == "1"
 
 
 def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:
@@ -357,11 +291,12 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         if bias_ih is not None:  # after the product, as the reference rounds it
             gi = gi + bias_ih.to(dtype).reshape(-1)
         gi = _to_processing_order(gi.view(steps, batch, -1), directions)  # [T, D * B, 3H]
-        s_seq, v_seq, i_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c, v_th,
-                                  gamma, signed, reset_gate, spiking)  # [T, D * B, H] each
+        # [T, D * B, H] each, and gh_seq = U s_{t-1} [T, D * B, 3H]
+        s_seq, v_seq, i_seq, gh_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c,
+                                          v_th, gamma, signed, reset_gate, spiking)
 
         ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
-                              v_seq, i_seq, v0_c, i0_c, s0_c)
+                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions)
         ctx.device_type = x.device.type
@@ -390,7 +325,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
-        (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, v0, i0,
+        (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, gh_seq, v0, i0,
          s0) = ctx.saved_tensors
         v_th, gamma, signed, reset_gate, batch_first, backend, directions = ctx.args
         needs = ctx.needs_input_grad
@@ -410,8 +345,8 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
         dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
             grad_s.to(dtype), last(grad_v_last), last(grad_i_last), last(grad_s_last), gi,
-            weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, v0, i0, s0, v_th, gamma, signed,
-            reset_gate)
+            weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma,
+            signed, reset_gate)
 
         steps, batch, inputs = x_tm.shape
         dgi_2d = _to_time_order(dgi, directions).reshape(steps * batch, -1)  # [T * B, D * 3H]

@@ -2,9 +2,6 @@
 every gradient, float32 threshold flips, smooth-mode gradcheck of a 2-layer bidirectional module,
 streaming, half inputs, torch.library and torch.compile, argument checks."""
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import example, given
@@ -52,24 +49,6 @@ EXAMPLES = [
     dict(_BASE, steps=1, batch=1, hidden=5, state=None, seed=4),
     dict(_BASE, steps=6, batch=1, hidden=70, v_th=0.6, seed=5),
 ]
-
-
-# The Triton backend's two ways of running a step's recurrent product: a cuBLAS product plus
-# the step kernel ("library"), or inside the step kernel ("fused", NEUROKERN_FUSED_PRODUCTS=1).
-PRODUCTS = ["library", "fused"]
-
-
-@contextlib.contextmanager
-def products(kind):
-    previous = os.environ.get("NEUROKERN_FUSED_PRODUCTS")
-    os.environ["NEUROKERN_FUSED_PRODUCTS"] = "1" if kind == "fused" else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["NEUROKERN_FUSED_PRODUCTS"]
-        else:
-            os.environ["NEUROKERN_FUSED_PRODUCTS"] = previous
 
 
 def with_examples(test):
@@ -301,25 +280,11 @@ def test_float32_against_float64_reference(poison_empty, backend, case):
     check_float32(case, leaves, cot, backend, backend_device(backend))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values == ("triton",)])
-@given(case=gru_cases())
-@with_examples
-def test_fused_products_float32_against_float64_reference(poison_empty, backend, case):
-    """The Triton loops with each step's product inside the step kernel (tl.dot tiles of
-    batch rows x hidden units, float32 in IEEE precision): the same checks as the library
-    path."""
-    leaves, cot = make_inputs(case)
-    with products("fused"):
-        check_float32(case, leaves, cot, backend, backend_device(backend))
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values == ("triton",)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 5, 70])
-def test_fused_products_bidirectional_float32(backend, batch):
-    """Both directions in one launch with fused products, batch sizes below one tile (16
-    rows), between tiles and over one tile (64 rows): spikes and states as the float64
-    reference's (nothing near a threshold with these seeds), gradients within float32
-    accuracy; and the same as the library path up to float32 rounding."""
+def test_bidirectional_float32(backend, batch):
+    """Both directions in one launch in float32: spikes and states as the float64 reference's
+    (nothing near a threshold with these seeds), gradients within float32 accuracy."""
     dev = backend_device(backend)
     case = dict(_BASE, steps=5, batch=batch, inputs=7, hidden=37, seed=21)
     leaves, _ = make_inputs(case)
@@ -327,16 +292,11 @@ def test_fused_products_bidirectional_float32(backend, batch):
     quantize = lambda d: {n: None if t is None else t.float().double()  # noqa: E731
                           for n, t in d.items()}
     ref = run_bidirectional(case, "reference", quantize(leaves), quantize(reverse), dev)
-    runs = {}
-    for kind in PRODUCTS:
-        with products(kind):
-            f32 = {n: None if t is None else t.float() for n, t in leaves.items()}
-            r32 = {n: None if t is None else t.float() for n, t in reverse.items()}
-            runs[kind] = [t.double() for t in run_bidirectional(case, backend, f32, r32, dev)]
-    for kind, out in runs.items():
-        assert torch.equal(out[0], ref[0]), f"{kind}: spikes differ"
-        for a, b in zip(out[1:], ref[1:]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * (1 + b.abs().max()))
+    f32 = lambda d: {n: None if t is None else t.float() for n, t in d.items()}  # noqa: E731
+    out = [t.double() for t in run_bidirectional(case, backend, f32(leaves), f32(reverse), dev)]
+    assert torch.equal(out[0], ref[0]), "spikes differ"
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * (1 + b.abs().max()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -490,23 +450,20 @@ def test_half_input_is_computed_in_float32(backend, dtype):
         assert g.dtype == torch.float32 and torch.equal(g, g32)
 
 
-@pytest.mark.parametrize("backend,kind", [
-    pytest.param(*b.values, kind, marks=b.marks, id=f"{b.id}-{kind}")
-    for b in BACKENDS for kind in PRODUCTS if kind == "library" or b.values == ("triton",)])
-def test_autocast_runs_the_products_in_bf16(backend, kind):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_products_in_bf16(backend):
     """Under autocast (bf16) the Triton backend runs every matrix product in bf16 with float32
     state, as the reference does under autocast: its outputs follow the reference's under the
-    same autocast (float32 rounding apart; with fused products, whose float32 accumulators are
-    not rounded to bf16, within bf16 rounding) and differ from the float32 run; gradients
-    within bf16 accuracy of the reference's. The CUDA loops take U in bf16 and accumulate in
-    float32 (as the fused products). The C++ CPU backend computes in float32 and ignores
-    autocast: results equal to the run without it."""
+    same autocast (float32 rounding apart) and differ from the float32 run; gradients within
+    bf16 accuracy of the reference's. The CUDA loops take U in bf16 and accumulate in float32
+    (not rounded to bf16: within bf16 rounding of the reference). The C++ CPU backend computes
+    in float32 and ignores autocast: results equal to the run without it."""
     dev = backend_device(backend)
     case = dict(_BASE, steps=6, batch=4, inputs=16, hidden=40, seed=11)
     leaves, cot = make_inputs(case)
 
     def run_autocast(backend, enabled):
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled), products(kind):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled):
             return run(case, backend, torch.float32, leaves, cot, dev)
 
     out, out32 = run_autocast(backend, True), run_autocast(backend, False)
@@ -524,7 +481,7 @@ def test_autocast_runs_the_products_in_bf16(backend, kind):
         assert same == 1
     if same == 1:
         # bf16 rounding of gh (which the library path rounds as the reference), relative to |v|
-        tol = 1e-5 if kind == "library" and backend == "triton" else 2 ** -7
+        tol = 1e-5 if backend == "triton" else 2 ** -7
         for a, b in zip(out[0][1:], ref[0][1:]):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * (1 + b.abs().max()))
         for name in LEAVES:
@@ -561,7 +518,7 @@ def test_opcheck(backend):
     fwd, bwd = spikgru2plus_ops(backend)
     for args in _op_samples(dev, backend):
         torch.library.opcheck(fwd, args)
-        s_seq, v_seq, i_seq = fwd(*args)
+        s_seq, v_seq, i_seq, gh_seq = fwd(*args)
         gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate, _ = args
         grad_last = torch.randn_like(s_seq[0])
         for grads in ((torch.randn_like(s_seq), None, None, None),
@@ -569,7 +526,35 @@ def test_opcheck(backend):
                       (torch.randn_like(s_seq).transpose(0, 1).contiguous().transpose(0, 1),
                        None, grad_last, None)):
             torch.library.opcheck(bwd, (*grads, gi, weight_hh, bias_hh, alpha, s_seq, v_seq,
-                                        i_seq, v0, i0, s0, v_th, gamma, signed, reset_gate))
+                                        i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed,
+                                        reset_gate))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_returns_the_recurrent_products(backend):
+    """gh_seq, which the backward reads instead of recomputing the gates' recurrent terms, is
+    U s_{t-1} of every step (s_{-1} = s0), without b_hh, in weight_hh's dtype: one and two
+    directions, with and without an initial state, float64 and float32, and (Triton, CUDA) bf16
+    products."""
+    dev = backend_device(backend)
+    from neurokern.spikgru2plus_ops import spikgru2plus_ops
+
+    fwd = spikgru2plus_ops(backend)[0]
+    for args in _op_samples(dev, backend):
+        gi, weight_hh, _, _, _, _, s0 = args[:7]
+        s_seq, _, _, gh_seq = fwd(*args)
+        assert gh_seq.dtype == weight_hh.dtype and gh_seq.shape == gi.shape
+        weights = weight_hh.view(-1, *weight_hh.shape[-2:]).double()  # [D, 3H, H]
+        directions, batch = weights.shape[0], gi.shape[1] // weights.shape[0]
+        s_prev = torch.cat([torch.zeros_like(s_seq[:1]) if s0 is None else s0[None], s_seq[:-1]])
+        s_prev = s_prev.to(weight_hh.dtype).double().view(len(gi), directions, batch, -1)
+        expected = torch.einsum("tdbh,dgh->tdbg", s_prev, weights).reshape(gi.shape)
+        got = gh_seq.double()
+        # bf16: the products accumulate in float32 and round once to bf16
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(weight_hh.dtype, 2 ** -8)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max())
+        if s0 is None:
+            assert not gh_seq[0].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -653,8 +638,7 @@ def test_cpu_op_checks_its_arguments():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kind", PRODUCTS)
-def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch, kind):
+def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch):
     """The Triton loops replayed from a CUDA graph give bit-identical outputs and gradients to
     launch-by-launch runs, on a second call with new values (the replay reads new inputs),
     with a batch-major input of other strides, and after the graphs were dropped."""
@@ -672,7 +656,6 @@ def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch, kind):
 
     inputs = [2 * torch.randn(5, 3, 6, device="cuda", requires_grad=True) for _ in range(2)]
     inputs.append((2 * torch.randn(3, 5, 6, device="cuda")).transpose(0, 1).requires_grad_())
-    monkeypatch.setenv("NEUROKERN_FUSED_PRODUCTS", "1" if kind == "fused" else "0")
     _kernels.clear_cuda_graphs()
     graphed = [run(x) for x in inputs]
     assert len(_kernels._graphs) == 2  # one forward, one backward graph for all layers

@@ -1,12 +1,9 @@
 """SpikGRU2+ gate and state arithmetic of one time step (SPEC.md 3), forward and backward, as
-Triton kernels over the `[B, H]` hidden units, in two forms that share all their arithmetic
-(`_fwd_cell`, `_bwd_cell`):
-- step kernels (`spikgru2plus_step_{fwd,bwd}_kernel`): elementwise, one program per row and
-  block of hidden units; the recurrent products stay outside (one `mm` per step), so a step is
-  one product plus one kernel;
-- fused kernels (`spikgru2plus_step_{fwd,bwd}_fused_kernel`): each program also computes its
-  `[BLOCK_B, BLOCK_H]` tile of the step's recurrent product with `tl.dot` (U read from L2,
-  fp32 products in IEEE precision), so a step is one launch.
+Triton kernels over the `[B, H]` hidden units (`spikgru2plus_step_{fwd,bwd}_kernel`):
+elementwise, one program per row and block of hidden units; the recurrent products stay
+outside (one cuBLAS product per step), so a step is one product plus one kernel. (Kernels that
+computed each step's product inside with `tl.dot` tiles measured slower on an H100 at every
+size and dtype and were removed; docs/kernels.md.)
 
 Directions: the rows are D * B (direction-major): a bidirectional layer runs both directions in
 one launch per step, each in its own processing order, with row b of direction d = b // B
@@ -92,15 +89,17 @@ def _fwd_cell(gi_row, gh_r, gh_z, gh_i, bias_row, alpha_row, row, h, mask, H,
 
 
 @triton.jit
-def _bwd_cell(gi_row, gh_r, gh_z, gh_i, alpha_row, row, h, mask, H, ds,
+def _bwd_cell(gi_row, gh_r, gh_z, gh_i, bias_row, alpha_row, row, h, mask, H, ds,
               v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr, di_next_ptr, dgi_row, dgh_row,
               ds_prev_ptr, grad_prev_row, dalpha_ptr, v_th, gamma,
-              RESET_GATE: tl.constexpr, SIGNED: tl.constexpr, HAS_GRAD_PREV: tl.constexpr):
+              RESET_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SIGNED: tl.constexpr,
+              HAS_GRAD_PREV: tl.constexpr):
     """One backward step of the hidden units at `row` given dL/ds_t (`ds`, all paths) and gh's
-    thirds (b_hh included): writes dgi, dgh, the carries, the reset path and the leak sum."""
+    thirds (the forward's U s_{t-1}; b_hh added here as in the forward): writes dgi, dgh, the
+    carries, the reset path and the leak sum."""
     dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, gi_row, h, mask, H, RESET_GATE, False,
-                              dtype)
+    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE,
+                              HAS_BIAS, dtype)
     alpha = tl.load(alpha_row + h, mask=mask, other=0).to(dtype)
     v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
     i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
@@ -128,19 +127,6 @@ def _bwd_cell(gi_row, gh_r, gh_z, gh_i, alpha_row, row, h, mask, H, ds,
     tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
     dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
     tl.store(dalpha_ptr + row, dalpha, mask=mask)
-
-
-@triton.jit
-def _dot(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b (float32 accumulation); with IEEE (float32 operands) in full float32, not
-    TF32. UPCAST: bf16/fp16 operands converted to float32 first (exact products, the same
-    float32 accumulation), for the Triton interpreter, whose tl.dot reads bf16 tiles as raw
-    integers (Triton 3.9: a bf16 16x16 product off by 1e10)."""
-    if UPCAST:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return acc + tl.dot(a, b, input_precision="ieee")
-    return acc + tl.dot(a, b)
 
 
 @triton.jit
@@ -174,60 +160,10 @@ def spikgru2plus_step_fwd_kernel(
 
 
 @triton.jit
-def spikgru2plus_step_fwd_fused_kernel(
-    gi_ptr,  # [D * B, 3H] this step's input projection (row stride gi_stride)
-    weight_ptr,  # [D, 3H, H] U, in the products' dtype
-    s_prev_mm_ptr,  # [D * B, H] s_{t-1} in the products' dtype
-    bias_ptr, alpha_ptr, v_prev_ptr, i_prev_ptr, s_prev_ptr, params_ptr, s_ptr, v_ptr, i_ptr,
-    s_mm_ptr,  # as for spikgru2plus_step_fwd_kernel
-    H, B, gi_stride,
-    RESET_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SIGNED: tl.constexpr,
-    SPIKING: tl.constexpr,
-    STORE_S_MM: tl.constexpr,
-    IEEE: tl.constexpr,  # float32 products in full precision
-    UPCAST: tl.constexpr,  # see _dot
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # grid (H / BLOCK_H, B / BLOCK_B, D): a [BLOCK_B, BLOCK_H] tile of one direction
-    d = tl.program_id(2).to(tl.int64)
-    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rows = d * B + b  # [BLOCK_B] rows of [D * B]
-    v_th = tl.load(params_ptr)
-    gamma = tl.load(params_ptr + 1)
-    # gh thirds of the tile: s_{t-1}[rows, :] @ U[g H + h, :]^T, K = H in BLOCK_K chunks
-    u = weight_ptr + d * 3 * H * H
-    acc_r = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        s_tile = tl.load(s_prev_mm_ptr + rows[:, None] * H + k[None, :],
-                         mask=(b[:, None] < B) & (k[None, :] < H), other=0)
-        u_mask = (k[:, None] < H) & (h[None, :] < H)
-        u_tile = u + h[None, :] * H + k[:, None]  # [BLOCK_K, BLOCK_H]: U^T
-        acc_z = _dot(acc_z, s_tile, tl.load(u_tile + H * H, mask=u_mask, other=0), IEEE, UPCAST)
-        acc_i = _dot(acc_i, s_tile, tl.load(u_tile + 2 * H * H, mask=u_mask, other=0), IEEE, UPCAST)
-        if RESET_GATE:
-            acc_r = _dot(acc_r, s_tile, tl.load(u_tile, mask=u_mask, other=0), IEEE, UPCAST)
-    # the float32 accumulators as they are (the library path rounds a bf16 product to bf16)
-    dtype = v_th.dtype
-    gh_r, gh_z, gh_i = acc_r.to(dtype), acc_z.to(dtype), acc_i.to(dtype)
-    mask = (b[:, None] < B) & (h[None, :] < H)
-    _fwd_cell(gi_ptr + rows[:, None] * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H,
-              alpha_ptr + d * H, rows[:, None] * H + h[None, :], h[None, :], mask, H,
-              v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr, s_mm_ptr, v_th, gamma,
-              RESET_GATE, HAS_BIAS, SIGNED, SPIKING, STORE_S_MM)
-
-
-@triton.jit
 def spikgru2plus_step_bwd_kernel(
     gi_ptr,  # [D * B, 3H] this step's input projection (row stride gi_stride)
-    gh_ptr,  # [D * B, 3H] U s_{t-1} + b_hh, recomputed, contiguous
+    gh_ptr,  # [D * B, 3H] U s_{t-1} as the forward computed it (products' dtype), contiguous
+    bias_ptr,  # [D, 3H] b_hh, read if HAS_BIAS
     alpha_ptr,  # [D, H]
     v_prev_ptr, i_prev_ptr,  # [D * B, H] state after step t-1
     v_ptr, i_ptr,  # [D * B, H] state after step t
@@ -242,6 +178,7 @@ def spikgru2plus_step_bwd_kernel(
     dalpha_ptr,  # [D * B, H] in/out: running sum of dL/di_t * i_{t-1}
     H, B, gi_stride, dgi_stride, grad_prev_stride,
     RESET_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_DS_REC: tl.constexpr,
     HAS_GRAD_PREV: tl.constexpr,
@@ -259,57 +196,8 @@ def spikgru2plus_step_bwd_kernel(
     if HAS_DS_REC:
         ds += tl.load(ds_rec_ptr + row, mask=mask, other=0).to(dtype)
     gh_r, gh_z, gh_i = _load_gh(gh_ptr + b * 3 * H, h, mask, H, RESET_GATE, dtype)
-    _bwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, alpha_ptr + d * H, row, h, mask, H, ds,
-              v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr, di_next_ptr,
-              dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H, ds_prev_ptr,
-              grad_prev_ptr + b * grad_prev_stride, dalpha_ptr, v_th, gamma, RESET_GATE, SIGNED,
-              HAS_GRAD_PREV)
-
-
-@triton.jit
-def spikgru2plus_step_bwd_fused_kernel(
-    gi_ptr, gh_ptr, alpha_ptr, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, ds_ptr,
-    weight_ptr,  # [D, 3H, H] U, in the products' dtype
-    dgh_next_ptr,  # [D * B, 3H] dL/d(gh_{t+1}) (products' dtype), read if HAS_DS_REC
-    dv_next_ptr, di_next_ptr, params_ptr, dgi_ptr, dgh_ptr, ds_prev_ptr, grad_prev_ptr,
-    dalpha_ptr,  # as for spikgru2plus_step_bwd_kernel
-    H, B, gi_stride, dgi_stride, grad_prev_stride,
-    RESET_GATE: tl.constexpr,
-    SIGNED: tl.constexpr,
-    HAS_DS_REC: tl.constexpr,
-    HAS_GRAD_PREV: tl.constexpr,
-    IEEE: tl.constexpr,  # float32 products in full precision
-    UPCAST: tl.constexpr,  # see _dot
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # grid (H / BLOCK_H, B / BLOCK_B, D): a [BLOCK_B, BLOCK_H] tile of one direction
-    d = tl.program_id(2).to(tl.int64)
-    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rows = d * B + b  # [BLOCK_B]
-    v_th = tl.load(params_ptr)
-    gamma = tl.load(params_ptr + 1)
-    dtype = v_th.dtype
-    mask = (b[:, None] < B) & (h[None, :] < H)
-    row = rows[:, None] * H + h[None, :]
-    ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
-    if HAS_DS_REC:  # + the product path dL/d(gh_{t+1})[rows, :] @ U[:, h], K = 3H
-        u = weight_ptr + d * 3 * H * H
-        acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-        for k0 in range(0, 3 * H, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            g_tile = tl.load(dgh_next_ptr + rows[:, None] * 3 * H + k[None, :],
-                             mask=(b[:, None] < B) & (k[None, :] < 3 * H), other=0)
-            u_tile = tl.load(u + k[:, None] * H + h[None, :],
-                             mask=(k[:, None] < 3 * H) & (h[None, :] < H), other=0)
-            acc = _dot(acc, g_tile, u_tile, IEEE, UPCAST)
-        ds += acc.to(dtype)
-    gh_r, gh_z, gh_i = _load_gh(gh_ptr + rows[:, None] * 3 * H, h[None, :], mask, H, RESET_GATE,
-                                dtype)
-    _bwd_cell(gi_ptr + rows[:, None] * gi_stride, gh_r, gh_z, gh_i, alpha_ptr + d * H, row,
-              h[None, :], mask, H, ds, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr,
-              di_next_ptr, dgi_ptr + rows[:, None] * dgi_stride, dgh_ptr + rows[:, None] * 3 * H,
-              ds_prev_ptr, grad_prev_ptr + rows[:, None] * grad_prev_stride, dalpha_ptr, v_th,
-              gamma, RESET_GATE, SIGNED, HAS_GRAD_PREV)
+    _bwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H, alpha_ptr + d * H,
+              row, h, mask, H, ds, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr,
+              di_next_ptr, dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H, ds_prev_ptr,
+              grad_prev_ptr + b * grad_prev_stride, dalpha_ptr, v_th, gamma, RESET_GATE,
+              HAS_BIAS, SIGNED, HAS_GRAD_PREV)

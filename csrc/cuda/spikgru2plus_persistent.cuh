@@ -11,10 +11,12 @@
 // g * units + jj are the (r, z, i) rows g H + j0 + jj of U. Per step it computes, for every batch
 // row of its direction, chunk by chunk of `batch_chunk` rows:
 //   forward:  gh[b][c] = sum_k s_{t-1}[b][k] U[g H + j][k]      (k < H, s_{t-1} from all blocks)
-//             then the cell of its units: r, z, i_t, v_t, s_t (written for the next step);
+//             (written to gh_seq for the backward), then the cell of its units: r, z, i_t, v_t,
+//             s_t (written for the next step);
 //   backward: part[b][c] = sum_k dgh_{t+1}[b][g H + k] U[g H + k][j]   (k < H, dgh from all blocks)
 //             then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the cell
-//             backward of its units, writing dgi_t, dgh_t (for the next step) and the carries.
+//             backward of its units (gates from gi_t and the forward's gh_t), writing dgi_t,
+//             dgh_t (for the next step) and the carries.
 // Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
 // staged in shared memory k_chunk values of k at a time (the next round's values loaded into
 // registers while the block sums the current one), each thread summing one column for
@@ -23,15 +25,16 @@
 // groups ("slices") that each sum k_chunk / k_split values of k of every round, and the slices'
 // partial sums are added in shared memory at the end (k_split x more threads per block than
 // columns x row groups: more warps per SM to hide the latencies of the loads). The products of
-// the gate gradients over all steps (dU, db_hh) and the recomputed gh (U s_{t-1} + b_hh over
-// all steps) are single ATen products outside the loop, as on the other backends.
+// the gate gradients over all steps (dU, db_hh) are single ATen products after the loop, as on
+// the other backends.
 //
 // Dtypes: the state, gi and all arithmetic in T (float32 or float64); U in W, T itself or, under
 // autocast with T = float32, bfloat16/float16 (the products' dtype of the other backends): kept
 // so in shared memory (half the bytes) and converted exactly to float32 as it is used, so the
 // products accumulate bf16 weights in float32 (as the Triton fused products do). The gate
 // gradients dgh, the backward's product factor, are stored in W too (as on the Triton backend),
-// which halves the backward's staging traffic under autocast.
+// which halves the backward's staging traffic under autocast; so is gh_seq (the float32 sums
+// rounded to W: the backward's gates then see gh within W's rounding of the forward's).
 //
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
@@ -100,7 +103,7 @@ constexpr int kRowsPerThread = 8;
 // Values each thread stages per round (the round's k_chunk is capped so that they suffice): 8,
 // so that a round of one k fits the smallest block (3 threads, 3 gates x 8 rows); with 16 the
 // float32 kernels spilled within the 168 registers of 384 threads, with 8 they do not (the
-// float64 ones spill up to 12 bytes).
+// float64 ones spill up to 36 bytes).
 template <typename T>
 constexpr int kMaxStaged = 8;
 
@@ -279,6 +282,7 @@ struct FwdArgs {
   T* s_seq;  // [T, D * B, H] out
   T* v_seq;
   T* i_seq;
+  W* gh_seq;  // [T, D * B, 3H] out: U s_{t-1} without b_hh, rounded to the products' dtype
   T v_th;
 };
 
@@ -321,6 +325,10 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
         const T* gi = gi_t + row * a.gi_row;
         T gh_r = gh[bb * columns + jj], gh_z = gh[bb * columns + units + jj],
           gh_i = gh[bb * columns + 2 * units + jj];
+        W* gh_out = a.gh_seq + t * rows * 3 * hidden + row * 3 * hidden + j;
+        gh_out[0] = static_cast<W>(gh_r);
+        gh_out[hidden] = static_cast<W>(gh_z);
+        gh_out[2 * hidden] = static_cast<W>(gh_i);
         if (bias != nullptr) {
           gh_r += bias[j];
           gh_z += bias[hidden + j];
@@ -349,8 +357,9 @@ struct BwdArgs {
   int64_t grad_s_step, grad_s_row;
   const T* gi;  // [T, D * B, 3H], last dim contiguous
   int64_t gi_step, gi_row;
-  const T* gh;         // [T, D * B, 3H] contiguous: U s_{t-1} + b_hh
+  const W* gh;         // [T, D * B, 3H] contiguous: the forward's gh_seq (U s_{t-1})
   const W* weight_hh;  // [D, 3H, H] contiguous
+  const T* bias_hh;    // [D, 3H] or null
   const T* alpha;      // [D, H]
   const T* v0;         // [D * B, H] or null (zeros)
   const T* i0;
@@ -388,6 +397,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
     w[k * columns + g * units + jj] = j < hidden ? u[(g * hidden + k) * hidden + j] : W(0);
   }
   const T* alpha = a.alpha + d * hidden;
+  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
   const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
     const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
@@ -406,9 +416,16 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         }
         const int64_t step = t * rows * hidden, g_off = t * rows * gates + row * gates;
         const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
-        const T* gh = a.gh + g_off;
-        const T z = sigmoid(gi[hidden + j] + gh[hidden + j]);
-        const T r = RESET_GATE ? sigmoid(gi[j] + gh[j]) : T(1);
+        const W* gh = a.gh + g_off;
+        T gh_r = static_cast<T>(gh[j]), gh_z = static_cast<T>(gh[hidden + j]),
+          gh_i = static_cast<T>(gh[2 * hidden + j]);
+        if (bias != nullptr) {
+          gh_r += bias[j];
+          gh_z += bias[hidden + j];
+          gh_i += bias[2 * hidden + j];
+        }
+        const T z = sigmoid(gi[hidden + j] + gh_z);
+        const T r = RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1);
         const int64_t before = step - rows * hidden + n;  // the state after step t - 1
         const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
         const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
@@ -416,7 +433,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         const T dv = ds * surrogate(v) + a.dv[n];
         const T di = (T(1) - z) * dv + a.di[n];
         const T da_z = dv * (vp - i) * z * (T(1) - z);
-        const T da_r = RESET_GATE ? di * gh[2 * hidden + j] * r * (T(1) - r) : T(0);
+        const T da_r = RESET_GATE ? di * gh_i * r * (T(1) - r) : T(0);
         T* dgi = a.dgi + g_off;
         W* dgh = a.dgh + g_off;
         dgi[j] = da_r;
@@ -565,7 +582,7 @@ inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) 
 }
 
 template <auto make_launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
     const at::Tensor& gi_in, const at::Tensor& weight_hh_in,
     const std::optional<at::Tensor>& bias_hh_in, const at::Tensor& alpha_in,
     const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& i0_in,
@@ -583,7 +600,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
   const int64_t directions = weight_hh.dim() == 3 ? weight_hh.size(0) : 1;
   at::Tensor s_seq = at::empty({steps, rows, hidden}, gi.options());
   at::Tensor v_seq = at::empty_like(s_seq), i_seq = at::empty_like(s_seq);
-  if (steps == 0 || rows == 0 || hidden == 0) return {s_seq, v_seq, i_seq};
+  at::Tensor gh_seq = at::empty({steps, rows, 3 * hidden}, weight_hh.options());
+  if (steps == 0 || rows == 0 || hidden == 0) return {s_seq, v_seq, i_seq, gh_seq};
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_fwd", [&] {
     using T = scalar_t;
     dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
@@ -592,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
                          weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
                          optional_ptr<T>(v0), optional_ptr<T>(i0), optional_ptr<T>(s0),
                          s_seq.data_ptr<T>(), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
-                         static_cast<T>(v_th)};
+                         gh_seq.data_ptr<W>(), static_cast<T>(v_th)};
       dispatch_bools(signed_, spiking, [&](auto is_signed, auto is_spiking) {
         using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
         const Act act(v_th, gamma);
@@ -608,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
       });
     });
   });
-  return {s_seq, v_seq, i_seq};
+  return {s_seq, v_seq, i_seq, gh_seq};
 }
 
 template <auto make_launch>
@@ -619,7 +637,8 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
                  const std::optional<at::Tensor>& grad_s_last, const at::Tensor& gi_in,
                  const at::Tensor& weight_hh_in, const std::optional<at::Tensor>& bias_hh_in,
                  const at::Tensor& alpha_in, const at::Tensor& s_seq, const at::Tensor& v_seq_in,
-                 const at::Tensor& i_seq_in, const std::optional<at::Tensor>& v0_in,
+                 const at::Tensor& i_seq_in, const at::Tensor& gh_seq_in,
+                 const std::optional<at::Tensor>& v0_in,
                  const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0,
                  double v_th, double gamma, bool signed_, bool reset_gate) {
   constexpr const char* op = "neurokern::spikgru2plus_bwd (CUDA)";
@@ -640,9 +659,17 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
     TORCH_CHECK(t->device() == gi_in.device() && t->scalar_type() == gi_in.scalar_type(), op,
                 ": ", name, " must be on gi's device in gi's dtype");
   }
+  TORCH_CHECK(gh_seq_in.sizes() == at::IntArrayRef({steps, rows, 3 * hidden}), op,
+              ": gh_seq must be [T, D * B, 3H] = ", at::IntArrayRef({steps, rows, 3 * hidden}),
+              ", got ", gh_seq_in.sizes());
+  TORCH_CHECK(gh_seq_in.device() == gi_in.device() &&
+                  gh_seq_in.scalar_type() == weight_hh_in.scalar_type(),
+              op, ": gh_seq must be on gi's device in weight_hh's dtype");
   const at::Tensor gi = gi_in.stride(2) == 1 ? gi_in : gi_in.contiguous();
   const at::Tensor grad_s = grad_s_in.stride(2) == 1 ? grad_s_in : grad_s_in.contiguous();
   const at::Tensor weight_hh = weight_hh_in.contiguous().view({directions, 3 * hidden, hidden});
+  const at::Tensor gh_seq = gh_seq_in.contiguous();
+  const auto bias_hh = contiguous(bias_hh_in);
   const at::Tensor alpha = alpha_in.contiguous(), v_seq = v_seq_in.contiguous(),
                    i_seq = i_seq_in.contiguous();
   const auto v0 = contiguous(v0_in), i0 = contiguous(i0_in);
@@ -650,14 +677,10 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
   auto state_or_zeros = [&](const std::optional<at::Tensor>& t) {
     return t ? t->reshape({rows, hidden}).to(gi.options(), false, true) : zeros();
   };
-  // S_prev = [s_0, s_1 .. s_{T-1}]: gh of every step in one product, dU after the loop; both
-  // products in weight_hh's dtype (as on the Triton backend)
+  // S_prev = [s_0, s_1 .. s_{T-1}], the right factor of dU after the loop (in weight_hh's
+  // dtype, as on the Triton backend)
   at::Tensor s_prev = at::cat({state_or_zeros(s0).unsqueeze(0), s_seq.narrow(0, 0, steps - 1)});
   at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden}).to(weight_hh.scalar_type());
-  at::Tensor gh = at::einsum("tdbh,dgh->tdbg", {s_dirs, weight_hh})  // [T, D, B, 3H]
-                      .to(gi.scalar_type());
-  if (bias_hh_in) gh = gh + bias_hh_in->reshape({1, directions, 1, 3 * hidden});
-  gh = gh.reshape({steps, rows, 3 * hidden}).contiguous();
   at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
   at::Tensor dgh = at::empty_like(dgi, weight_hh.options());  // the products' dtype
   at::Tensor ds = grad_s[steps - 1].clone();
@@ -669,8 +692,9 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
     dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
       using W = decltype(weight_type);
       BwdArgs<T, W> args{Partition{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
-                         gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh.data_ptr<T>(),
-                         weight_hh.data_ptr<W>(), alpha.data_ptr<T>(), optional_ptr<T>(v0),
+                         gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh_seq.data_ptr<W>(),
+                         weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
+                         optional_ptr<T>(v0),
                          optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
                          ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(),
                          dgi.data_ptr<T>(), dgh.data_ptr<W>(), dalpha.data_ptr<T>(),
