@@ -12,6 +12,7 @@ neurokern's Triton backend keeps its state and gate arithmetic in float32).
 """
 
 import argparse
+import os
 
 import torch
 from torch.nn import functional as torch_F
@@ -93,7 +94,21 @@ def main(argv=None):
                         help="time the Python loops in forward+backward only")
     parser.add_argument("--quick", action="store_true",
                         help="GPU: the headline layer and the 3-layer stack only")
-    run(parser.parse_args(argv))
+    parser.add_argument("--split-products", action="store_true",
+                        help="only the 3-layer stack on neurokern's GPU backends, with the "
+                             "products of the spike inputs as split bf16 products "
+                             "(NEUROKERN_SPLIT_PRODUCTS=1)")
+    args = parser.parse_args(argv)
+    previous = os.environ.get("NEUROKERN_SPLIT_PRODUCTS")
+    if args.split_products:
+        os.environ["NEUROKERN_SPLIT_PRODUCTS"] = "1"
+    try:
+        run(args)
+    finally:  # leave the environment as it was (benchmarks/main.py runs more after this)
+        if previous is None:
+            os.environ.pop("NEUROKERN_SPLIT_PRODUCTS", None)
+        else:
+            os.environ["NEUROKERN_SPLIT_PRODUCTS"] = previous
 
 
 def run(args):
@@ -121,6 +136,11 @@ def run(args):
                 providers, leaves = stack_providers(device, inputs, hidden, layers)
             x = torch.randn(steps, batch, inputs, device=device, requires_grad=True)
             for name, fn in providers.items():
+                if args.split_products:  # the stack's fp32 neurokern rows only
+                    if kind != "stack" or dtype != torch.float32 or name not in (
+                            "neurokern triton", "neurokern cuda"):
+                        continue
+                    name += " (split products)"
                 slow = "loop" in name or "reference" in name
                 modes = ("fwd+bwd",) if slow and args.skip_slow else (
                     "forward", "backward", "fwd+bwd")

@@ -4,8 +4,8 @@
 # (CSV, plots, logs) to $OUT (default benchmarks/results). Uses the machine's own torch/triton.
 #   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests;
 #                              "quick" instead of "bench": the headline sizes only, Python loops
-#                              in forward+backward only, the SpikGRU2+ loops alone per step
-#                              (probe_spikgru2plus_loops.py);
+#                              in forward+backward only, the stack also with split products,
+#                              the SpikGRU2+ loops alone per step (probe_spikgru2plus_loops.py);
 #                              meant to fit one 10-minute device call with the tests, untimed)
 #   TEST_TIMEOUT=300           seconds for the test suite; a failing suite does not stop the
 #                              benchmarks, but the script then exits non-zero.
@@ -40,6 +40,7 @@ elif [[ $STEPS == *quick* ]]; then
         failed=0
         for args in "bench_plif.py --quick --skip-slow" \
                     "bench_spikgru2plus.py --quick --skip-slow" \
+                    "bench_spikgru2plus.py --quick --skip-slow --split-products" \
                     "probe_spikgru2plus_loops.py" "plot.py"; do
             echo "== $args"
             # shellcheck disable=SC2086

@@ -6,6 +6,8 @@ step over T = 90 minus T = 10 separates the per-step cost (products, barrier) fr
 cost of a call (launch, the backward's dU product). One line per case, then one line
 comparing the two backends' results at T = 90 (fraction of spikes that differ, and the relative
 error of the backward's dgi and dU, both backward calls given the Triton forward's saved state).
+Then: the two directions' per-step products (bmm or one mm per direction), dU over all steps,
+and the products with a spike input as float32 and as split bf16 products (time and error).
 
     python benchmarks/probe_spikgru2plus_loops.py
 """
@@ -107,3 +109,29 @@ for weight_dtype in (torch.float32, torch.bfloat16):
     dgh = torch.randn(2, 90 * B, 3 * H, device=dev).to(weight_dtype)
     t_du = bench(lambda: torch.matmul(dgh.transpose(1, 2), s_prev))
     print(f"  U {str(weight_dtype)[6:]:<8} dU {t_du:.3f}", flush=True)
+
+# The products with a spike factor (layers 2-3 of the paper's stack: x = the previous layer's
+# spikes after dropout 0.2, I = 2H = 2048, two directions' 6H = 6144 columns, T B = 2880 rows;
+# and dU of one direction, 3H x H, over the T B rows):
+# float32 cuBLAS (TF32 off) against split bf16 products (neurokern.spikgru2plus_ops.
+# split_product, NEUROKERN_SPLIT_PRODUCTS=1), time and error against float64.
+from neurokern.spikgru2plus_ops import split_product  # noqa: E402
+
+print("products with a spike factor (T B = 2880, I = 2048, 6H = 6144; dU: one direction), ms "
+      "and max error relative to the largest value")
+gen = torch.Generator(device=dev).manual_seed(0)
+spikes = 1.25 * torch.randint(-1, 2, (90 * B, 2 * H), generator=gen, device=dev).float()
+weight_t = torch.randn(2 * H, 6 * H, generator=gen, device=dev) * H ** -0.5
+dgi_t = torch.randn(6 * H, 90 * B, generator=gen, device=dev) * 1e-3
+for name, a, b, exact in (("gi = x W^T", spikes, weight_t, "a"),
+                          ("dW = dgi^T x", dgi_t, spikes, "b"),
+                          # one direction's dU over all steps, S_prev = that direction's spikes
+                          ("dU = dgh^T S", dgi_t[:3 * H], spikes[:, :H], "b")):
+    t32 = bench(lambda: torch.mm(a, b))
+    t_split = bench(lambda: split_product(a, b, exact))
+    ref = a.double() @ b.double()
+    scale = ref.abs().max()
+    e32 = ((a @ b).double() - ref).abs().max() / scale
+    e_split = (split_product(a, b, exact).double() - ref).abs().max() / scale
+    print(f"  {name:<13} fp32 {t32:.3f} ms (err {e32:.1e}), split bf16 {t_split:.3f} ms "
+          f"(err {e_split:.1e})", flush=True)

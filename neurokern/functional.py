@@ -178,6 +178,7 @@ def spikgru2plus(
     batch_first=False,
     state=None,
     spiking=True,
+    spike_input=False,
     backend="auto",
 ):
     """One SpikGRU2+ layer in one direction over a whole sequence (SPEC.md 3, paper eqs. 10-14).
@@ -194,6 +195,14 @@ def spikgru2plus(
         bias_ih, bias_hh: `[3H]` or None.
         alpha: leak of the input current, `[H]`.
         state: initial `(v_0, i_0, s_0)`, each `[B, H]`; zeros if None.
+        spike_input: x holds spikes: every value is 0 or +-c for one c that bfloat16 represents
+            exactly (spikes of a previous layer, also after dropout with p = 0.2 or 0.5, whose
+            scale 1 / (1 - p) is 1.25 or 2). With NEUROKERN_SPLIT_PRODUCTS=1, the Triton and
+            CUDA backends then compute the float32 products with x (`x W^T`, `dW = dgi^T x`) as
+            exact bf16 tensor-core products of x and a three-way bf16 split of the other factor
+            (docs/kernels.md). It is a promise: those products use x rounded to bfloat16. The
+            reference and the C++ CPU backend ignore it. `nn.SpikGRU2Plus` sets it for its
+            layers after the first in spiking mode.
 
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, H]` (or `[B, T, H]`) and the final state.
@@ -206,6 +215,7 @@ def spikgru2plus(
         "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
         v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
         batch_first=bool(batch_first), state=state, spiking=bool(spiking),
+        spike_input=bool(spike_input),
     )
 
 
@@ -221,6 +231,7 @@ def spikgru2plus_bidirectional(
     batch_first=False,
     state=None,
     spiking=True,
+    spike_input=False,
     backend="auto",
 ):
     """One bidirectional SpikGRU2+ layer (`nn.GRU`'s convention): `spikgru2plus` over x with
@@ -233,6 +244,7 @@ def spikgru2plus_bidirectional(
         params, reverse_params: `(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of each
             direction, shaped as for `spikgru2plus` (the same H for both).
         state: initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse); zeros if None.
+        spike_input: as for `spikgru2plus`.
 
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, 2H]` (or `[B, T, 2H]`) and the final states, each
@@ -254,6 +266,7 @@ def spikgru2plus_bidirectional(
         "spikgru2plus_bidirectional", backend, x, tuple(params), tuple(reverse_params),
         v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
         batch_first=bool(batch_first), state=state, spiking=bool(spiking),
+        spike_input=bool(spike_input),
     )
 
 

@@ -389,7 +389,11 @@ class RecurrentBackend(nn.Module):
         for index, layer in enumerate(self.layers):
             if index > 0 and self.dropout > 0:
                 x = torch_F.dropout(x, self.dropout, self.training)
-            out, _ = layer(x)                                     # [B, T, D*H]
+            if dense:
+                out, _ = layer(x)                                 # [B, T, D*H]
+            else:  # the layers after the first read spikes through dropout
+                out, _ = layer(x, spike_input=index > 0 and snn.spike_input_after_dropout(
+                    layer.spiking, self.dropout, self.training))
             if records is not None:
                 name = f"gru.{index}"
                 fan_out = directions * self.gates * hidden

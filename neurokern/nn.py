@@ -6,6 +6,7 @@ All modules run through `neurokern.functional`, so they use whichever backend is
 
 import math
 import numbers
+import struct
 import warnings
 
 import torch
@@ -142,6 +143,24 @@ class IF(nn.Module):
                 f"batch_first={self.batch_first}, backend={self.backend!r}")
 
 
+def spike_input_after_dropout(spiking: bool, p: float, training: bool) -> bool:
+    """Whether a layer reading the spikes of a `spiking` layer through dropout with probability
+    p (in training mode) may be told `spike_input=True`: its values, 0 or +-1 / (1 - p) in
+    float32, are exact in bfloat16 (p = 0.2: 1.25, p = 0.5: 2; p = 0.1: 1.111.. is not). Both
+    roundings of the scale torch may use (the float64 quotient rounded to float32, or a float32
+    division) must be."""
+    if not spiking:
+        return False
+    if p == 0 or not training or p >= 1:  # no dropout, or everything dropped (zeros)
+        return True
+    try:
+        one_minus = struct.unpack("<f", struct.pack("<f", 1.0 - p))[0]
+        return all(struct.unpack("<I", struct.pack("<f", scale))[0] & 0xFFFF == 0
+                   for scale in (1.0 / (1.0 - p), 1.0 / one_minus))
+    except (OverflowError, ZeroDivisionError):  # a scale beyond float32
+        return False
+
+
 class SpikGRU2Plus(nn.Module):
     """Multi-layer (bidirectional) SpikGRU2+, a drop-in replacement for `torch.nn.GRU`.
 
@@ -154,10 +173,13 @@ class SpikGRU2Plus(nn.Module):
     Variants (paper Table 5): `reset_gate=False` drops r (SpikGRU / SpikGRU+); `signed=False`
     uses binary spikes (SpikGRU / SpikGRU2).
 
-    forward(input, state=None) -> (output, state)
+    forward(input, state=None, *, spike_input=False) -> (output, state)
         input: `[T, B, I]` (`[B, T, I]` with `batch_first`), or unbatched `[T, I]`.
         state: `(v, i, s)`, each `[num_layers * directions, B, H]` (`[L * D, H]` unbatched);
             zeros if None.
+        spike_input: the input holds spikes (see `neurokern.functional.spikgru2plus`); the
+            layers after the first are given their input as spikes in spiking mode anyway
+            (when dropout between layers keeps them exact in bf16, as p = 0.2 does).
         output: spikes `[T, B, D * H]` (forward and reverse concatenated), and the final state.
 
     Load a trained `nn.GRU` with `SpikGRU2Plus.from_gru(gru)`, or
@@ -247,7 +269,7 @@ class SpikGRU2Plus(nn.Module):
             getattr(self, f"alpha_{k}"),
         )
 
-    def forward(self, input, state=None):
+    def forward(self, input, state=None, *, spike_input=False):
         if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
             shape = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be [T, B, I], [B, T, I] (batch_first) or unbatched "
@@ -281,14 +303,17 @@ class SpikGRU2Plus(nn.Module):
             first = layer * directions  # this layer's rows of the state, nn.GRU's order
             layer_state = None if state is None else tuple(
                 t[first:first + directions] if directions > 1 else t[first] for t in state)
+            # the layers after the first read spikes through dropout
+            spikes = spike_input if layer == 0 else spike_input_after_dropout(
+                self.spiking, self.dropout, self.training)
             if directions > 1:
                 x, final = F.spikgru2plus_bidirectional(
                     x, self.layer_parameters(layer, 0), self.layer_parameters(layer, 1),
-                    state=layer_state, **options)
+                    state=layer_state, spike_input=spikes, **options)
                 finals.append(final)  # each [2, B, H]
             else:
                 x, final = F.spikgru2plus(x, *self.layer_parameters(layer, 0),
-                                          state=layer_state, **options)
+                                          state=layer_state, spike_input=spikes, **options)
                 finals.append(tuple(t.unsqueeze(0) for t in final))
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = torch_F.dropout(x, self.dropout, training=True)

@@ -204,6 +204,7 @@ def spikgru2plus(
     batch_first: bool = False,
     state=None,
     spiking: bool = True,
+    spike_input: bool = False,
 ):
     """One SpikGRU2+ layer in one direction over a whole sequence (paper eqs. 10-14).
 
@@ -222,6 +223,8 @@ def spikgru2plus(
         bias_ih, bias_hh: `[3H]` or None.
         alpha: the leak of the input current `i`, `[H]`.
         state: optional initial `(v_0, i_0, s_0)`, each `[B, H]`; zeros if omitted.
+        spike_input: a hint for the fused backends (`neurokern.functional.spikgru2plus`);
+            the reference computes every product in the compute dtype and ignores it.
 
     Returns:
         `(s, (v_T, i_T, s_T))` with `s` `[T, B, H]` (or `[B, T, H]`).
@@ -274,6 +277,7 @@ def spikgru2plus_bidirectional(
     batch_first: bool = False,
     state=None,
     spiking: bool = True,
+    spike_input: bool = False,
     layer=None,
 ):
     """One bidirectional SpikGRU2+ layer, `nn.GRU`'s convention: the forward direction runs
@@ -284,6 +288,7 @@ def spikgru2plus_bidirectional(
         params, reverse_params: `(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of each
             direction, as for `spikgru2plus`.
         state: optional initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse).
+        spike_input: passed on to `layer`.
         layer: the one-direction layer to compose (default `spikgru2plus`; a fused backend
             without a two-direction kernel passes its own).
 
@@ -298,6 +303,7 @@ def spikgru2plus_bidirectional(
         x_dir = x.flip(time_dim) if direction else x
         out, final = layer(x_dir, *p, v_th=v_th, gamma=gamma, signed=signed,
                            reset_gate=reset_gate, batch_first=batch_first, spiking=spiking,
+                           spike_input=spike_input,
                            state=None if state is None else tuple(t[direction] for t in state))
         outputs.append(out.flip(time_dim) if direction else out)
         finals.append(final)

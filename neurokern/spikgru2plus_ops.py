@@ -13,6 +13,8 @@ kernels of triton_kernels/spikgru2plus.py):
     spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
                      bias_hh?, alpha, s_seq, v_seq, i_seq, gh_seq, v0?, i0?, s0?, v_th, gamma,
                      signed, reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
+        On Triton, s_seq (and s0) may come in bf16 with float32 weight_hh: exact spikes, for
+        which dU = dgh^T S_prev runs as a split bf16 product (`split_product`).
 
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
@@ -46,6 +48,7 @@ paper's layer in float32) and saves the backward a product S_prev U^T over all s
 measured 0.92 ms per bidirectional float32 layer on an H100 (docs/kernels.md).
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -192,9 +195,14 @@ if triton_available():
             grad_s = grad_s.contiguous()
         zeros = gi.new_zeros((rows, hidden))
         v0, i0 = (zeros if t is None else t.contiguous() for t in (v0, i0))
-        # S_prev = [s_0, s_1 .. s_{T-1}] ([T, D * B, H]) in the products' dtype, for dU
-        s_prev = torch.cat([(zeros if s0 is None else s0).unsqueeze(0), s_seq[:-1]])
-        s_prev = s_prev.to(weight_hh.dtype)
+        # S_prev = [s_0, s_1 .. s_{T-1}] ([T, D * B, H]) in the products' dtype, for dU; but
+        # spikes given in bf16 with float32 products (SpikGRU2PlusFunction's split products:
+        # exact) stay bf16, and dU runs as a split product
+        exact_spikes = s_seq.dtype == torch.bfloat16 and weight_hh.dtype == torch.float32
+        s_prev = torch.cat([(zeros if s0 is None else s0).to(s_seq.dtype).unsqueeze(0),
+                            s_seq[:-1]])
+        if not exact_spikes:
+            s_prev = s_prev.to(weight_hh.dtype)
         # dgh feeds the products, so it is kept in their dtype (weight_hh's)
         dgi, dgh = torch.empty_like(gi), torch.empty_like(gh_seq)
         dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [D * B, H]
@@ -219,8 +227,13 @@ if triton_available():
             _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
         # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
         dgh4 = dgh.view(steps, directions, batch, gates)
-        dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4,
-                                  s_prev.view(steps, directions, batch, hidden))
+        s_prev4 = s_prev.view(steps, directions, batch, hidden)
+        if exact_spikes:
+            dweight_hh = torch.stack([
+                split_product(dgh4[:, d].reshape(-1, gates).t(), s_prev4[:, d].reshape(-1, hidden),
+                              "b") for d in range(directions)])
+        else:
+            dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4, s_prev4)
         dbias_hh = dgh4.sum((0, 2), dtype=gi.dtype)
         dalpha = dalpha.view(directions, batch, hidden).sum(1)
         if weight_hh.dim() == 2:
@@ -233,6 +246,44 @@ register_fakes("spikgru2plus", _fwd_fake, _bwd_fake)
 
 def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return None if t is None else t.to(dtype)
+
+
+def split_products(backend: str, mm_dtype: torch.dtype) -> bool:
+    """Whether the Triton and CUDA backends compute the float32 products with a spike input
+    (`spike_input=True`) as bf16 products of split factors (`split_product`):
+    NEUROKERN_SPLIT_PRODUCTS=1, read at each call. Off by default: not yet measured on a GPU
+    (docs/kernels.md)."""
+    return (backend in ("triton", "cuda") and mm_dtype == torch.float32
+            and os.environ.get("NEUROKERN_SPLIT_PRODUCTS", "0") == "1")
+
+
+def bf16_split(a: torch.Tensor) -> torch.Tensor:
+    """`[3, *a.shape]` bfloat16 parts (hi, mid, lo) of a float32 tensor with hi + mid + lo = a
+    to within 2^-26 |a| (each part rounds the remainder of the ones before it; the remainders
+    are exact in float32), so products with a bf16-exact factor keep float32 accuracy."""
+    hi = a.to(torch.bfloat16)
+    rest = a - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return torch.stack([hi, mid, lo])
+
+
+def split_product(a: torch.Tensor, b: torch.Tensor, exact: str) -> torch.Tensor:
+    """`a @ b` in float32 ([M, K] x [K, N]) where factor `exact` ("a" or "b") holds values that
+    bfloat16 represents exactly (spikes) and the other is float32: one bf16 product over a K
+    three times as long, `[a | a | a] @ [hi; mid; lo]` (or `[hi | mid | lo] @ [b; b; b]`), every
+    product of its terms exact and the sum accumulated in float32. On a GPU the tensor cores
+    run it (`torch.mm(..., out_dtype=torch.float32)`); on the CPU (the interpreter and emulation
+    tests) the same bf16 values are multiplied as float32."""
+    if exact == "a":
+        a3 = a.to(torch.bfloat16).repeat(1, 3)  # [M, 3K]
+        b3 = bf16_split(b).reshape(-1, b.shape[1])  # [3K, N]
+    else:
+        a3 = bf16_split(a).permute(1, 0, 2).reshape(a.shape[0], -1)  # [M, 3K]: hi | mid | lo
+        b3 = b.to(torch.bfloat16).repeat(3, 1)  # [3K, N]
+    if a3.is_cuda:
+        return torch.mm(a3, b3, out_dtype=torch.float32)
+    return torch.mm(a3.float(), b3.float())
 
 
 def product_dtype(device_type: str, dtype: torch.dtype, backend: str) -> torch.dtype:
@@ -258,27 +309,39 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     into dx, dW and db_ih with one product each. The products run in `product_dtype` (bf16/fp16
     under autocast on the Triton and CUDA backends), everything else in the compute dtype;
     autocast itself is switched off inside, so that each product runs in the dtype chosen here.
+    With `split_products`, the float32 products with x (gi and dW) run as `split_product`s
+    when x holds spikes (`spike_input`), x saved in bf16; and on the Triton backend, in spiking
+    mode without s0, the layer's spikes are saved in bf16, which makes its backward op compute
+    dU = dgh^T S_prev as split products too.
     """
 
     @staticmethod
     def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                signed, reset_gate, batch_first, spiking, backend):
+                signed, reset_gate, batch_first, spiking, spike_input, backend):
         dtype = compute_dtype(x.dtype)
         mm_dtype = product_dtype(x.device.type, dtype, backend)
+        split = split_products(backend, mm_dtype)
+        # x W^T and dW split when x holds spikes; dU on Triton when S_prev surely does (spiking
+        # mode, no s0 of unknown values)
+        split_x, split_state = split and spike_input, split and spiking and s0 is None and (
+            backend == "triton")
         with torch.autocast(x.device.type, enabled=False):
             return SpikGRU2PlusFunction._forward(
                 ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype)
+                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x,
+                split_state)
 
     @staticmethod
     def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype):
+                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x,
+                 split_state):
         fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         directions = weight_hh.shape[0] if weight_hh.dim() == 3 else 1
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
         # product on the strided view (matmul cannot fold it into one GEMM) and gives dW = dgi^T x
-        # the same layout.
-        x_tm = (x.transpose(0, 1) if batch_first else x).to(mm_dtype).contiguous()
+        # the same layout. With split products x is a spike input, kept in bf16 (exact).
+        x_tm = (x.transpose(0, 1) if batch_first else x).to(
+            torch.bfloat16 if split_x else mm_dtype).contiguous()
         steps, batch, inputs = x_tm.shape
         weight_ih_c, weight_hh_c = weight_ih.to(mm_dtype), weight_hh.to(mm_dtype)
         bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
@@ -286,8 +349,9 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                             for t in (v0, i0, s0))  # [D * B, H]
 
         # all directions' input projections in one product: [T * B, D * 3H]
-        gi = torch.mm(x_tm.view(steps * batch, inputs),
-                      weight_ih_c.reshape(-1, inputs).t()).to(dtype)
+        x_2d, weight_ih_t = x_tm.view(steps * batch, inputs), weight_ih_c.reshape(-1, inputs).t()
+        gi = (split_product(x_2d, weight_ih_t, "a") if split_x
+              else torch.mm(x_2d, weight_ih_t)).to(dtype)
         if bias_ih is not None:  # after the product, as the reference rounds it
             gi = gi + bias_ih.to(dtype).reshape(-1)
         gi = _to_processing_order(gi.view(steps, batch, -1), directions)  # [T, D * B, 3H]
@@ -295,10 +359,12 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         s_seq, v_seq, i_seq, gh_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c,
                                           v_th, gamma, signed, reset_gate, spiking)
 
-        ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
-                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c)
+        # spikes saved in bf16 (exact) tell the Triton backward op to split dU
+        ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi,
+                              s_seq.to(torch.bfloat16) if split_state else s_seq, v_seq, i_seq,
+                              gh_seq, v0_c, i0_c, s0_c)
         ctx.set_materialize_grads(False)
-        ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions)
+        ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x)
         ctx.device_type = x.device.type
         ctx.inputs = tuple(None if t is None else (t.dtype, t.shape)
                            for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0))
@@ -327,10 +393,10 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
         (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, gh_seq, v0, i0,
          s0) = ctx.saved_tensors
-        v_th, gamma, signed, reset_gate, batch_first, backend, directions = ctx.args
+        v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x = ctx.args
         needs = ctx.needs_input_grad
         if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
-            return (None,) * 16
+            return (None,) * 17
         bwd = eager_or_op(spikgru2plus_ops(backend)[1])
         dtype = gi.dtype
         if grad_s is None:  # only the final state was used
@@ -350,13 +416,15 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
         steps, batch, inputs = x_tm.shape
         dgi_2d = _to_time_order(dgi, directions).reshape(steps * batch, -1)  # [T * B, D * 3H]
-        dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand
+        dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand (float32 when split)
         grads = [None] * 9
         if needs[0]:  # both directions' paths summed by the one product
             dx = torch.mm(dgi_mm, weight_ih.reshape(-1, inputs)).view(steps, batch, -1)
             grads[0] = dx.transpose(0, 1) if batch_first else dx
-        if needs[1]:
-            grads[1] = torch.mm(dgi_mm.t(), x_tm.view(steps * batch, -1))  # [D * 3H, I]
+        if needs[1]:  # [D * 3H, I]
+            x_2d = x_tm.view(steps * batch, -1)
+            grads[1] = (split_product(dgi_mm.t(), x_2d, "b") if split_x
+                        else torch.mm(dgi_mm.t(), x_2d))
         if needs[3]:
             grads[3] = dgi_2d.sum(0)
         for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):
@@ -364,7 +432,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                 grads[k] = g
         grads = [None if g is None else g.reshape(shape).to(dt)
                  for g, (dt, shape) in zip(grads, (i or (None, None) for i in ctx.inputs))]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _to_processing_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
@@ -388,13 +456,14 @@ def _to_time_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
 
 def _impl(backend):
     def spikgru2plus(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, *, v_th=1.0, gamma=10.0,
-                     signed=True, reset_gate=True, batch_first=False, state=None, spiking=True):
+                     signed=True, reset_gate=True, batch_first=False, state=None, spiking=True,
+                     spike_input=False):
         """`neurokern.reference.spikgru2plus` on the fused kernels: returns
         `(s, (v_T, i_T, s_T))`. Arguments are validated by `neurokern.functional`."""
         v0, i0, s0 = state if state is not None else (None, None, None)
         s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
             x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
-            reset_gate, batch_first, spiking, backend)
+            reset_gate, batch_first, spiking, spike_input, backend)
         return s, (v_last, i_last, s_last)
 
     spikgru2plus.__qualname__ = spikgru2plus.__name__ = f"spikgru2plus_{backend}"
@@ -406,7 +475,7 @@ def _bidirectional_impl(backend):
 
     def spikgru2plus_bidirectional(x, params, reverse_params, *, v_th=1.0, gamma=10.0,
                                    signed=True, reset_gate=True, batch_first=False, state=None,
-                                   spiking=True):
+                                   spiking=True, spike_input=False):
         """`neurokern.reference.spikgru2plus_bidirectional` on the fused kernels. The Triton
         and CUDA backends run both directions in one launch (per step on Triton, for the whole
         loop on CUDA; the parameters stacked to [2, ...], rows of the loop direction-major); the
@@ -415,13 +484,13 @@ def _bidirectional_impl(backend):
             return reference.spikgru2plus_bidirectional(
                 x, params, reverse_params, v_th=v_th, gamma=gamma, signed=signed,
                 reset_gate=reset_gate, batch_first=batch_first, state=state, spiking=spiking,
-                layer=one_direction)
+                spike_input=spike_input, layer=one_direction)
         stacked = [None if p is None else torch.stack([p, q])
                    for p, q in zip(params, reverse_params)]
         v0, i0, s0 = state if state is not None else (None, None, None)
         s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
             x, *stacked, v0, i0, s0, v_th, gamma, signed, reset_gate, batch_first, spiking,
-            backend)
+            spike_input, backend)
         return s, (v_last, i_last, s_last)
 
     spikgru2plus_bidirectional.__qualname__ = spikgru2plus_bidirectional.__name__ = (

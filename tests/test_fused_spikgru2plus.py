@@ -667,3 +667,92 @@ def test_cuda_graph_replays_equal_launch_by_launch(monkeypatch):
     assert not torch.equal(graphed[0][0], graphed[1][0])
     _kernels.clear_cuda_graphs()
     assert not _kernels._graphs
+
+
+def test_bf16_split_is_exact_and_split_product_float32_accurate():
+    """The three bf16 parts of a float32 tensor sum back to it exactly (values over 20 decades),
+    and a product with a factor exact in bf16 (spikes scaled by dropout's 1.25) is as close to
+    the float64 product as the float32 product is (a small multiple, for the longer sums)."""
+    from neurokern.spikgru2plus_ops import bf16_split, split_product
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 200, generator=gen) * torch.logspace(-10, 10, 200)
+    parts = bf16_split(a)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, 300, 200)
+    assert torch.equal(parts.double().sum(0), a.double())
+    spikes = 1.25 * torch.randint(-1, 2, (64, 300), generator=gen).float()
+    w, g = torch.randn(300, 50, generator=gen), torch.randn(50, 64, generator=gen)
+    for got, f32, exact in ((split_product(spikes, w, "a"), spikes @ w,
+                             spikes.double() @ w.double()),
+                            (split_product(g, spikes, "b"), g @ spikes,
+                             g.double() @ spikes.double())):
+        assert got.dtype == torch.float32
+        scale = exact.abs().max()
+        assert (got - exact).abs().max() <= 4 * (f32 - exact).abs().max() + 1e-6 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core products need a GPU")
+def test_split_product_on_the_tensor_cores_is_float32_accurate():
+    """On the GPU (bf16 tensor cores, float32 accumulation, `torch.mm(out_dtype=float32)`), at
+    the sizes of the paper's layers: as close to the float64 product as cuBLAS's float32
+    product with TF32 off."""
+    from neurokern.spikgru2plus_ops import split_product
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    spikes = 1.25 * torch.randint(-1, 2, (2880, 2048), generator=gen, device="cuda").float()
+    w = torch.randn(2048, 6144, generator=gen, device="cuda") * 0.02
+    g = torch.randn(6144, 2880, generator=gen, device="cuda") * 1e-3
+    for got, f32, exact in ((split_product(spikes, w, "a"), spikes @ w,
+                             spikes.double() @ w.double()),
+                            (split_product(g, spikes, "b"), g @ spikes,
+                             g.double() @ spikes.double())):
+        err, err32 = (got - exact).abs().max(), (f32 - exact).abs().max()
+        assert err <= 2 * err32, (err.item(), err32.item())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values != ("cpu",)])
+def test_split_products_of_a_spike_input(backend, monkeypatch):
+    """NEUROKERN_SPLIT_PRODUCTS=1: the layers after the first of a stack in training mode with
+    dropout 0.2 (spikes 0, +-1.25: exact in bf16) compute x W^T and dW = dgi^T x as split bf16
+    products (both directions at once: one each per layer), the first layer as before; on
+    Triton every layer's backward also splits dU = dgh^T S_prev (one per direction). Spikes
+    equal the float32 run without them and every gradient is within float32 accuracy of it.
+    With dropout 0.1 (+-1.111..: not exact in bf16) x's products are not split."""
+    from neurokern import spikgru2plus_ops
+
+    dev = backend_device(backend)
+    calls = []
+    split_product = spikgru2plus_ops.split_product
+    monkeypatch.setattr(spikgru2plus_ops, "split_product",
+                        lambda a, b, exact: calls.append(exact) or split_product(a, b, exact))
+
+    def run_stack(split, dropout):
+        monkeypatch.setenv("NEUROKERN_SPLIT_PRODUCTS", "1" if split else "0")
+        torch.manual_seed(0)
+        model = nk.nn.SpikGRU2Plus(6, 16, 3, bidirectional=True, dropout=dropout,
+                                   backend=backend).to(dev)
+        with torch.no_grad():  # larger weights: most neurons spike
+            for p in model.parameters():
+                p.mul_(3)
+        x = (2 * torch.randn(7, 3, 6, device=dev)).requires_grad_()
+        torch.manual_seed(1)  # the same dropout masks
+        out, state = model(x)
+        weights = torch.linspace(-1, 1, out.numel(), device=dev).view(out.shape)
+        grads = torch.autograd.grad((out * weights).sum() + state[0].sum(),
+                                    [x, *model.parameters()])
+        return out, state, grads
+
+    out, state, grads = run_stack(False, 0.2)
+    assert not calls
+    split_out, split_state, split_grads = run_stack(True, 0.2)
+    du = ["b", "b"] if backend == "triton" else []  # dU, both directions
+    # gi of layers 1 and 2 forward; backward layer 2: dU, dW; layer 1: dU, dW; layer 0: dU
+    assert calls == ["a", "a"] + du + ["b"] + du + ["b"] + du
+    assert out.abs().mean() > 0.1
+    assert torch.equal(split_out, out)
+    for a, b in zip((*split_state, *split_grads), (*state, *grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item()))
+    calls.clear()
+    run_stack(True, 0.1)
+    assert calls == du * 3
