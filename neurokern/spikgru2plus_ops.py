@@ -19,10 +19,11 @@ kernels of triton_kernels/spikgru2plus.py):
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
 sum of dgi after the backward loop, dU = dgh^T S_prev likewise inside the backward op. On the
-Triton backend a step is one recurrent product (cuBLAS) and one fused kernel for all gate and state arithmetic, forward and backward,
-and on a GPU each op's whole loop is captured once per shape in a CUDA graph and replayed
-(`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs it launch by launch). On the CUDA
-backend each op is one persistent kernel for the whole loop (csrc/cuda/, docs/kernels.md).
+Triton backend a step is one recurrent product (cuBLAS) and one fused kernel for all gate and
+state arithmetic, forward and backward, and on a GPU each op's whole loop is captured once per
+shape in a CUDA graph and replayed (`neurokern._kernels.graphed`; NEUROKERN_CUDA_GRAPHS=0 runs
+it launch by launch). On the CUDA backend each op is one persistent kernel for the whole loop
+(csrc/cuda/, docs/kernels.md).
 
 Compute dtype: float32 or float64, that of x. float16/bfloat16 inputs are computed in float32
 (x, weights and state converted before the ops, outputs and gradients converted back), exactly

@@ -2,8 +2,8 @@
 Triton kernels over the `[B, H]` hidden units (`spikgru2plus_step_{fwd,bwd}_kernel`):
 elementwise, one program per row and block of hidden units; the recurrent products stay
 outside (one cuBLAS product per step), so a step is one product plus one kernel. (Kernels that
-computed each step's product inside with `tl.dot` tiles measured slower on an H100 at every
-size and dtype and were removed; docs/kernels.md.)
+computed each step's product inside with `tl.dot` tiles measured slower on an H100, for the
+headline layer and the stack in fp32 and bf16, and were removed; docs/kernels.md.)
 
 Directions: the rows are D * B (direction-major): a bidirectional layer runs both directions in
 one launch per step, each in its own processing order, with row b of direction d = b // B
