@@ -6,8 +6,9 @@ step over T = 90 minus T = 10 separates the per-step cost (products, barrier) fr
 cost of a call (launch, the backward's dU product). One line per case, then one line
 comparing the two backends' results at T = 90 (fraction of spikes that differ, and the relative
 error of the backward's dgi and dU, both backward calls given the Triton forward's saved state).
-Then: the two directions' per-step products (bmm or one mm per direction), dU over all steps,
-and the products with a spike input as float32 and as split bf16 products (time and error).
+Then: the two directions' per-step products (bmm, or one mm per direction in turn or on two
+streams), dU over all steps, and the products with a spike factor as float32 and as split bf16
+products (time and error).
 
     python benchmarks/probe_spikgru2plus_loops.py
 """
@@ -85,7 +86,11 @@ for directions in (1, 2):
 
 # The Triton loops' per-step product of two directions: one batched product (torch.bmm) or one
 # torch.mm per direction, forward (s_{t-1} U^T) and backward (dgh_{t+1} U) shapes.
-print("two directions' per-step product, us: bmm vs one mm per direction")
+# Replayed from a CUDA graph, as in the loops; also the two mm calls on two streams (a fork and
+# join in the graph), which run concurrently if one small-M product leaves SMs idle.
+print("two directions' per-step product (CUDA graph), us: bmm vs one mm per direction, "
+      "in turn or on two streams")
+side = torch.cuda.Stream()
 for weight_dtype in (torch.float32, torch.bfloat16):
     weight = torch.randn(2, 3 * H, H, device=dev).to(weight_dtype)
     for name, a, w in (("fwd", torch.randn(2, B, H, device=dev), weight.transpose(1, 2)),
@@ -96,10 +101,18 @@ for weight_dtype in (torch.float32, torch.bfloat16):
         def per_direction():
             for d in range(2):
                 torch.mm(a[d], w[d], out=out[d])
-        t_bmm = bench(lambda: torch.bmm(a, w, out=out)) * 1e3
-        t_mm = bench(per_direction) * 1e3
-        print(f"  {name} U {str(weight_dtype)[6:]:<8} bmm {t_bmm:.1f} mm x2 {t_mm:.1f}",
-              flush=True)
+
+        def two_streams():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                torch.mm(a[1], w[1], out=out[1])
+            torch.mm(a[0], w[0], out=out[0])
+            torch.cuda.current_stream().wait_stream(side)
+
+        times = [triton.testing.do_bench_cudagraph(fn, rep=300) * 1e3
+                 for fn in (lambda: torch.bmm(a, w, out=out), per_direction, two_streams)]
+        print(f"  {name} U {str(weight_dtype)[6:]:<8} bmm {times[0]:.1f} mm x2 {times[1]:.1f}"
+              f" mm x2 on two streams {times[2]:.1f}", flush=True)
 
 # The backward's product over all steps after the loop, two directions, T = 90:
 # dU = dgh^T S_prev (the forward's gh is saved, so gh = S_prev U^T is no longer recomputed).
