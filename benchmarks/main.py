@@ -39,9 +39,9 @@ def main():
         ("spike activations", lambda: bench_spike.main(common_args)),
         ("PLIF", lambda: bench_plif.main(common_args + (["--quick"] if args.quick else []))),
         ("SpikGRU2+", lambda: bench_spikgru2plus.main(common_args)),
-        ("SpikGRU2+, products fused into the step kernels (GPU only)",
+        ("SpikGRU2+ stack with split products of the spike inputs (GPU only)",
          lambda: device.type == "cuda" and bench_spikgru2plus.main(
-             common_args + ["--fused-products"])),
+             common_args + ["--split-products"])),
         ("training step of the paper's network", lambda: bench_train_step.main(common_args)),
         ("plots", lambda: plot.main([])),
     ]
