@@ -695,7 +695,8 @@ def test_bf16_split_is_exact_and_split_product_float32_accurate():
 def test_split_product_on_the_tensor_cores_is_float32_accurate():
     """On the GPU (bf16 tensor cores, float32 accumulation, `torch.mm(out_dtype=float32)`), at
     the sizes of the paper's layers: as close to the float64 product as cuBLAS's float32
-    product with TF32 off."""
+    product with TF32 off, within a factor of 4 (for the sums over a 3x longer K; a TF32 or
+    bf16 product would be off by about 1000x more)."""
     from neurokern.spikgru2plus_ops import split_product
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -708,7 +709,7 @@ def test_split_product_on_the_tensor_cores_is_float32_accurate():
                             (split_product(g, spikes, "b"), g @ spikes,
                              g.double() @ spikes.double())):
         err, err32 = (got - exact).abs().max(), (f32 - exact).abs().max()
-        assert err <= 2 * err32, (err.item(), err32.item())
+        assert err <= 4 * err32, (err.item(), err32.item())
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values != ("cpu",)])

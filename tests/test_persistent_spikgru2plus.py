@@ -146,6 +146,13 @@ def test_fused_backend_tests_on_the_emulation(emulated_cuda, name, args):
     getattr(fused_tests, name)("cuda", *args)
 
 
+def test_split_products_on_the_emulation(emulated_cuda, monkeypatch):
+    """test_fused_spikgru2plus's split-products test with backend "cuda" emulated: x W^T and dW
+    of the layers that read spikes split (dU stays a float32 product on this backend)."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    fused_tests.test_split_products_of_a_spike_input("cuda", monkeypatch)
+
+
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
     # H = 40 over at most 4 blocks: 10 units per block, 40 * 30 * 4 bytes of U > 4 KiB
     emulated_cuda(4, 8, 8, 4096)
