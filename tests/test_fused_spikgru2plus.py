@@ -757,3 +757,27 @@ def test_split_products_of_a_spike_input(backend, monkeypatch):
     calls.clear()
     run_stack(True, 0.1)
     assert calls == du * 3
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_spike_input_alone_changes_nothing(backend, monkeypatch):
+    """spike_input=True without NEUROKERN_SPLIT_PRODUCTS (and always on the reference and the
+    C++ CPU backend) computes exactly what spike_input=False does, one and two directions."""
+    monkeypatch.delenv("NEUROKERN_SPLIT_PRODUCTS", raising=False)
+    dev = "cpu" if backend == "reference" else backend_device(backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-1, 2, (5, 2, 6), generator=gen).float().to(dev).requires_grad_()
+    params = [[(3 * torch.randn(shape, generator=gen) / 6 ** 0.5).to(dev).requires_grad_()
+               for shape in ((18, 6), (18, 6), (18,), (18,))] + [torch.rand(6).to(dev)]
+              for _ in range(2)]
+    for flag_runs in ([nk.spikgru2plus(x, *params[0], spike_input=flag, backend=backend)
+                       for flag in (False, True)],
+                      [nk.spikgru2plus_bidirectional(x, params[0], params[1], spike_input=flag,
+                                                     backend=backend) for flag in (False, True)]):
+        results = []
+        for s, final in flag_runs:
+            leaves = [x, *params[0][:4], *params[1][:4]]  # alpha: no grad, to vary
+            grads = torch.autograd.grad(s.sum() + final[0].sum(), leaves, allow_unused=True)
+            results.append([s, *final, *(g for g in grads if g is not None)])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)

@@ -153,6 +153,11 @@ def test_split_products_on_the_emulation(emulated_cuda, monkeypatch):
     fused_tests.test_split_products_of_a_spike_input("cuda", monkeypatch)
 
 
+def test_spike_input_alone_changes_nothing_on_the_emulation(emulated_cuda, monkeypatch):
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    fused_tests.test_spike_input_alone_changes_nothing("cuda", monkeypatch)
+
+
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
     # H = 40 over at most 4 blocks: 10 units per block, 40 * 30 * 4 bytes of U > 4 KiB
     emulated_cuda(4, 8, 8, 4096)
