@@ -6,7 +6,9 @@
 #                              "quick" instead of "bench": the headline sizes only, Python loops
 #                              in forward+backward only, the stack also with split products,
 #                              the SpikGRU2+ loops alone per step (probe_spikgru2plus_loops.py);
-#                              meant to fit one 10-minute device call with the tests, untimed)
+#                              meant to fit one 10-minute device call with the tests, untimed;
+#                              "tune": the PLIF launch configurations and checkpoint intervals,
+#                              fp32 and bf16 (probe_plif_tune.py))
 #   TEST_TIMEOUT=300           seconds for the test suite; a failing suite does not stop the
 #                              benchmarks, but the script then exits non-zero.
 set -uo pipefail
@@ -48,6 +50,9 @@ elif [[ $STEPS == *quick* ]]; then
         done
         exit $failed
     } | tee "$OUT/bench.log" || status=1
+fi
+if [[ $STEPS == *tune* ]]; then
+    "$PY" benchmarks/probe_plif_tune.py 2>&1 | tee "$OUT/tune.log" || status=1
 fi
 if [ "$OUT" != benchmarks/results ]; then  # one archive: the device tool returns few files
     cp benchmarks/results/*.csv benchmarks/results/*.png "$OUT"/ 2>/dev/null
