@@ -2,6 +2,9 @@
 every gradient, float32 threshold flips, smooth-mode gradcheck of a 2-layer bidirectional module,
 streaming, half inputs, torch.library and torch.compile, argument checks."""
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -278,6 +281,17 @@ def check_float32(case, leaves, cot, backend, dev):
 def test_float32_against_float64_reference(poison_empty, backend, case):
     leaves, cot = make_inputs(case)
     check_float32(case, leaves, cot, backend, backend_device(backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values == ("triton",)])
+@given(case=gru_cases())
+@with_examples
+def test_float32_split_products_against_float64_reference(poison_empty, backend, case):
+    """With NEUROKERN_SPLIT_PRODUCTS=1 the Triton backward computes dU = dgh^T S_prev as split
+    bf16 products whenever S_prev is spikes (spiking mode, no s0): the same float32 checks."""
+    leaves, cot = make_inputs(case)
+    with mock.patch.dict(os.environ, {"NEUROKERN_SPLIT_PRODUCTS": "1"}):
+        check_float32(case, leaves, cot, backend, backend_device(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
