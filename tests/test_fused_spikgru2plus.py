@@ -294,11 +294,14 @@ def test_float32_split_products_against_float64_reference(poison_empty, backend,
         check_float32(case, leaves, cot, backend, backend_device(backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values != ("cuda",)])
 @pytest.mark.parametrize("batch", [1, 5, 70])
 def test_bidirectional_float32(backend, batch):
     """Both directions in one launch in float32: spikes and states as the float64 reference's
-    (nothing near a threshold with these seeds), gradients within float32 accuracy."""
+    (nothing near a threshold with these seeds: checked on the CPU and, for Triton, on an H100;
+    the persistent CUDA loops sum in another order, so on a GPU they are left to the
+    flip-tolerant float32 tests; the CUDA emulation runs it), gradients within float32
+    accuracy."""
     dev = backend_device(backend)
     case = dict(_BASE, steps=5, batch=batch, inputs=7, hidden=37, seed=21)
     leaves, _ = make_inputs(case)
@@ -737,6 +740,9 @@ def test_split_products_of_a_spike_input(backend, monkeypatch):
     from neurokern import spikgru2plus_ops
 
     dev = backend_device(backend)
+    # launch by launch: a CUDA graph runs the loop's Python once to warm up and once to capture
+    # on the first call per shape, and not at all when replayed
+    monkeypatch.setenv("NEUROKERN_CUDA_GRAPHS", "0")
     calls = []
     split_product = spikgru2plus_ops.split_product
     monkeypatch.setattr(spikgru2plus_ops, "split_product",
