@@ -156,6 +156,25 @@ NEUROKERN_DEVICE T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
+// The gates of hidden unit j from its row of gi and gh's thirds (U s_{t-1}): b_hh (if any) added
+// to gh, r = sigmoid(gi_r + gh_r) (1 without the reset gate), z = sigmoid(gi_z + gh_z), and
+// gh_i with b_hh; the forward step computes them and the backward step recomputes them here.
+template <typename T>
+struct CellGates {
+  T r, z, gh_i;
+};
+
+template <typename T, bool RESET_GATE>
+NEUROKERN_DEVICE CellGates<T> cell_gates(const T* gi, T gh_r, T gh_z, T gh_i, const T* bias,
+                                         int64_t hidden, int64_t j) {
+  if (bias != nullptr) {
+    gh_r += bias[j];
+    gh_z += bias[hidden + j];
+    gh_i += bias[2 * hidden + j];
+  }
+  return {RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1), sigmoid(gi[hidden + j] + gh_z), gh_i};
+}
+
 // The staging of one round: value `idx` of the tile, [gate][kk][bb], is x(b0 + bb, gate, k0 + kk)
 // = src[(row0 + b) src_row + gate src_gate + k] in T (0 beyond the batch or H, or if src is null).
 // Each thread moves values tid, tid + threads, ..: up to kMaxStaged<T> of them, held in registers
@@ -323,24 +342,18 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
         if (b >= batch || j >= hidden) continue;
         const int64_t row = row0 + b, n = row * hidden + j;
         const T* gi = gi_t + row * a.gi_row;
-        T gh_r = gh[bb * columns + jj], gh_z = gh[bb * columns + units + jj],
-          gh_i = gh[bb * columns + 2 * units + jj];
+        const T gh_r = gh[bb * columns + jj], gh_z = gh[bb * columns + units + jj],
+                gh_i = gh[bb * columns + 2 * units + jj];
         W* gh_out = a.gh_seq + t * rows * 3 * hidden + row * 3 * hidden + j;
         gh_out[0] = static_cast<W>(gh_r);
         gh_out[hidden] = static_cast<W>(gh_z);
         gh_out[2 * hidden] = static_cast<W>(gh_i);
-        if (bias != nullptr) {
-          gh_r += bias[j];
-          gh_z += bias[hidden + j];
-          gh_i += bias[2 * hidden + j];
-        }
-        const T z = sigmoid(gi[hidden + j] + gh_z);
-        const T r = RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1);
+        const CellGates<T> g = cell_gates<T, RESET_GATE>(gi, gh_r, gh_z, gh_i, bias, hidden, j);
         const T vp = v_prev == nullptr ? T(0) : v_prev[n];
         const T ip = i_prev == nullptr ? T(0) : i_prev[n];
         const T sp = s_prev == nullptr ? T(0) : s_prev[n];
-        const T i = alpha[j] * ip + gi[2 * hidden + j] + gh_i * r;
-        const T v = z * vp + (T(1) - z) * i - a.v_th * sp;
+        const T i = alpha[j] * ip + gi[2 * hidden + j] + g.gh_i * g.r;
+        const T v = g.z * vp + (T(1) - g.z) * i - a.v_th * sp;
         a.i_seq[out + n] = i;
         a.v_seq[out + n] = v;
         a.s_seq[out + n] = act(v);
@@ -417,15 +430,10 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         const int64_t step = t * rows * hidden, g_off = t * rows * gates + row * gates;
         const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
         const W* gh = a.gh + g_off;
-        T gh_r = static_cast<T>(gh[j]), gh_z = static_cast<T>(gh[hidden + j]),
-          gh_i = static_cast<T>(gh[2 * hidden + j]);
-        if (bias != nullptr) {
-          gh_r += bias[j];
-          gh_z += bias[hidden + j];
-          gh_i += bias[2 * hidden + j];
-        }
-        const T z = sigmoid(gi[hidden + j] + gh_z);
-        const T r = RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1);
+        const CellGates<T> g = cell_gates<T, RESET_GATE>(
+            gi, static_cast<T>(gh[j]), static_cast<T>(gh[hidden + j]),
+            static_cast<T>(gh[2 * hidden + j]), bias, hidden, j);
+        const T z = g.z, r = g.r;
         const int64_t before = step - rows * hidden + n;  // the state after step t - 1
         const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
         const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
@@ -433,7 +441,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         const T dv = ds * surrogate(v) + a.dv[n];
         const T di = (T(1) - z) * dv + a.di[n];
         const T da_z = dv * (vp - i) * z * (T(1) - z);
-        const T da_r = RESET_GATE ? di * gh_i * r * (T(1) - r) : T(0);
+        const T da_r = RESET_GATE ? di * g.gh_i * r * (T(1) - r) : T(0);
         T* dgi = a.dgi + g_off;
         W* dgh = a.dgh + g_off;
         dgi[j] = da_r;
