@@ -796,7 +796,7 @@ def test_spike_input_alone_changes_nothing(backend, monkeypatch):
                                                      backend=backend) for flag in (False, True)]):
         results = []
         for s, final in flag_runs:
-            leaves = [x, *params[0][:4], *params[1][:4]]  # alpha: no grad, to vary
+            leaves = [x, *params[0][:4], *params[1][:4]]  # the leaks are constants here
             grads = torch.autograd.grad(s.sum() + final[0].sum(), leaves, allow_unused=True)
             results.append([s, *final, *(g for g in grads if g is not None)])
         for a, b in zip(*results):
