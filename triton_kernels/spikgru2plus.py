@@ -32,101 +32,29 @@ from .activations import spike_act, spike_surrogate
 
 
 @triton.jit
-def _load_gh(gh_row, h, mask, H, RESET_GATE: tl.constexpr, dtype: tl.constexpr):
-    """The (r, z, i) thirds of gh at hidden units h (r only with the reset gate)."""
-    gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)
-    gh_i = tl.load(gh_row + 2 * H + h, mask=mask, other=0).to(dtype)
-    if RESET_GATE:
-        gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
-    else:
-        gh_r = tl.zeros_like(gh_z)
-    return gh_r, gh_z, gh_i
-
-
-@triton.jit
-def _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE: tl.constexpr,
+def _gates(gi_row, gh_row, bias_row, h, mask, H, RESET_GATE: tl.constexpr,
            HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
-    """r, z, the input-current term gi_i and gh_i from gh's thirds; with HAS_BIAS, b_hh
-    (bias_row) is added to them here (one rounding, as `gh + b_hh` would)."""
+    """r, z, the input-current term gi_i and gh_i of the hidden units h of one row, from its
+    rows of gi and gh (U s_{t-1}, any dtype); with HAS_BIAS, b_hh (bias_row) is added to gh
+    here (one rounding, as `gh + b_hh` would). The forward step computes them, the backward step
+    recomputes them the same way."""
     gi_z = tl.load(gi_row + H + h, mask=mask, other=0).to(dtype)
     gi_i = tl.load(gi_row + 2 * H + h, mask=mask, other=0).to(dtype)
+    gh_z = tl.load(gh_row + H + h, mask=mask, other=0).to(dtype)
+    gh_i = tl.load(gh_row + 2 * H + h, mask=mask, other=0).to(dtype)
     if HAS_BIAS:
         gh_z += tl.load(bias_row + H + h, mask=mask, other=0).to(dtype)
         gh_i += tl.load(bias_row + 2 * H + h, mask=mask, other=0).to(dtype)
     z = tl.sigmoid(gi_z + gh_z)
     if RESET_GATE:
         gi_r = tl.load(gi_row + h, mask=mask, other=0).to(dtype)
+        gh_r = tl.load(gh_row + h, mask=mask, other=0).to(dtype)
         if HAS_BIAS:
             gh_r += tl.load(bias_row + h, mask=mask, other=0).to(dtype)
         r = tl.sigmoid(gi_r + gh_r)
     else:
         r = tl.full(z.shape, 1, dtype)
     return r, z, gi_i, gh_i
-
-
-@triton.jit
-def _fwd_cell(gi_row, gh_r, gh_z, gh_i, bias_row, alpha_row, row, h, mask, H,
-              v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr, s_mm_ptr, v_th, gamma,
-              RESET_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SIGNED: tl.constexpr,
-              SPIKING: tl.constexpr, STORE_S_MM: tl.constexpr):
-    """One forward step of the hidden units at `row` (offsets into the [D * B, H] state, of
-    any shape; h: their hidden indices, alpha_row: the direction's leak) from gh's thirds."""
-    dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE,
-                              HAS_BIAS, dtype)
-    alpha = tl.load(alpha_row + h, mask=mask, other=0).to(dtype)
-    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
-    s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i = alpha * i_prev + gi_i + gh_i * r
-    v = z * v_prev + (1 - z) * i - v_th * s_prev
-    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
-    tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
-    if STORE_S_MM:
-        tl.store(s_mm_ptr + row, s.to(s_mm_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bwd_cell(gi_row, gh_r, gh_z, gh_i, bias_row, alpha_row, row, h, mask, H, ds,
-              v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr, di_next_ptr, dgi_row, dgh_row,
-              ds_prev_ptr, grad_prev_row, dalpha_ptr, v_th, gamma,
-              RESET_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, SIGNED: tl.constexpr,
-              HAS_GRAD_PREV: tl.constexpr):
-    """One backward step of the hidden units at `row` given dL/ds_t (`ds`, all paths) and gh's
-    thirds (the forward's U s_{t-1}; b_hh added here as in the forward): writes dgi, dgh, the
-    carries, the reset path and the leak sum."""
-    dtype = v_th.dtype
-    r, z, gi_i, gh_i = _gates(gi_row, gh_r, gh_z, gh_i, bias_row, h, mask, H, RESET_GATE,
-                              HAS_BIAS, dtype)
-    alpha = tl.load(alpha_row + h, mask=mask, other=0).to(dtype)
-    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
-    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
-    v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
-    i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
-    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
-                                                                 other=0).to(dtype)
-    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
-    da_z = dv * (v_prev - i) * z * (1 - z)
-    if RESET_GATE:
-        da_r = di * gh_i * r * (1 - r)
-    else:
-        da_r = tl.zeros_like(di)
-    tl.store(dgi_row + h, da_r.to(dgi_row.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + h, da_r.to(dgh_row.dtype.element_ty), mask=mask)
-    tl.store(dgi_row + H + h, da_z.to(dgi_row.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + H + h, da_z.to(dgh_row.dtype.element_ty), mask=mask)
-    tl.store(dgi_row + 2 * H + h, di.to(dgi_row.dtype.element_ty), mask=mask)
-    tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_row.dtype.element_ty), mask=mask)
-    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
-    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
-    ds_prev = -v_th * dv
-    if HAS_GRAD_PREV:
-        ds_prev += tl.load(grad_prev_row + h, mask=mask, other=0).to(dtype)
-    tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
-    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
-    tl.store(dalpha_ptr + row, dalpha, mask=mask)
 
 
 @triton.jit
@@ -148,15 +76,27 @@ def spikgru2plus_step_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # row of [D * B]
-    d = b // B  # direction
+    d = b // B  # direction: its leak alpha[d] and b_hh[d]
     h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = h < H
     v_th = tl.load(params_ptr)
     gamma = tl.load(params_ptr + 1)
-    gh_r, gh_z, gh_i = _load_gh(gh_ptr + b * 3 * H, h, mask, H, RESET_GATE, v_th.dtype)
-    _fwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H, alpha_ptr + d * H,
-              b * H + h, h, mask, H, v_prev_ptr, i_prev_ptr, s_prev_ptr, s_ptr, v_ptr, i_ptr,
-              s_mm_ptr, v_th, gamma, RESET_GATE, HAS_BIAS, SIGNED, SPIKING, STORE_S_MM)
+    dtype = v_th.dtype
+    row = b * H + h
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr + d * 3 * H,
+                              h, mask, H, RESET_GATE, HAS_BIAS, dtype)
+    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    s_prev = tl.load(s_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i = alpha * i_prev + gi_i + gh_i * r
+    v = z * v_prev + (1 - z) * i - v_th * s_prev
+    s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
+    tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
+    if STORE_S_MM:
+        tl.store(s_mm_ptr + row, s.to(s_mm_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,7 +125,7 @@ def spikgru2plus_step_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # row of [D * B]
-    d = b // B  # direction
+    d = b // B  # direction: its leak alpha[d] and b_hh[d]
     h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = h < H
     v_th = tl.load(params_ptr)
@@ -195,9 +135,34 @@ def spikgru2plus_step_bwd_kernel(
     ds = tl.load(ds_ptr + row, mask=mask, other=0).to(dtype)
     if HAS_DS_REC:
         ds += tl.load(ds_rec_ptr + row, mask=mask, other=0).to(dtype)
-    gh_r, gh_z, gh_i = _load_gh(gh_ptr + b * 3 * H, h, mask, H, RESET_GATE, dtype)
-    _bwd_cell(gi_ptr + b * gi_stride, gh_r, gh_z, gh_i, bias_ptr + d * 3 * H, alpha_ptr + d * H,
-              row, h, mask, H, ds, v_prev_ptr, i_prev_ptr, v_ptr, i_ptr, dv_next_ptr,
-              di_next_ptr, dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H, ds_prev_ptr,
-              grad_prev_ptr + b * grad_prev_stride, dalpha_ptr, v_th, gamma, RESET_GATE,
-              HAS_BIAS, SIGNED, HAS_GRAD_PREV)
+    r, z, gi_i, gh_i = _gates(gi_ptr + b * gi_stride, gh_ptr + b * 3 * H, bias_ptr + d * 3 * H,
+                              h, mask, H, RESET_GATE, HAS_BIAS, dtype)
+    alpha = tl.load(alpha_ptr + d * H + h, mask=mask, other=0).to(dtype)
+    v_prev = tl.load(v_prev_ptr + row, mask=mask, other=0).to(dtype)
+    i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
+    v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
+    i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
+    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
+                                                                 other=0).to(dtype)
+    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
+    da_z = dv * (v_prev - i) * z * (1 - z)
+    if RESET_GATE:
+        da_r = di * gh_i * r * (1 - r)
+    else:
+        da_r = tl.zeros_like(di)
+    dgi_row, dgh_row = dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H
+    tl.store(dgi_row + h, da_r.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + h, da_r.to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + H + h, da_z.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + H + h, da_z.to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgi_row + 2 * H + h, di.to(dgi_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
+    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
+    ds_prev = -v_th * dv
+    if HAS_GRAD_PREV:
+        ds_prev += tl.load(grad_prev_ptr + b * grad_prev_stride + h, mask=mask,
+                           other=0).to(dtype)
+    tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
+    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
+    tl.store(dalpha_ptr + row, dalpha, mask=mask)
