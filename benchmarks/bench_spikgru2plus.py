@@ -125,6 +125,8 @@ def run(args):
     else:
         cases = [("layer", 8, 90, 256, 256, 1)]
         dtypes = [torch.float32]
+    if args.split_products:  # the switch acts on the stack's float32 products only
+        cases, dtypes = [c for c in cases if c[0] == "stack"], [torch.float32]
     results = common.Results("spikgru2plus", device)
     for kind, batch, steps, inputs, hidden, layers in cases:
         for dtype in dtypes:
@@ -136,9 +138,8 @@ def run(args):
                 providers, leaves = stack_providers(device, inputs, hidden, layers)
             x = torch.randn(steps, batch, inputs, device=device, requires_grad=True)
             for name, fn in providers.items():
-                if args.split_products:  # the stack's fp32 neurokern rows only
-                    if kind != "stack" or dtype != torch.float32 or name not in (
-                            "neurokern triton", "neurokern cuda"):
+                if args.split_products:  # neurokern's GPU backends only
+                    if name not in ("neurokern triton", "neurokern cuda"):
                         continue
                     name += " (split products)"
                 slow = "loop" in name or "reference" in name
