@@ -9,7 +9,8 @@
 #                              meant to fit one 10-minute device call with the tests, untimed;
 #                              "tune": the PLIF launch configurations and checkpoint intervals,
 #                              fp32 and bf16 (probe_plif_tune.py))
-#   TEST_TIMEOUT=300           seconds for the test suite; a failing suite does not stop the
+#   TEST_TIMEOUT=300           seconds for the test suite (TEST_WORKERS=8 xdist workers); a
+#                              failing suite does not stop the
 #                              benchmarks, but the script then exits non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,11 +30,15 @@ if [[ $STEPS == *build* ]]; then
 fi
 "$PY" -m neurokern | tee "$OUT/backends.txt"
 if [[ $STEPS == *tests* ]]; then
-    # 8 workers where pytest-xdist is installed (the device machine has it): about 2 minutes
+    # TEST_WORKERS (8) workers where pytest-xdist is installed (the device machine has it):
+    # about 3 minutes; one line per test in tests.log, so a run cut short by TEST_TIMEOUT still
+    # names its failures
     parallel=()
-    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-    timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -p no:cacheprovider -rfE \
-        "${parallel[@]}" 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+    "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -v -p no:cacheprovider -rfE \
+        "${parallel[@]}" > "$OUT/tests.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR)|(passed|failed|error)(,| in )" "$OUT/tests.log" | tail -25
+    [ $status = 0 ] || echo "tests: failed or cut short ($(grep -c PASSED "$OUT/tests.log") passed)"
 fi
 if [[ $STEPS == *bench* ]]; then
     "$PY" benchmarks/main.py 2>&1 | tee "$OUT/bench.log" || status=1

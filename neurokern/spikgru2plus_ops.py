@@ -13,8 +13,6 @@ kernels of triton_kernels/spikgru2plus.py):
     spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
                      bias_hh?, alpha, s_seq, v_seq, i_seq, gh_seq, v0?, i0?, s0?, v_th, gamma,
                      signed, reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
-        On Triton, s_seq (and s0) may come in bf16 with float32 weight_hh: exact spikes, for
-        which dU = dgh^T S_prev runs as a split bf16 product (`split_product`).
 
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
@@ -114,21 +112,33 @@ if triton_available():
         """D: 1 for a [3H, H] weight_hh, its leading size for a stacked [D, 3H, H] one."""
         return weight_hh.shape[0] if weight_hh.dim() == 3 else 1
 
+    _side_streams = {}  # device -> the stream of the float32 products' directions after the first
+
     def _product(a, weight, out, directions):
         """out = a @ weight per direction: rows of `a` and `out` are direction-major
-        ([D * B, .]), `weight` is [D, ., .] (or 2-D for D = 1); one batched product, or one
-        product per direction for the backward's float32 shape (K = 3H): measured on an H100
-        at B = 32, H = 1024 (benchmarks/probe_spikgru2plus_loops.py), cuBLAS's float32 bmm
-        took 126 us there against 36 us for two mm calls (forward shape: 43 vs 51 us; bf16:
-        bmm faster in both)."""
+        ([D * B, .]), `weight` is [D, ., .] (or 2-D for D = 1). Float32 on a GPU: one mm per
+        direction, the first on the current stream and the others on a side stream at the same
+        time (a fork and a join in the captured graph); otherwise one batched product. Measured
+        per two-direction step on an H100 at B = 32, H = 1024 in CUDA graphs
+        (benchmarks/probe_spikgru2plus_loops.py): float32 forward 25.7 us on two streams, 28.7
+        as bmm, 31.2 as two mm in turn; backward (K = 3H) 22.8, 58.3 and 28.1 us; bf16 bmm was
+        fastest (forward 4.7 us, backward 6.6 against 6.9 on two streams)."""
         if directions == 1:
             return torch.mm(a, weight, out=out)
         a, out = a.view(directions, -1, a.shape[-1]), out.view(directions, -1, out.shape[-1])
-        if weight.dtype == torch.float32 and weight.shape[1] > weight.shape[2]:
-            for d in range(directions):
+        if weight.dtype != torch.float32 or not a.is_cuda:
+            return torch.bmm(a, weight, out=out)
+        main = torch.cuda.current_stream(a.device)
+        side = _side_streams.get(a.device)
+        if side is None:
+            side = _side_streams[a.device] = torch.cuda.Stream(a.device)
+        side.wait_stream(main)  # the factors are written on the main stream
+        torch.mm(a[0], weight[0], out=out[0])
+        with torch.cuda.stream(side):
+            for d in range(1, directions):
                 torch.mm(a[d], weight[d], out=out[d])
-            return out
-        return torch.bmm(a, weight, out=out)
+        main.wait_stream(side)
+        return out
 
     @triton_op("neurokern_triton::spikgru2plus_fwd")
     def triton_spikgru2plus_fwd(
@@ -196,14 +206,9 @@ if triton_available():
             grad_s = grad_s.contiguous()
         zeros = gi.new_zeros((rows, hidden))
         v0, i0 = (zeros if t is None else t.contiguous() for t in (v0, i0))
-        # S_prev = [s_0, s_1 .. s_{T-1}] ([T, D * B, H]) in the products' dtype, for dU; but
-        # spikes given in bf16 with float32 products (SpikGRU2PlusFunction's split products:
-        # exact) stay bf16, and dU runs as a split product
-        exact_spikes = s_seq.dtype == torch.bfloat16 and weight_hh.dtype == torch.float32
-        s_prev = torch.cat([(zeros if s0 is None else s0).to(s_seq.dtype).unsqueeze(0),
-                            s_seq[:-1]])
-        if not exact_spikes:
-            s_prev = s_prev.to(weight_hh.dtype)
+        # S_prev = [s_0, s_1 .. s_{T-1}] ([T, D * B, H]) in the products' dtype, for dU
+        s_prev = torch.cat([(zeros if s0 is None else s0).unsqueeze(0), s_seq[:-1]]).to(
+            weight_hh.dtype)
         # dgh feeds the products, so it is kept in their dtype (weight_hh's)
         dgi, dgh = torch.empty_like(gi), torch.empty_like(gh_seq)
         dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [D * B, H]
@@ -229,12 +234,7 @@ if triton_available():
         # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
         dgh4 = dgh.view(steps, directions, batch, gates)
         s_prev4 = s_prev.view(steps, directions, batch, hidden)
-        if exact_spikes:
-            dweight_hh = torch.stack([
-                split_product(dgh4[:, d].reshape(-1, gates).t(), s_prev4[:, d].reshape(-1, hidden),
-                              "b") for d in range(directions)])
-        else:
-            dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4, s_prev4)
+        dweight_hh = torch.einsum("tdbg,tdbh->dgh", dgh4, s_prev4)
         dbias_hh = dgh4.sum((0, 2), dtype=gi.dtype)
         dalpha = dalpha.view(directions, batch, hidden).sum(1)
         if weight_hh.dim() == 2:
@@ -252,8 +252,9 @@ def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
 def split_products(backend: str, mm_dtype: torch.dtype) -> bool:
     """Whether the Triton and CUDA backends compute the float32 products with a spike input
     (`spike_input=True`) as bf16 products of split factors (`split_product`):
-    NEUROKERN_SPLIT_PRODUCTS=1, read at each call. Off by default: not yet measured on a GPU
-    (docs/kernels.md)."""
+    NEUROKERN_SPLIT_PRODUCTS=1, read at each call. Off by default: on an H100 they took the
+    paper's float32 stack from 33.9 to 33.0 ms at about 7x the error of cuBLAS's float32
+    products (the tensor cores' float32 accumulation; docs/kernels.md)."""
     return (backend in ("triton", "cuda") and mm_dtype == torch.float32
             and os.environ.get("NEUROKERN_SPLIT_PRODUCTS", "0") == "1")
 
@@ -311,9 +312,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     under autocast on the Triton and CUDA backends), everything else in the compute dtype;
     autocast itself is switched off inside, so that each product runs in the dtype chosen here.
     With `split_products`, the float32 products with x (gi and dW) run as `split_product`s
-    when x holds spikes (`spike_input`), x saved in bf16; and on the Triton backend, in spiking
-    mode without s0, the layer's spikes are saved in bf16, which makes its backward op compute
-    dU = dgh^T S_prev as split products too.
+    when x holds spikes (`spike_input`), x saved in bf16.
     """
 
     @staticmethod
@@ -321,21 +320,15 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                 signed, reset_gate, batch_first, spiking, spike_input, backend):
         dtype = compute_dtype(x.dtype)
         mm_dtype = product_dtype(x.device.type, dtype, backend)
-        split = split_products(backend, mm_dtype)
-        # x W^T and dW split when x holds spikes; dU on Triton when S_prev surely does (spiking
-        # mode, no s0 of unknown values)
-        split_x, split_state = split and spike_input, split and spiking and s0 is None and (
-            backend == "triton")
+        split_x = spike_input and split_products(backend, mm_dtype)
         with torch.autocast(x.device.type, enabled=False):
             return SpikGRU2PlusFunction._forward(
                 ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x,
-                split_state)
+                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x)
 
     @staticmethod
     def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x,
-                 split_state):
+                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x):
         fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         directions = weight_hh.shape[0] if weight_hh.dim() == 3 else 1
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
@@ -360,10 +353,8 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         s_seq, v_seq, i_seq, gh_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c,
                                           v_th, gamma, signed, reset_gate, spiking)
 
-        # spikes saved in bf16 (exact) tell the Triton backward op to split dU
-        ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi,
-                              s_seq.to(torch.bfloat16) if split_state else s_seq, v_seq, i_seq,
-                              gh_seq, v0_c, i0_c, s0_c)
+        ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
+                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x)
         ctx.device_type = x.device.type

@@ -148,7 +148,7 @@ def test_fused_backend_tests_on_the_emulation(emulated_cuda, name, args):
 
 def test_split_products_on_the_emulation(emulated_cuda, monkeypatch):
     """test_fused_spikgru2plus's split-products test with backend "cuda" emulated: x W^T and dW
-    of the layers that read spikes split (dU stays a float32 product on this backend)."""
+    of the layers that read spikes split."""
     emulated_cuda(3, 8, 8, 256 * 1024)
     fused_tests.test_split_products_of_a_spike_input("cuda", monkeypatch)
 

@@ -88,10 +88,16 @@ def plif_fwd_kernel(
     s = _load_or_zeros(s0_ptr, n, mask, HAS_STATE, v_th.dtype)
     for k in range(tl.cdiv(T, CHUNK)):
         t0 = tl.cast(k, tl.int64) * CHUNK
+        # the chunk's loads first: interleaved with the stores of s, which may alias x for all
+        # the compiler knows, each would wait for the step before it (one load in flight)
+        xs = ()
         for j in tl.static_range(CHUNK):
-            valid = (n * 0 + t0 + j) < T  # [BLOCK]; only the last chunk can be partial
-            x = tl.load(x_ptrs + (t0 + j) * sx_t, mask=mask & valid, other=0).to(v_th.dtype)
-            v_new, s_new = _plif_step(v, s, x, alpha, v_th, gamma, SIGNED, SPIKING)
+            valid = mask & ((n * 0 + t0 + j) < T)  # only the last chunk can be partial
+            xs = xs + (tl.load(x_ptrs + (t0 + j) * sx_t, mask=valid, other=0),)
+        for j in tl.static_range(CHUNK):
+            valid = (n * 0 + t0 + j) < T  # [BLOCK]
+            v_new, s_new = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED,
+                                      SPIKING)
             v = tl.where(valid, v_new, v)
             s = tl.where(valid, s_new, s)
             tl.store(s_ptrs + (t0 + j) * ss_t, s.to(s_ptr.dtype.element_ty), mask=mask & valid)
