@@ -1,10 +1,13 @@
 """Probe (GPU): the Triton PLIF kernels alone (CUDA-graph timing, no Python overhead) over
 launch configurations and checkpoint intervals at the issue's headline size, with the fraction
-of the copy bandwidth each reaches. Prints one line per configuration, best last.
+of the copy bandwidth each reaches. Prints one line per configuration, best last, then per
+dtype the best configuration at the default checkpoint interval as a line
+`best <dtype> BLOCK=<n> num_warps=<w>` (plif_ops.LAUNCH's entries).
 
-    python benchmarks/probe_plif_tune.py
+    python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
 """
 import itertools
+import sys
 
 import torch
 import triton.testing
@@ -26,15 +29,15 @@ dst = torch.empty_like(src)
 bandwidth = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
 print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
 del src, dst
-for dtype in (torch.float32, torch.bfloat16):
+for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bfloat16")]:
+    launch = plif_ops.LAUNCH[dtype.itemsize]
     x = torch.randn(B, T, C, S, S, device=dev, dtype=dtype)
     g = torch.randn_like(x)
     alpha = torch.rand(C, device=dev)
     nbytes = x.numel() * x.element_size()
     rows = []
-    for block, warps, k in itertools.product((256, 512, 1024), (4, 8), (4, 8, 16)):
-        plif_ops.FWD_CONFIG.update(BLOCK=block, num_warps=warps)
-        plif_ops.BWD_CONFIG.update(BLOCK=block, num_warps=warps)
+    for block, warps, k in itertools.product((256, 512, 1024), (2, 4, 8), (8, 16)):
+        launch.update(BLOCK=block, num_warps=warps)
         args = (x, alpha, None, None, 1.0, 10.0, False, True, True)
         infer = bench(lambda: fwd(*args, 0))
         train = bench(lambda: fwd(*args, k))
@@ -48,3 +51,5 @@ for dtype in (torch.float32, torch.bfloat16):
               f"{infer:.3f} ms ({floor[0] / infer:.0%} of floor), forward (saving) {train:.3f},"
               f" backward {back:.3f}, fwd+bwd {total:.3f} ms ({floor[1] / total:.0%} of floor "
               f"{floor[1]:.3f})", flush=True)
+    _, block, warps, *_ = min(row for row in rows if row[3] == plif_ops.CHECKPOINT["triton"])
+    print(f"best {str(dtype)[6:]} BLOCK={block} num_warps={warps}", flush=True)

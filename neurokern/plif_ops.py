@@ -15,7 +15,7 @@ the compute dtype). With k > 1 the backward recomputes each chunk's membranes fr
 registers, with the forward's own code (so bit-identically): traffic per neuron and step is
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
-Triton backend uses k = 4 (5.5 values), chosen by measurement (docs/kernels.md); the C++
+Triton backend uses k = 16 (5.125 values), chosen by measurement (docs/kernels.md); the C++
 backend one chunk per sequence (k = 1 << 30, so v_saved is one row, [1, N]): its backward
 recomputes all T membranes of a block of neurons into a per-thread buffer that stays in cache,
 and the forward no longer writes a fresh [T, N] tensor (its page faults cost more than the
@@ -34,15 +34,23 @@ from neurokern._kernels import (
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
-# Launch configurations (neurons per program, warps): each program loops over all T steps.
-# Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22] fp32): one neuron
-# per thread (256 neurons, 8 warps) was the fastest of BLOCK 256/512/1024 x 4/8 warps.
-FWD_CONFIG = dict(BLOCK=256, num_warps=8)
-BWD_CONFIG = dict(BLOCK=256, num_warps=8)
+# Triton launch configurations per element size of x in bytes (float64 takes float32's):
+# neurons per program and warps, for the forward and the backward; each program loops over all
+# T steps. Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22],
+# 2026-11-23; BLOCK 256/512/1024 x 4/8 warps x k 4/8/16, docs/kernels.md).
+LAUNCH = {
+    4: dict(BLOCK=256, num_warps=4),  # float32
+    2: dict(BLOCK=256, num_warps=4),  # bfloat16, float16
+}
 
 # Membranes saved for the backward, per backend: every step (1), or every k-th step with the
-# backward recomputing the k steps in between from x (see triton_kernels/plif.py).
-CHECKPOINT = {"cpu": 1 << 30, "triton": 4}
+# backward recomputing the k steps in between from x (see triton_kernels/plif.py); the Triton
+# forward also issues the loads of k steps at a time.
+CHECKPOINT = {"cpu": 1 << 30, "triton": 16}
+
+
+def _launch(dtype: torch.dtype) -> dict:
+    return LAUNCH[min(dtype.itemsize, 4)]
 
 
 def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:
@@ -118,7 +126,8 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            plif_fwd_kernel[(triton.cdiv(N, FWD_CONFIG["BLOCK"]),)](
+            launch = _launch(x.dtype)
+            plif_fwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
                 scalar_params(v_th, gamma, x.dtype, x.device),
@@ -126,7 +135,7 @@ if triton_available():
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
-                CHUNK=checkpoint or CHECKPOINT["triton"], **FWD_CONFIG,
+                CHUNK=checkpoint or CHECKPOINT["triton"], **launch,
             )
         return s, v_saved, v_last, s_last
 
@@ -152,7 +161,8 @@ if triton_available():
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
-            plif_bwd_kernel[(triton.cdiv(N, BWD_CONFIG["BLOCK"]),)](
+            launch = _launch(x.dtype)
+            plif_bwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
@@ -165,7 +175,7 @@ if triton_available():
                 HAS_GRAD_V_LAST=grad_v_last is not None,
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
-                DETACH_RESET=detach_reset, CHUNK=checkpoint, **BWD_CONFIG,
+                DETACH_RESET=detach_reset, CHUNK=checkpoint, **launch,
             )
         return dx, dalpha, dv0, ds0
 

@@ -171,7 +171,10 @@ if triton_available():
         weight_t = weight_hh.transpose(-1, -2)  # [D, H, 3H] (or [H, 3H])
         bias = gi if bias_hh is None else bias_hh.contiguous()
         for t in range(steps):
-            _product(s_mm, weight_t, gh_seq[t], directions)
+            if t == 0 and s0 is None:  # U s_{-1} = U 0
+                gh_seq[0].zero_()
+            else:
+                _product(s_mm, weight_t, gh_seq[t], directions)
             spikgru2plus_step_fwd_kernel[grid](
                 gi[t], gh_seq[t], bias, alpha, v, i, s, params,
                 s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, rows // directions, gi.stride(1),
@@ -344,9 +347,17 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
         # all directions' input projections in one product: [T * B, D * 3H]
         x_2d, weight_ih_t = x_tm.view(steps * batch, inputs), weight_ih_c.reshape(-1, inputs).t()
-        gi = (split_product(x_2d, weight_ih_t, "a") if split_x
-              else torch.mm(x_2d, weight_ih_t)).to(dtype)
-        if bias_ih is not None:  # after the product, as the reference rounds it
+        # b_ih after the product, as the reference rounds it: on a GPU without autocast in the
+        # product's epilogue (to the float32 or float64 sum: the same rounding, one pass less)
+        epilogue = bias_ih is not None and mm_dtype == dtype and x.is_cuda and not split_x
+        if split_x:
+            gi = split_product(x_2d, weight_ih_t, "a")
+        elif epilogue:
+            gi = torch.addmm(bias_ih.to(dtype).reshape(-1), x_2d, weight_ih_t)
+        else:
+            gi = torch.mm(x_2d, weight_ih_t)
+        gi = gi.to(dtype)
+        if bias_ih is not None and not epilogue:
             gi = gi + bias_ih.to(dtype).reshape(-1)
         gi = _to_processing_order(gi.view(steps, batch, -1), directions)  # [T, D * B, 3H]
         # [T, D * B, H] each, and gh_seq = U s_{t-1} [T, D * B, 3H]
