@@ -1,8 +1,8 @@
 """Probe (GPU): the Triton PLIF kernels alone (CUDA-graph timing, no Python overhead) over
 launch configurations and checkpoint intervals at the issue's headline size, with the fraction
 of the copy bandwidth each reaches. Prints one line per configuration, best last, then per
-dtype the best configuration at the default checkpoint interval as a line
-`best <dtype> BLOCK=<n> num_warps=<w>` (plif_ops.LAUNCH's entries).
+dtype the best as a line `best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>`
+(plif_ops.LAUNCH's entries).
 
     python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
 """
@@ -36,7 +36,7 @@ for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bflo
     alpha = torch.rand(C, device=dev)
     nbytes = x.numel() * x.element_size()
     rows = []
-    for block, warps, k in itertools.product((256, 512, 1024), (2, 4, 8), (8, 16)):
+    for block, warps, k in itertools.product((256, 512, 1024), (2, 4, 8), (4, 8, 16)):
         launch.update(BLOCK=block, num_warps=warps)
         args = (x, alpha, None, None, 1.0, 10.0, False, True, True)
         infer = bench(lambda: fwd(*args, 0))
@@ -51,5 +51,5 @@ for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bflo
               f"{infer:.3f} ms ({floor[0] / infer:.0%} of floor), forward (saving) {train:.3f},"
               f" backward {back:.3f}, fwd+bwd {total:.3f} ms ({floor[1] / total:.0%} of floor "
               f"{floor[1]:.3f})", flush=True)
-    _, block, warps, *_ = min(row for row in rows if row[3] == plif_ops.CHECKPOINT["triton"])
-    print(f"best {str(dtype)[6:]} BLOCK={block} num_warps={warps}", flush=True)
+    _, block, warps, k, *_ = min(rows)
+    print(f"best {str(dtype)[6:]} BLOCK={block} num_warps={warps} checkpoint={k}", flush=True)

@@ -15,8 +15,8 @@ the compute dtype). With k > 1 the backward recomputes each chunk's membranes fr
 registers, with the forward's own code (so bit-identically): traffic per neuron and step is
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
-Triton backend uses k = 16 (5.125 values), chosen by measurement (docs/kernels.md); the C++
-backend one chunk per sequence (k = 1 << 30, so v_saved is one row, [1, N]): its backward
+Triton backend uses k = 16 for float32 (5.125 values) and 8 for bf16/fp16, chosen by
+measurement (`LAUNCH`, docs/kernels.md); the C++ backend one chunk per sequence (k = 1 << 30, so v_saved is one row, [1, N]): its backward
 recomputes all T membranes of a block of neurons into a per-thread buffer that stays in cache,
 and the forward no longer writes a fresh [T, N] tensor (its page faults cost more than the
 recomputation). The leak gradient is reduced deterministically: the kernels write one partial
@@ -34,23 +34,27 @@ from neurokern._kernels import (
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
 
-# Triton launch configurations per element size of x in bytes (float64 takes float32's):
-# neurons per program and warps, for the forward and the backward; each program loops over all
-# T steps. Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22],
-# 2026-11-23; BLOCK 256/512/1024 x 4/8 warps x k 4/8/16, docs/kernels.md).
+# Triton launch configuration per element size of x in bytes: neurons per program and warps
+# (the forward's and the backward's; each program loops over all T steps), and the checkpoint
+# interval k of the membranes saved for the backward, which recomputes the k steps in between
+# from x (triton_kernels/plif.py; the forward also issues the loads of k steps at a time).
+# Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22], 2026-11-23, BLOCK
+# 256/512/1024 x 2/4/8 warps x k 4/8/16; docs/kernels.md); float64 keeps k = 4: its backward
+# with k = 16 took two minutes to compile.
 LAUNCH = {
-    4: dict(BLOCK=256, num_warps=4),  # float32
-    2: dict(BLOCK=256, num_warps=4),  # bfloat16, float16
+    8: dict(BLOCK=256, num_warps=4, checkpoint=4),  # float64
+    4: dict(BLOCK=256, num_warps=4, checkpoint=16),  # float32
+    2: dict(BLOCK=256, num_warps=4, checkpoint=8),  # bfloat16, float16
 }
 
-# Membranes saved for the backward, per backend: every step (1), or every k-th step with the
-# backward recomputing the k steps in between from x (see triton_kernels/plif.py); the Triton
-# forward also issues the loads of k steps at a time.
-CHECKPOINT = {"cpu": 1 << 30, "triton": 16}
+# The checkpoint interval per backend: the C++ backend saves one chunk per sequence (see
+# above); None takes the Triton one from LAUNCH (tests set other values here).
+CHECKPOINT = {"cpu": 1 << 30, "triton": None}
 
 
-def _launch(dtype: torch.dtype) -> dict:
-    return LAUNCH[min(dtype.itemsize, 4)]
+def checkpoint_interval(backend: str, dtype: torch.dtype) -> int:
+    """k for the membranes saved by `backend`'s forward of an x of `dtype`."""
+    return CHECKPOINT[backend] or LAUNCH[dtype.itemsize]["checkpoint"]
 
 
 def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:
@@ -126,7 +130,7 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            launch = _launch(x.dtype)
+            launch = LAUNCH[x.dtype.itemsize]
             plif_fwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
@@ -135,7 +139,8 @@ if triton_available():
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
-                CHUNK=checkpoint or CHECKPOINT["triton"], **launch,
+                CHUNK=checkpoint or checkpoint_interval("triton", x.dtype),
+                BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
             )
         return s, v_saved, v_last, s_last
 
@@ -161,7 +166,7 @@ if triton_available():
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
-            launch = _launch(x.dtype)
+            launch = LAUNCH[x.dtype.itemsize]
             plif_bwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
@@ -175,7 +180,8 @@ if triton_available():
                 HAS_GRAD_V_LAST=grad_v_last is not None,
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
-                DETACH_RESET=detach_reset, CHUNK=checkpoint, **launch,
+                DETACH_RESET=detach_reset, CHUNK=checkpoint, BLOCK=launch["BLOCK"],
+                num_warps=launch["num_warps"],
             )
         return dx, dalpha, dv0, ds0
 
@@ -208,13 +214,14 @@ def plif_ops(backend):
 class PLIFFunction(torch.autograd.Function):
     """Multi-step PLIF on a fused backend. Inputs `(x, alpha, v0, s0)`, outputs
     `(s, v_last, s_last)`; the backward runs the reverse-time kernel from x and the saved
-    membranes (every CHECKPOINT[backend]-th step)."""
+    membranes (every `checkpoint_interval`-th step)."""
 
     @staticmethod
     def forward(ctx, x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset,
                 backend):
         fwd = eager_or_op(plif_ops(backend)[0])
-        checkpoint = CHECKPOINT[backend] if any(ctx.needs_input_grad[:4]) else 0
+        checkpoint = (checkpoint_interval(backend, x.dtype) if any(ctx.needs_input_grad[:4])
+                      else 0)
         s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
                                          spiking, checkpoint)
         ctx.save_for_backward(x, v_saved, alpha, v0, s0)

@@ -233,13 +233,13 @@ def _opcheck_samples(device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     device = backend_device(backend)
-    from neurokern.plif_ops import CHECKPOINT, plif_ops
+    from neurokern.plif_ops import checkpoint_interval, plif_ops
 
     fwd, bwd = plif_ops(backend)
     for args in _opcheck_samples(device):
         torch.library.opcheck(fwd, args)
         x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, _ = args
-        k = CHECKPOINT[backend]
+        k = checkpoint_interval(backend, x.dtype)
         s, v_saved, v_last, _ = fwd(*args[:9], k)
         grads = (torch.randn_like(s), torch.randn_like(v_last), None)
         torch.library.opcheck(bwd, (*grads, x, v_saved, alpha, v0, s0, v_th, gamma, signed,

@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from neurokern.plif_ops import LAUNCH
     from neurokern.triton_kernels.plif import plif_bwd_kernel, plif_fwd_kernel
     from neurokern.triton_kernels.spike import spike_bwd_kernel, spike_fwd_kernel
     from neurokern.triton_kernels.spikgru2plus import (
@@ -26,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     # products' operands and results (gh, dgh, s_mm, ds_rec) are in `dtype` (bf16 under autocast).
     GRU_LOW = ("gh_ptr", "dgh_ptr", "s_mm_ptr", "ds_rec_ptr")
 
-    def compile_for_h100(fn, dtype, consts):
+    def compile_for_h100(fn, dtype, consts, num_warps=4):
         compute = "fp64" if dtype == "fp64" else "fp32"
         low = lambda name: name in GRU_LOW if "spikgru2plus" in fn.__name__ else (
             name not in COMPUTE)
@@ -40,16 +41,18 @@ SCRIPT = textwrap.dedent('''
                 sig[name] = "i32"
         constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
         print("compiled", fn.__name__, dtype, consts, flush=True)
 
-    for dtype in ("fp32", "bf16", "fp64"):
+    for dtype, size in (("fp32", 4), ("bf16", 2), ("fp64", 8)):
+        launch = LAUNCH[size]  # the PLIF kernels as plif_ops launches them
         compile_for_h100(plif_fwd_kernel, dtype, dict(
-            HAS_STATE=True, SAVE=True, SIGNED=True, SPIKING=dtype != "fp64", CHUNK=8,
-            BLOCK=256))
+            HAS_STATE=True, SAVE=True, SIGNED=True, SPIKING=dtype != "fp64",
+            CHUNK=launch["checkpoint"], BLOCK=launch["BLOCK"]), num_warps=launch["num_warps"])
         compile_for_h100(plif_bwd_kernel, dtype, dict(
             HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_STATE=True, SIGNED=True,
-            SPIKING=dtype != "fp64", DETACH_RESET=False, CHUNK=8, BLOCK=256))
+            SPIKING=dtype != "fp64", DETACH_RESET=False, CHUNK=launch["checkpoint"],
+            BLOCK=launch["BLOCK"]), num_warps=launch["num_warps"])
         compile_for_h100(spike_fwd_kernel, dtype, dict(SIGNED=True, SPIKING=True, BLOCK=1024))
         compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
     for dtype in ("fp32", "bf16", "fp64"):
