@@ -10,8 +10,8 @@
 #                              "tune": the PLIF launch configurations and checkpoint intervals,
 #                              fp32 and bf16 (probe_plif_tune.py))
 #   TEST_TIMEOUT=300           seconds for the test suite (TEST_WORKERS=8 xdist workers); a
-#                              failing suite does not stop the
-#                              benchmarks, but the script then exits non-zero.
+#                              failing suite does not stop the benchmarks, but the script
+#                              then exits non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

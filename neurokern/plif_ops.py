@@ -16,10 +16,10 @@ registers, with the forward's own code (so bit-identically): traffic per neuron 
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
 Triton backend uses k = 16 for float32 (5.125 values) and 8 for bf16/fp16, chosen by
-measurement (`LAUNCH`, docs/kernels.md); the C++ backend one chunk per sequence (k = 1 << 30, so v_saved is one row, [1, N]): its backward
-recomputes all T membranes of a block of neurons into a per-thread buffer that stays in cache,
-and the forward no longer writes a fresh [T, N] tensor (its page faults cost more than the
-recomputation). The leak gradient is reduced deterministically: the kernels write one partial
+measurement (`LAUNCH`, docs/kernels.md); the C++ backend one chunk per sequence (k = 1 << 30,
+so v_saved is one row, [1, N]): its backward recomputes all T membranes of a block of neurons
+into a per-thread buffer that stays in cache, and the forward no longer writes a fresh [T, N]
+tensor (its page faults cost more than the recomputation). The leak gradient is reduced deterministically: the kernels write one partial
 sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel; no atomics.
 """
 
