@@ -1,9 +1,8 @@
 """Probe (GPU): the Triton PLIF kernels alone (CUDA-graph timing, no Python overhead) over
 launch configurations and checkpoint intervals at the issue's headline size, with the fraction
 of the copy bandwidth each reaches and the backward kernel's registers and spilled bytes.
-Prints one line per configuration, best last, then per
-dtype the best as a line `best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>`
-(plif_ops.LAUNCH's entries).
+Prints one line per configuration, best last, then per dtype the best as a line
+`best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>` (plif_ops.LAUNCH's entries).
 
     python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
 """
