@@ -126,22 +126,19 @@ for weight_dtype in (torch.float32, torch.bfloat16):
           flush=True)
 
 # The products with a spike factor (layers 2-3 of the paper's stack: x = the previous layer's
-# spikes after dropout 0.2, I = 2H = 2048, two directions' 6H = 6144 columns, T B = 2880 rows;
-# and dU of one direction, 3H x H, over the T B rows):
+# spikes after dropout 0.2, I = 2H = 2048, two directions' 6H = 6144 columns, T B = 2880 rows):
 # float32 cuBLAS (TF32 off) against split bf16 products (neurokern.spikgru2plus_ops.
 # split_product, NEUROKERN_SPLIT_PRODUCTS=1), time and error against float64.
 from neurokern.spikgru2plus_ops import split_product  # noqa: E402
 
-print("products with a spike factor (T B = 2880, I = 2048, 6H = 6144; dU: one direction), ms "
-      "and max error relative to the largest value")
+print("products with a spike factor (T B = 2880, I = 2048, 6H = 6144), ms and max error "
+      "relative to the largest value")
 gen = torch.Generator(device=dev).manual_seed(0)
 spikes = 1.25 * torch.randint(-1, 2, (90 * B, 2 * H), generator=gen, device=dev).float()
 weight_t = torch.randn(2 * H, 6 * H, generator=gen, device=dev) * H ** -0.5
 dgi_t = torch.randn(6 * H, 90 * B, generator=gen, device=dev) * 1e-3
 for name, a, b, exact in (("gi = x W^T", spikes, weight_t, "a"),
-                          ("dW = dgi^T x", dgi_t, spikes, "b"),
-                          # one direction's dU over all steps, S_prev = that direction's spikes
-                          ("dU = dgh^T S", dgi_t[:3 * H], spikes[:, :H], "b")):
+                          ("dW = dgi^T x", dgi_t, spikes, "b")):
     t32 = bench(lambda: torch.mm(a, b))
     t_split = bench(lambda: split_product(a, b, exact))
     ref = a.double() @ b.double()
