@@ -1,7 +1,9 @@
 """Probe (GPU): the Triton PLIF kernels alone (CUDA-graph timing, no Python overhead) over
 launch configurations and checkpoint intervals at the issue's headline size, with the fraction
 of the copy bandwidth each reaches and the backward kernel's registers and spilled bytes.
-Prints one line per configuration, best last, then per dtype the best as a line
+First, per dtype, the default configuration with and without the kernels' PACKED path (vector
+loads: x's neurons contiguous and a multiple of BLOCK per batch row); then one line per
+configuration ("packed" where BLOCK divides C * H * W), best last, and the best as a line
 `best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>` (plif_ops.LAUNCH's entries).
 
     python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
@@ -35,33 +37,61 @@ def registers(kernel):
         return "?"
 
 
-src = torch.empty(1 << 28, device=dev)
-dst = torch.empty_like(src)
-bandwidth = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+def copy_bandwidth():
+    src = torch.empty(1 << 28, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+
+
+bandwidth = copy_bandwidth()
 print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
-del src, dst
+packed_align = plif_ops.packed_align
+
+
+def measure(x, g, alpha, block, warps, k):
+    """(fwd+bwd, forward without saving, forward saving, backward) in ms, registers/spills."""
+    plif_ops.LAUNCH[x.dtype.itemsize].update(BLOCK=block, num_warps=warps)
+    args = (x, alpha, None, None, 1.0, 10.0, False, True, True)
+    infer = bench(lambda: fwd(*args, 0))
+    train = bench(lambda: fwd(*args, k))
+    _, v_saved, _, _ = fwd(*args, k)
+    back = bench(lambda: bwd(g, None, None, x, v_saved, alpha, None, None, 1.0, 10.0,
+                             False, True, True, False, k))
+    return (train + back, infer, train, back), registers(plif_ops.plif_bwd_kernel)
+
+
+def line(name, times, floor, regs):
+    total, infer, train, back = times
+    return (f"{name}: forward (no grad) {infer:.3f} ms ({floor[0] / infer:.0%} of floor), "
+            f"forward (saving) {train:.3f}, backward {back:.3f} (registers/spills {regs}), "
+            f"fwd+bwd {total:.3f} ms ({floor[1] / total:.0%} of floor {floor[1]:.3f})")
+
+
 for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bfloat16")]:
-    launch = plif_ops.LAUNCH[dtype.itemsize]
     x = torch.randn(B, T, C, S, S, device=dev, dtype=dtype)
     g = torch.randn_like(x)
     alpha = torch.rand(C, device=dev)
     nbytes = x.numel() * x.element_size()
+    floor = (2 * nbytes / bandwidth * 1e3, 5 * nbytes / bandwidth * 1e3)
+    default = dict(plif_ops.LAUNCH[x.dtype.itemsize])
+    config = (default["BLOCK"], default["num_warps"], default["checkpoint"])
+    layout = plif_ops.step_strides(x, True)
+    for packed in (False, True):  # the A/B of the PACKED path at the default configuration
+        plif_ops.packed_align = packed_align if packed else (lambda *args: 0)
+        packed = packed and packed_align(config[0], x.element_size(), *layout) > 0
+        times, regs = measure(x, g, alpha, *config)
+        print(line(f"{str(dtype)[6:]:8} default BLOCK {config[0]} warps {config[1]} k "
+                   f"{config[2]} {'packed' if packed else 'strided'}", times, floor, regs),
+              flush=True)
+    plif_ops.packed_align = packed_align
     rows = []
-    for block, warps, k in itertools.product((256, 512, 1024), (2, 4, 8), (4, 8, 16)):
-        launch.update(BLOCK=block, num_warps=warps)
-        args = (x, alpha, None, None, 1.0, 10.0, False, True, True)
-        infer = bench(lambda: fwd(*args, 0))
-        train = bench(lambda: fwd(*args, k))
-        _, v_saved, _, _ = fwd(*args, k)
-        back = bench(lambda: bwd(g, None, None, x, v_saved, alpha, None, None, 1.0, 10.0,
-                                 False, True, True, False, k))
-        floor = (2 * nbytes / bandwidth * 1e3, 5 * nbytes / bandwidth * 1e3)
-        regs = registers(plif_ops.plif_bwd_kernel)
-        rows.append((train + back, block, warps, k, infer, train, back, floor, regs))
-    for total, block, warps, k, infer, train, back, floor, regs in sorted(rows, reverse=True):
-        print(f"{str(dtype)[6:]:8} BLOCK {block:4} warps {warps} k {k:2}: forward (no grad) "
-              f"{infer:.3f} ms ({floor[0] / infer:.0%} of floor), forward (saving) {train:.3f},"
-              f" backward {back:.3f} (registers/spills {regs}), fwd+bwd {total:.3f} ms "
-              f"({floor[1] / total:.0%} of floor {floor[1]:.3f})", flush=True)
+    for block, warps, k in itertools.product((128, 256, 512), (1, 2, 4, 8), (4, 8, 16)):
+        times, regs = measure(x, g, alpha, block, warps, k)
+        packed = packed_align(block, x.element_size(), *layout) > 0
+        rows.append((times, block, warps, k, packed, regs))
+    for times, block, warps, k, packed, regs in sorted(rows, reverse=True):
+        print(line(f"{str(dtype)[6:]:8} BLOCK {block:4} warps {warps} k {k:2}"
+                   f"{' packed' if packed else ''}", times, floor, regs), flush=True)
+    plif_ops.LAUNCH[x.dtype.itemsize].update(default)
     _, block, warps, k, *_ = min(rows)
     print(f"best {str(dtype)[6:]} BLOCK={block} num_warps={warps} checkpoint={k}", flush=True)

@@ -90,6 +90,31 @@ def _step_strides(shape, stride, batch_first):
     return sizes, strides
 
 
+@functools.lru_cache(maxsize=256)
+def packed_align(block: int, itemsize: int, sizes, *strides) -> int:
+    """ALIGN for the Triton kernels' PACKED path, or 0 where it does not apply.
+
+    PACKED needs, for every tensor read or written through `strides` (one tuple of step
+    strides per tensor, `sizes` = (T, B, C, S1, S2) as `step_strides` gives them): (C, S1, S2)
+    one contiguous run of M = C * S1 * S2 elements, M a multiple of `block` (so a program's
+    neurons are consecutive elements of one batch row), and time and batch strides multiples
+    of 16 bytes, ALIGN elements: the kernels promise the compiler these alignments, which lets
+    it issue vector loads and stores. Contiguous time-major and batch-major tensors qualify when
+    M is a multiple of the block (every layer of the paper's network but [128, 11, 11])."""
+    steps, batch, channels, s1, s2 = sizes
+    align = 16 // itemsize
+    if (channels * s1 * s2) % block or block % align:
+        return 0
+    for stride_t, stride_b, stride_c, stride_1, stride_2 in strides:
+        inner = ((s2, stride_2, 1), (s1, stride_1, s2), (channels, stride_c, s1 * s2))
+        if any(size > 1 and stride != run for size, stride, run in inner):
+            return 0
+        if any(size > 1 and stride % align for size, stride in ((steps, stride_t),
+                                                                  (batch, stride_b))):
+            return 0
+    return align
+
+
 def _strided(t, batch_first):
     """`t` and its step strides; a tensor whose spatial dims cannot be addressed with two
     strides (a rare view) is copied once."""
@@ -131,6 +156,8 @@ if triton_available():
         has_state = v0 is not None
         if N:
             launch = LAUNCH[x.dtype.itemsize]
+            align = packed_align(launch["BLOCK"], x.dtype.itemsize, (T, B, C, S1, S2),
+                                 x_strides, s_strides)
             plif_fwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
@@ -139,7 +166,7 @@ if triton_available():
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
-                CHUNK=checkpoint or checkpoint_interval("triton", x.dtype),
+                PACKED=align > 0, ALIGN=max(align, 1), CHUNK=checkpoint or checkpoint_interval("triton", x.dtype),
                 BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
             )
         return s, v_saved, v_last, s_last
@@ -167,6 +194,8 @@ if triton_available():
         has_state = v0 is not None
         if N:
             launch = LAUNCH[x.dtype.itemsize]
+            align = packed_align(launch["BLOCK"], x.dtype.itemsize, (T, B, C, S1, S2),
+                                 g_strides, x_strides, d_strides)
             plif_bwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
@@ -180,7 +209,8 @@ if triton_available():
                 HAS_GRAD_V_LAST=grad_v_last is not None,
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
-                DETACH_RESET=detach_reset, CHUNK=checkpoint, BLOCK=launch["BLOCK"],
+                DETACH_RESET=detach_reset, PACKED=align > 0, ALIGN=max(align, 1),
+                CHUNK=checkpoint, BLOCK=launch["BLOCK"],
                 num_warps=launch["num_warps"],
             )
         return dx, dalpha, dv0, ds0

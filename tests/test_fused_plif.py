@@ -18,8 +18,11 @@ f64 = torch.float64
 
 @st.composite
 def plif_cases(draw):
-    big = draw(st.booleans())  # more neurons than one block (256) and than one block per channel
-    spatial = [11, 11] if big else draw(st.lists(st.integers(1, 5), max_size=2))
+    # big: more neurons than one block (256) and than one block per channel; packed: with
+    # blocks of 16 neurons, channels of 32 contiguous neurons (the kernels' PACKED path)
+    size = draw(st.sampled_from(["small", "big", "packed"]))
+    spatial = {"big": [11, 11], "packed": [4, 8]}.get(size) or draw(
+        st.lists(st.integers(1, 5), max_size=2))
     return dict(
         shape=(draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 4)),
                *spatial),
@@ -33,20 +36,27 @@ def plif_cases(draw):
         seed=draw(st.integers(0, 2**16)),
         # membranes saved every k steps (the backward recomputes the rest); None: the default
         checkpoint=draw(st.sampled_from([None, 1, 2, 3, 8])),
+        # neurons per Triton program (None: the default, LAUNCH)
+        block=16 if size == "packed" else draw(st.sampled_from([None, 16])),
     )
 
 
 @contextlib.contextmanager
-def checkpoint_interval(backend, k):
-    """Run `backend` with the membranes saved every `k` steps (None: its default)."""
+def launch_config(backend, k, block=None):
+    """Run `backend` with the membranes saved every `k` steps and, on Triton, `block` neurons
+    per program (None: the defaults)."""
     from neurokern import plif_ops
 
-    default = plif_ops.CHECKPOINT[backend]
-    plif_ops.CHECKPOINT[backend] = default if k is None else k
+    default = plif_ops.CHECKPOINT[backend], {size: dict(c) for size, c in plif_ops.LAUNCH.items()}
+    plif_ops.CHECKPOINT[backend] = default[0] if k is None else k
+    for config in plif_ops.LAUNCH.values():
+        config["BLOCK"] = block or config["BLOCK"]
     try:
         yield
     finally:
-        plif_ops.CHECKPOINT[backend] = default
+        plif_ops.CHECKPOINT[backend] = default[0]
+        for size, config in default[1].items():
+            plif_ops.LAUNCH[size].update(config)
 
 
 def make_inputs(case):
@@ -80,7 +90,9 @@ def run(case, backend, dtype, x, alpha, state, cotangents, device):
     st_ = None if state is None else tuple(
         t.detach().to(device, dtype).requires_grad_() for t in state)
     k = case["checkpoint"] if backend in RECOMPUTING_BACKENDS else None
-    with contextlib.nullcontext() if backend == "reference" else checkpoint_interval(backend, k):
+    config = contextlib.nullcontext() if backend == "reference" else launch_config(
+        backend, k, case.get("block"))
+    with config:
         s, (v_last, s_last) = nk.plif(
             x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["signed"],
             batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
@@ -171,6 +183,62 @@ def test_low_precision_against_float64_reference(poison_empty, backend, dtype, c
     if not flips.any():  # the leak gradient sums over neurons: compare only without flips
         allowed = 4 * (ref[4] - ref64[4]).abs().max()
         assert (out[4] - ref64[4]).abs().max() <= allowed + ulp * (1 + ref64[4].abs().max())
+
+
+def test_packed_layouts():
+    """Which layouts the Triton launchers hand to the kernels' PACKED path (contiguous neurons
+    per program, alignment promised to the compiler): a wrong yes would be a wrong promise."""
+    from neurokern.plif_ops import packed_align, step_strides
+
+    def align(x, block=16, batch_first=False, *others):
+        sizes, strides = step_strides(x, batch_first)
+        return packed_align(block, x.element_size(), sizes, strides,
+                            *(step_strides(o, batch_first)[1] for o in others))
+
+    x = torch.zeros(5, 3, 4, 4, 8)  # [T, B, C, H, W], M = 128
+    assert align(x) == 4  # 16 bytes of float32
+    assert align(x.double()) == 2 and align(x.bfloat16()) == 8
+    assert align(x.transpose(0, 1), batch_first=True) == 4
+    assert align(x.transpose(0, 1).contiguous().transpose(0, 1)) == 4  # time-major view
+    assert align(x[1:]) == 4  # a storage offset is the pointer's business, not the strides'
+    assert align(x, 256) == 0  # M = 128 is not a multiple of the block
+    assert align(x[..., ::2]) == 0  # strided spatial dims
+    assert align(x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)) == 0  # channels last
+    assert align(x, 16, False, x[..., ::2]) == 0  # every tensor must qualify
+    odd = torch.zeros(5, 3, 2, 4, 3)  # M = 24
+    assert align(odd, 8) == 4 and align(odd, 16) == 0
+    assert align(torch.zeros(5, 3, 2 * 4 * 3 + 2)[..., :24].view(5, 3, 2, 4, 3), 8) == 0, \
+        "a batch stride of 26 floats is not a multiple of 16 bytes"
+    assert align(torch.zeros(1, 1, 26)[..., :24].view(1, 1, 2, 4, 3), 8) == 4, \
+        "strides of size-1 dims are never used"
+
+
+TRITON_BACKEND = [p for p in BACKENDS if p.values == ("triton",)]
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKEND)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major", "transposed", "offset"])
+def test_packed_path_equals_reference(backend, layout):
+    """The PACKED kernels (blocks of 16 contiguous neurons, 2 per channel; more than one batch
+    row; a partial last chunk) against the reference; "offset": a view that starts one element
+    into its storage (a pointer not 16-byte aligned, strides that are). float64, so exactly;
+    the property tests cover the other dtypes (their "packed" cases)."""
+    from neurokern.plif_ops import packed_align, step_strides
+
+    case = dict(shape=(11, 3, 2, 4, 8), layout="time_major" if layout == "offset" else layout,
+                signed=True, scalar_leak=False, with_state=True, detach_reset=False,
+                v_th=1.0, gamma=4.0, seed=3, checkpoint=4, block=16)
+    x, alpha, state, cotangents = make_inputs(case)
+    if layout == "offset":
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+    sizes, strides = step_strides(x, layout == "batch_major")
+    assert packed_align(16, x.element_size(), sizes, strides) > 0
+    device = backend_device(backend)
+    out = run(case, backend, f64, x, alpha, state, cotangents, device)
+    ref = run(case, "reference", f64, x, alpha, state, cotangents, device)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
+    for a, b in zip(out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

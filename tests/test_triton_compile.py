@@ -13,6 +13,8 @@ import pytest
 from neurokern.triton_kernels import triton_error
 
 SCRIPT = textwrap.dedent('''
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -40,19 +42,34 @@ SCRIPT = textwrap.dedent('''
             else:
                 sig[name] = "i32"
         constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+        # pointers 16-byte aligned, as the launcher specialises them for fresh tensors
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name.endswith("_ptr") and name not in consts}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs,
+                                          attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=num_warps))
         print("compiled", fn.__name__, dtype, consts, flush=True)
+        return kernel.asm["ptx"]
 
     for dtype, size in (("fp32", 4), ("bf16", 2), ("fp64", 8)):
         launch = LAUNCH[size]  # the PLIF kernels as plif_ops launches them
-        compile_for_h100(plif_fwd_kernel, dtype, dict(
-            HAS_STATE=True, SAVE=True, SIGNED=True, SPIKING=dtype != "fp64",
-            CHUNK=launch["checkpoint"], BLOCK=launch["BLOCK"]), num_warps=launch["num_warps"])
-        compile_for_h100(plif_bwd_kernel, dtype, dict(
-            HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_STATE=True, SIGNED=True,
-            SPIKING=dtype != "fp64", DETACH_RESET=False, CHUNK=launch["checkpoint"],
-            BLOCK=launch["BLOCK"]), num_warps=launch["num_warps"])
+        for packed in (False, True):
+            layout = dict(PACKED=packed, ALIGN=16 // size if packed else 1,
+                          CHUNK=launch["checkpoint"], BLOCK=launch["BLOCK"])
+            ptx = [compile_for_h100(plif_fwd_kernel, dtype, dict(
+                HAS_STATE=True, SAVE=True, SIGNED=True, SPIKING=dtype != "fp64", **layout),
+                num_warps=launch["num_warps"])]
+            ptx.append(compile_for_h100(plif_bwd_kernel, dtype, dict(
+                HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_STATE=True, SIGNED=True,
+                SPIKING=dtype != "fp64", DETACH_RESET=False, **layout),
+                num_warps=launch["num_warps"]))
+            # the PACKED path exists for its vector loads and stores of x, s, dL/ds and dx
+            width = 8 * size
+            for text in ptx if packed else ():
+                scalar = re.findall(rf"(?:ld|st)\\.global\\.b{width}\\b", text)
+                vector = re.findall(rf"(?:ld|st)\\.global\\.v\\d\\.b{width}\\b", text)
+                assert vector if size > 2 else not scalar, (dtype, scalar, vector)
         compile_for_h100(spike_fwd_kernel, dtype, dict(SIGNED=True, SPIKING=True, BLOCK=1024))
         compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
     for dtype in ("fp32", "bf16", "fp64"):
@@ -71,4 +88,4 @@ def test_triton_kernels_compile_for_h100():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 18
+    assert proc.stdout.count("compiled") == 24

@@ -19,13 +19,51 @@ from .activations import spike_act, spike_surrogate
 
 
 @triton.jit
-def _neuron_offsets(n, C, S1, S2, stride_b, stride_c, stride_1, stride_2):
-    """Offset of neuron n of a [B, C, S1, S2] step in a tensor with the given strides."""
-    j = n % S2
-    i = (n // S2) % S1
-    c = (n // (S2 * S1)) % C
-    b = n // (S2 * S1 * C)
-    return b * stride_b + c * stride_c + i * stride_1 + j * stride_2
+def _neurons(N, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's neuron numbers n ([BLOCK], int64) and which of them exist."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if PACKED:  # N is a multiple of BLOCK; an all-true constant mask lets loads vectorise
+        mask = tl.full([BLOCK], 1, tl.int1)
+    else:
+        mask = n < N
+    return n, mask
+
+
+@triton.jit
+def _neuron_offsets(n, C, S1, S2, stride_b, stride_c, stride_1, stride_2,
+                    PACKED: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets of neurons n of a [B, C, S1, S2] step in a tensor with the given strides.
+    PACKED (checked by the launcher): (C, S1, S2) is one contiguous run of M = C * S1 * S2
+    elements, M is a multiple of BLOCK and the batch stride of ALIGN, so a program's neurons
+    are BLOCK consecutive elements of one batch row: the compiler sees contiguous, aligned
+    offsets and issues vector loads instead of one scalar load per neuron."""
+    if PACKED:
+        M = C * S1 * S2
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        b = first // M
+        return tl.multiple_of(b * stride_b + (first - b * M), ALIGN) + tl.arange(0, BLOCK)
+    else:
+        j = n % S2
+        i = (n // S2) % S1
+        c = (n // (S2 * S1)) % C
+        b = n // (S2 * S1 * C)
+        return b * stride_b + c * stride_c + i * stride_1 + j * stride_2
+
+
+@triton.jit
+def _before(t, T, n):
+    """`t < T` as a mask shaped like n: a splat, constant across the block, so loads and stores
+    under it still vectorise (and the interpreter keeps it boolean)."""
+    return tl.full(n.shape, t, tl.int64) < T
+
+
+@triton.jit
+def _step_offset(t, stride_t, PACKED: tl.constexpr, ALIGN: tl.constexpr):
+    """Offset of step t; PACKED: the launcher checked that stride_t is a multiple of ALIGN."""
+    if PACKED:
+        return tl.multiple_of(t * stride_t, ALIGN)
+    else:
+        return t * stride_t
 
 
 @triton.jit
@@ -76,33 +114,39 @@ def plif_fwd_kernel(
     SAVE: tl.constexpr,
     SIGNED: tl.constexpr,
     SPIKING: tl.constexpr,
+    PACKED: tl.constexpr,
+    ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    mask = n < N
+    n, mask = _neurons(N, PACKED, BLOCK)
     v_th, gamma, alpha = _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask)
-    x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2)
-    s_ptrs = s_ptr + _neuron_offsets(n, C, S1, S2, ss_b, ss_c, ss_1, ss_2)
+    x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2,
+                                     PACKED, ALIGN, BLOCK)
+    s_ptrs = s_ptr + _neuron_offsets(n, C, S1, S2, ss_b, ss_c, ss_1, ss_2,
+                                     PACKED, ALIGN, BLOCK)
     v = _load_or_zeros(v0_ptr, n, mask, HAS_STATE, v_th.dtype)
     s = _load_or_zeros(s0_ptr, n, mask, HAS_STATE, v_th.dtype)
     for k in range(tl.cdiv(T, CHUNK)):
-        t0 = tl.cast(k, tl.int64) * CHUNK
+        k = tl.cast(k, tl.int64)
+        t0 = k * CHUNK
         # the chunk's loads first: interleaved with the stores of s, which may alias x for all
         # the compiler knows, each would wait for the step before it (one load in flight)
         xs = ()
         for j in tl.static_range(CHUNK):
-            valid = mask & ((n * 0 + t0 + j) < T)  # only the last chunk can be partial
-            xs = xs + (tl.load(x_ptrs + (t0 + j) * sx_t, mask=valid, other=0),)
+            valid = mask & _before(t0 + j, T, n)  # only the last chunk can be partial
+            xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
+                               other=0),)
         for j in tl.static_range(CHUNK):
-            valid = (n * 0 + t0 + j) < T  # [BLOCK]
+            valid = _before(t0 + j, T, n)
             v_new, s_new = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED,
                                       SPIKING)
             v = tl.where(valid, v_new, v)
             s = tl.where(valid, s_new, s)
-            tl.store(s_ptrs + (t0 + j) * ss_t, s.to(s_ptr.dtype.element_ty), mask=mask & valid)
+            tl.store(s_ptrs + _step_offset(t0 + j, ss_t, PACKED, ALIGN),
+                     s.to(s_ptr.dtype.element_ty), mask=mask & valid)
         if SAVE:
-            tl.store(v_saved_ptr + k * N + n, v, mask=mask)
+            tl.store(v_saved_ptr + _step_offset(k, N, PACKED, BLOCK) + n, v, mask=mask)
     tl.store(v_last_ptr + n, v.to(v_last_ptr.dtype.element_ty), mask=mask)
     tl.store(s_last_ptr + n, s.to(s_last_ptr.dtype.element_ty), mask=mask)
 
@@ -130,6 +174,8 @@ def plif_bwd_kernel(
     SIGNED: tl.constexpr,
     SPIKING: tl.constexpr,
     DETACH_RESET: tl.constexpr,
+    PACKED: tl.constexpr,
+    ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -139,12 +185,14 @@ def plif_bwd_kernel(
     # dv_carry = dL/dv_t from step t+1 (through the reset and the leak),
     #   dv_t = (dL/ds_t|out + ds_carry) * f'(v_t) + dv_carry
     #   ds_carry <- -v_th * dv_t (0 with detach_reset),  dv_carry <- alpha * dv_t.
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    mask = n < N
+    n, mask = _neurons(N, PACKED, BLOCK)
     v_th, gamma, alpha = _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask)
-    g_ptrs = grad_ptr + _neuron_offsets(n, C, S1, S2, sg_b, sg_c, sg_1, sg_2)
-    x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2)
-    d_ptrs = dx_ptr + _neuron_offsets(n, C, S1, S2, sd_b, sd_c, sd_1, sd_2)
+    g_ptrs = grad_ptr + _neuron_offsets(n, C, S1, S2, sg_b, sg_c, sg_1, sg_2,
+                                        PACKED, ALIGN, BLOCK)
+    x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2,
+                                     PACKED, ALIGN, BLOCK)
+    d_ptrs = dx_ptr + _neuron_offsets(n, C, S1, S2, sd_b, sd_c, sd_1, sd_2,
+                                      PACKED, ALIGN, BLOCK)
     ds_carry = _load_or_zeros(grad_s_last_ptr, n, mask, HAS_GRAD_S_LAST, v_th.dtype)
     dv_carry = _load_or_zeros(grad_v_last_ptr, n, mask, HAS_GRAD_V_LAST, v_th.dtype)
     v_init = _load_or_zeros(v0_ptr, n, mask, HAS_STATE, v_th.dtype)
@@ -152,31 +200,34 @@ def plif_bwd_kernel(
     dalpha = tl.zeros([BLOCK], dtype=v_th.dtype)
     chunks = tl.cdiv(T, CHUNK)
     for kk in range(chunks):
-        k = chunks - 1 - kk
-        t0 = tl.cast(k, tl.int64) * CHUNK
+        k = tl.cast(chunks - 1 - kk, tl.int64)
+        t0 = k * CHUNK
         # the state entering the chunk: a checkpoint, or the initial state for the first chunk
-        has_prev = (n * 0 + k) > 0  # [BLOCK], so that it can mask a load
-        v_start = tl.load(v_saved_ptr + tl.cast(k - 1, tl.int64) * N + n, mask=mask & has_prev,
-                          other=0)
+        has_prev = _before(0, k, n)  # k > 0
+        v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
+                          mask=mask & has_prev, other=0)
         v_start = tl.where(has_prev, v_start, v_init)
         s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
         # every load of the chunk (x and dL/ds) is issued before its serial arithmetic
         xs = ()
         gs = ()
         for j in tl.static_range(CHUNK):
-            valid = mask & ((n * 0 + t0 + j) < T)
-            xs = xs + (tl.load(x_ptrs + (t0 + j) * sx_t, mask=valid, other=0),)
-            gs = gs + (tl.load(g_ptrs + (t0 + j) * sg_t, mask=valid, other=0),)
+            valid = mask & _before(t0 + j, T, n)
+            xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
+                               other=0),)
+            gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
+                               other=0),)
         vs = (v_start,)  # vs[j + 1] = v after step t0 + j
         v, s = v_start, s_start
         for j in tl.static_range(CHUNK):
             v, s = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED, SPIKING)
             vs = vs + (v,)
         for j in tl.static_range(CHUNK - 1, -1, -1):
-            valid = (n * 0 + t0 + j) < T  # [BLOCK]
+            valid = _before(t0 + j, T, n)
             g = gs[j].to(v_th.dtype)
             dv = (g + ds_carry) * spike_surrogate(vs[j + 1], v_th, gamma, SIGNED) + dv_carry
-            tl.store(d_ptrs + (t0 + j) * sd_t, dv.to(dx_ptr.dtype.element_ty), mask=mask & valid)
+            tl.store(d_ptrs + _step_offset(t0 + j, sd_t, PACKED, ALIGN),
+                     dv.to(dx_ptr.dtype.element_ty), mask=mask & valid)
             dalpha += tl.where(valid, dv * vs[j], 0)
             if DETACH_RESET:
                 ds_carry = tl.where(valid, 0, ds_carry)
