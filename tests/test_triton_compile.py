@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     # products' operands and results (gh, dgh, s_mm, ds_rec) are in `dtype` (bf16 under autocast).
     GRU_LOW = ("gh_ptr", "dgh_ptr", "s_mm_ptr", "ds_rec_ptr")
 
-    def compile_for_h100(fn, dtype, consts, num_warps=4):
+    def compile_for_h100(fn, dtype, consts, num_warps=4, divisible=()):
         compute = "fp64" if dtype == "fp64" else "fp32"
         low = lambda name: name in GRU_LOW if "spikgru2plus" in fn.__name__ else (
             name not in COMPUTE)
@@ -42,15 +42,24 @@ SCRIPT = textwrap.dedent('''
             else:
                 sig[name] = "i32"
         constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        # pointers 16-byte aligned, as the launcher specialises them for fresh tensors
+        # pointers 16-byte aligned and the integers in `divisible` multiples of 16, as Triton's
+        # launcher specialises them for fresh tensors of such sizes
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name.endswith("_ptr") and name not in consts}
+                 if (name.endswith("_ptr") or name in divisible) and name not in consts}
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs,
                                           attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps))
         print("compiled", fn.__name__, dtype, consts, flush=True)
         return kernel.asm["ptx"]
+
+    def assert_vectorised(ptx, dtype, size):
+        """Accesses of the element size are vectors (bf16: no 2-byte access at all; wider
+        dtypes: vectors present, beside scalar loads of the kernels' float32 parameters)."""
+        width = 8 * size
+        scalar = re.findall(rf"(?:ld|st)\\.global\\.b{width}\\b", ptx)
+        vector = re.findall(rf"(?:ld|st)\\.global\\.v\\d\\.b{width}\\b", ptx)
+        assert vector if size > 2 else not scalar, (dtype, scalar, vector)
 
     for dtype, size in (("fp32", 4), ("bf16", 2), ("fp64", 8)):
         launch = LAUNCH[size]  # the PLIF kernels as plif_ops launches them
@@ -65,13 +74,11 @@ SCRIPT = textwrap.dedent('''
                 SPIKING=dtype != "fp64", DETACH_RESET=False, **layout),
                 num_warps=launch["num_warps"]))
             # the PACKED path exists for its vector loads and stores of x, s, dL/ds and dx
-            width = 8 * size
             for text in ptx if packed else ():
-                scalar = re.findall(rf"(?:ld|st)\\.global\\.b{width}\\b", text)
-                vector = re.findall(rf"(?:ld|st)\\.global\\.v\\d\\.b{width}\\b", text)
-                assert vector if size > 2 else not scalar, (dtype, scalar, vector)
-        compile_for_h100(spike_fwd_kernel, dtype, dict(SIGNED=True, SPIKING=True, BLOCK=1024))
-        compile_for_h100(spike_bwd_kernel, dtype, dict(SIGNED=False, BLOCK=1024))
+                assert_vectorised(text, dtype, size)
+        for fn, consts in ((spike_fwd_kernel, dict(SIGNED=True, SPIKING=True, BLOCK=1024)),
+                           (spike_bwd_kernel, dict(SIGNED=False, BLOCK=1024))):
+            assert_vectorised(compile_for_h100(fn, dtype, consts, divisible=("n",)), dtype, size)
     for dtype in ("fp32", "bf16", "fp64"):
         compile_for_h100(spikgru2plus_step_fwd_kernel, dtype, dict(
             RESET_GATE=True, HAS_BIAS=True, SIGNED=True, SPIKING=dtype != "fp64",

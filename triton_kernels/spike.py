@@ -1,7 +1,9 @@
 """Elementwise spike / signed_spike forward and surrogate backward (SPEC.md 1).
 
 Both kernels treat their tensors as flat arrays of `n` elements (the launcher passes dense
-tensors); one program handles BLOCK consecutive elements.
+tensors); one program handles BLOCK consecutive elements. `n` is specialised (Triton compiles
+a variant for n a multiple of 16): then the bound mask is constant over 16 elements and
+loads and stores are 16-byte vectors; without that knowledge, one scalar access per element.
 """
 
 import triton
@@ -10,7 +12,7 @@ import triton.language as tl
 from .activations import spike_act, spike_surrogate
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def spike_fwd_kernel(
     x_ptr,  # [n]
     params_ptr,  # [2]: v_th, gamma in the compute dtype
@@ -29,7 +31,7 @@ def spike_fwd_kernel(
     tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def spike_bwd_kernel(
     grad_ptr,  # [n] dL/ds
     x_ptr,  # [n]
