@@ -3,7 +3,9 @@ launch configurations and checkpoint intervals at the issue's headline size, wit
 of the copy bandwidth each reaches and the backward kernel's registers and spilled bytes.
 First, per dtype, the default configuration with and without the kernels' PACKED path (vector
 loads: x's neurons contiguous and a multiple of BLOCK per batch row); then one line per
-configuration ("packed" where BLOCK divides C * H * W), best last, and the best as a line
+configuration ("packed" where it runs on that path; a BLOCK that does not divide C * H * W
+runs as a smaller one with fewer warps where that does, `plif_ops.launch_config`), best last,
+and the best as a line
 `best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>` (plif_ops.LAUNCH's entries).
 
     python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
@@ -74,24 +76,35 @@ for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bflo
     nbytes = x.numel() * x.element_size()
     floor = (2 * nbytes / bandwidth * 1e3, 5 * nbytes / bandwidth * 1e3)
     default = dict(plif_ops.LAUNCH[x.dtype.itemsize])
-    config = (default["BLOCK"], default["num_warps"], default["checkpoint"])
-    layout = plif_ops.step_strides(x, True)
+    sizes, strides = plif_ops.step_strides(x, True)
+
+    def launched():  # (BLOCK, num_warps, packed) as the launchers pick them for x now
+        block, warps, align = plif_ops.launch_config(x.element_size(), sizes, strides)
+        return block, warps, align > 0
+
     for packed in (False, True):  # the A/B of the PACKED path at the default configuration
         plif_ops.packed_align = packed_align if packed else (lambda *args: 0)
-        packed = packed and packed_align(config[0], x.element_size(), *layout) > 0
-        times, regs = measure(x, g, alpha, *config)
-        print(line(f"{str(dtype)[6:]:8} default BLOCK {config[0]} warps {config[1]} k "
-                   f"{config[2]} {'packed' if packed else 'strided'}", times, floor, regs),
-              flush=True)
+        times, regs = measure(x, g, alpha, default["BLOCK"], default["num_warps"],
+                              default["checkpoint"])
+        block, warps, packed = launched()
+        print(line(f"{str(dtype)[6:]:8} default: BLOCK {block} warps {warps} k "
+                   f"{default['checkpoint']} {'packed' if packed else 'strided'}", times,
+                   floor, regs), flush=True)
     plif_ops.packed_align = packed_align
-    rows = []
-    for block, warps, k in itertools.product((128, 256, 512), (1, 2, 4, 8), (4, 8, 16)):
+    rows, seen = [], set()
+    for block, warps, k in itertools.product((128, 256, 512, 1024), (1, 2, 4, 8), (4, 8, 16)):
+        plif_ops.LAUNCH[x.dtype.itemsize].update(BLOCK=block, num_warps=warps)
+        if block < 32 * warps or (launched(), k) in seen:  # idle threads, or measured already
+            continue
+        seen.add((launched(), k))
         times, regs = measure(x, g, alpha, block, warps, k)
-        packed = packed_align(block, x.element_size(), *layout) > 0
-        rows.append((times, block, warps, k, packed, regs))
-    for times, block, warps, k, packed, regs in sorted(rows, reverse=True):
+        rows.append((times, block, warps, k, launched(), regs))
+    for times, block, warps, k, (run_block, run_warps, packed), regs in sorted(rows,
+                                                                               reverse=True):
+        runs = f" (runs as {run_block} x {run_warps})" if (run_block, run_warps) != (
+            block, warps) else ""
         print(line(f"{str(dtype)[6:]:8} BLOCK {block:4} warps {warps} k {k:2}"
-                   f"{' packed' if packed else ''}", times, floor, regs), flush=True)
+                   f"{' packed' if packed else ''}{runs}", times, floor, regs), flush=True)
     plif_ops.LAUNCH[x.dtype.itemsize].update(default)
     _, block, warps, k, *_ = min(rows)
     print(f"best {str(dtype)[6:]} BLOCK={block} num_warps={warps} checkpoint={k}", flush=True)

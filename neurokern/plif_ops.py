@@ -115,6 +115,21 @@ def packed_align(block: int, itemsize: int, sizes, *strides) -> int:
     return align
 
 
+def launch_config(itemsize: int, sizes, *strides) -> Tuple[int, int, int]:
+    """`(BLOCK, num_warps, ALIGN)` of the Triton launches for tensors of these sizes and step
+    strides: LAUNCH's entry on the PACKED path where its layout allows (ALIGN > 0, see
+    `packed_align`); where LAUNCH's BLOCK does not divide C * S1 * S2 but a half or a quarter
+    does, that block with as many fewer warps (the same neurons per thread), e.g. 128 x 2 for
+    the paper's [128, 11, 11] layers; else LAUNCH's entry on the strided path (ALIGN = 0)."""
+    launch = LAUNCH[itemsize]
+    block, warps = launch["BLOCK"], launch["num_warps"]
+    while not (align := packed_align(block, itemsize, sizes, *strides)):
+        if warps == 1 or block % 2:
+            return launch["BLOCK"], launch["num_warps"], 0
+        block, warps = block // 2, warps // 2
+    return block, warps, align
+
+
 def _strided(t, batch_first):
     """`t` and its step strides; a tensor whose spatial dims cannot be addressed with two
     strides (a rare view) is copied once."""
@@ -155,10 +170,9 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            launch = LAUNCH[x.dtype.itemsize]
-            align = packed_align(launch["BLOCK"], x.dtype.itemsize, (T, B, C, S1, S2),
-                                 x_strides, s_strides)
-            plif_fwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
+            block, warps, align = launch_config(x.dtype.itemsize, (T, B, C, S1, S2), x_strides,
+                                                s_strides)
+            plif_fwd_kernel[(triton.cdiv(N, block),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
                 scalar_params(v_th, gamma, x.dtype, x.device),
@@ -166,8 +180,9 @@ if triton_available():
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
-                PACKED=align > 0, ALIGN=max(align, 1), CHUNK=checkpoint or checkpoint_interval("triton", x.dtype),
-                BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
+                PACKED=align > 0, ALIGN=max(align, 1),
+                CHUNK=checkpoint or checkpoint_interval("triton", x.dtype), BLOCK=block,
+                num_warps=warps,
             )
         return s, v_saved, v_last, s_last
 
@@ -193,10 +208,9 @@ if triton_available():
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
-            launch = LAUNCH[x.dtype.itemsize]
-            align = packed_align(launch["BLOCK"], x.dtype.itemsize, (T, B, C, S1, S2),
-                                 g_strides, x_strides, d_strides)
-            plif_bwd_kernel[(triton.cdiv(N, launch["BLOCK"]),)](
+            block, warps, align = launch_config(x.dtype.itemsize, (T, B, C, S1, S2), g_strides,
+                                                x_strides, d_strides)
+            plif_bwd_kernel[(triton.cdiv(N, block),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
@@ -210,8 +224,7 @@ if triton_available():
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
                 DETACH_RESET=detach_reset, PACKED=align > 0, ALIGN=max(align, 1),
-                CHUNK=checkpoint, BLOCK=launch["BLOCK"],
-                num_warps=launch["num_warps"],
+                CHUNK=checkpoint, BLOCK=block, num_warps=warps,
             )
         return dx, dalpha, dv0, ds0
 

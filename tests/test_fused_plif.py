@@ -213,6 +213,23 @@ def test_packed_layouts():
         "strides of size-1 dims are never used"
 
 
+def test_launch_config_halves_the_block_to_pack():
+    """A block that does not divide C * S1 * S2 runs as a half or a quarter of it, with as many
+    fewer warps, where that packs; else the configured block on the strided path."""
+    from neurokern.plif_ops import LAUNCH, launch_config, step_strides
+
+    block, warps = LAUNCH[4]["BLOCK"], LAUNCH[4]["num_warps"]
+
+    def config(channels):  # float32 [T, B, C, 1, 1]: M = C
+        return launch_config(4, *step_strides(torch.zeros(3, 2, channels, 1, 1), False))
+
+    assert config(3 * block) == (block, warps, 4)
+    assert config(3 * block // 2) == (block // 2, warps // 2, 4)
+    assert config(block // warps) == (block // warps, 1, 4)
+    assert config(block // warps // 2) == (block, warps, 0)  # would need fewer than one warp
+    assert config(block + 4) == (block, warps, 0)
+
+
 TRITON_BACKEND = [p for p in BACKENDS if p.values == ("triton",)]
 
 
