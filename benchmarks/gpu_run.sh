@@ -3,7 +3,8 @@
 # run the test suite on the GPU, run the benchmarks at the paper's sizes, and copy the results
 # (CSV, plots, logs) to $OUT (default benchmarks/results). Uses the machine's own torch/triton.
 #   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests;
-#                              "quick" instead of "bench": the headline sizes only, Python loops
+#                              "quick" instead of "bench": the activations at 64 M elements,
+#                              the PLIF and SpikGRU2+ headline sizes only, Python loops
 #                              in forward+backward only, the stack also with split products,
 #                              the SpikGRU2+ loops alone per step (probe_spikgru2plus_loops.py);
 #                              meant to fit one 10-minute device call with the tests, untimed;
@@ -45,7 +46,7 @@ if [[ $STEPS == *bench* ]]; then
 elif [[ $STEPS == *quick* ]]; then
     {
         failed=0
-        for args in "bench_plif.py --quick --skip-slow" \
+        for args in "bench_spike.py" "bench_plif.py --quick --skip-slow" \
                     "bench_spikgru2plus.py --quick --skip-slow" \
                     "bench_spikgru2plus.py --quick --skip-slow --split-products" \
                     "probe_spikgru2plus_loops.py" "plot.py"; do

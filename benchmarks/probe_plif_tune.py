@@ -3,9 +3,9 @@ launch configurations and checkpoint intervals at the issue's headline size, wit
 of the copy bandwidth each reaches and the backward kernel's registers and spilled bytes.
 First, per dtype, the default configuration with and without the kernels' PACKED path (vector
 loads: x's neurons contiguous and a multiple of BLOCK per batch row); then one line per
-configuration ("packed" where it runs on that path; a BLOCK that does not divide C * H * W
-runs as a smaller one with fewer warps where that does, `plif_ops.launch_config`), best last,
-and the best as a line
+configuration that runs on the PACKED path (a BLOCK that does not divide C * H * W runs as a
+smaller one with fewer warps where that does, `plif_ops.launch_config`), best last, and the
+best as a line
 `best <dtype> BLOCK=<n> num_warps=<w> checkpoint=<k>` (plif_ops.LAUNCH's entries).
 
     python benchmarks/probe_plif_tune.py [float32] [bfloat16]   (default: both)
@@ -94,7 +94,9 @@ for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bflo
     rows, seen = [], set()
     for block, warps, k in itertools.product((128, 256, 512, 1024), (1, 2, 4, 8), (4, 8, 16)):
         plif_ops.LAUNCH[x.dtype.itemsize].update(BLOCK=block, num_warps=warps)
-        if block < 32 * warps or (launched(), k) in seen:  # idle threads, or measured already
+        # skipped: idle threads, configurations measured already (a block that runs as a
+        # smaller one), and the strided path, measured above at the default configuration
+        if block < 32 * warps or (launched(), k) in seen or not launched()[2]:
             continue
         seen.add((launched(), k))
         times, regs = measure(x, g, alpha, block, warps, k)
