@@ -6,7 +6,10 @@ memory and the byte floor, appended to results/plif.csv.
 
 Providers: the neurokern reference loop; the paper-style loop (batch-major, per-step einsum leak
 multiply, as the paper's code); SpikingJelly's ParametricLIFNode with its Triton implementation
-when `spikingjelly` is installed; neurokern's fused backends available on the device.
+when `spikingjelly` is installed; neurokern's fused backends available on the device, and on a
+GPU "neurokern triton (CUDA graph)": the same calls replayed from CUDA graphs (forward and
+forward+backward), i.e. the kernels through the public API without the host's time between
+launches, which the eager rows include (common.time_graphed).
 
 Byte floor: forward reads x and writes s; forward+backward also reads x and dL/ds and writes dx
 (5 tensors of x's size), over the copy bandwidth measured in the same run.
@@ -71,7 +74,12 @@ def providers(device, channels):
     for backend in common.fused_backends("plif", device):
         out[f"neurokern {backend}"] = (
             lambda x, b=backend: nk.plif(x, alpha, batch_first=True, backend=b))
+    if device.type == "cuda" and "neurokern triton" in out:
+        out[GRAPHED] = out["neurokern triton"]
     return out, why, alpha
+
+
+GRAPHED = "neurokern triton (CUDA graph)"
 
 
 def main(argv=None):
@@ -112,7 +120,9 @@ def main(argv=None):
                 modes = ("fwd+bwd",) if slow and args.skip_slow else ("forward", "backward",
                                                                         "fwd+bwd")
                 try:
-                    timings = common.time_modes(lambda: fn(x), [x, alpha], device, modes)
+                    timings = (common.time_graphed(lambda: fn(x), [x, alpha], device)
+                               if name == GRAPHED else
+                               common.time_modes(lambda: fn(x), [x, alpha], device, modes))
                 except Exception as exc:  # e.g. a provider refusing a dtype: say so
                     print(f"  {name:<22} failed: {exc!r}", flush=True)
                     continue

@@ -160,3 +160,37 @@ def time_modes(fn_forward, inputs_requiring_grad, device, modes):
 
         out["backward"] = (*measure(backward, device), None)
     return out
+
+
+def time_graphed(fn_forward, inputs_requiring_grad, device):
+    """Times of `fn_forward()` in "forward" (no grad) and "fwd+bwd", each replayed from a CUDA
+    graph that captured it: the same kernels through the same public API without the host's
+    time between them (what a training step captured whole, or torch.compile's
+    "reduce-overhead" mode, runs). GPU only; peak memory is not reported (a replay allocates
+    nothing). Returns `{mode: (ms, q20, q80, None)}`."""
+    with torch.no_grad():
+        grad = torch.ones_like(fn_forward())
+
+    def forward_no_grad():
+        with torch.no_grad():
+            fn_forward()
+
+    def full():
+        for t in inputs_requiring_grad:
+            t.grad = None  # the captured backward writes fresh gradients into the graph's pool
+        fn_forward().backward(grad)
+
+    out = {}
+    for mode, step in (("forward", forward_no_grad), ("fwd+bwd", full)):
+        side = torch.cuda.Stream(device)  # warm-up (compilation, caches) off the capture
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        out[mode] = (*measure(graph.replay, device), None)
+        del graph
+    return out
