@@ -47,7 +47,13 @@ def copy_bandwidth():
 
 bandwidth = copy_bandwidth()
 print(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s")
-packed_align = plif_ops.packed_align
+launch_config = plif_ops.launch_config
+
+
+def strided_config(itemsize, sizes, *strides):
+    """plif_ops.launch_config's stand-in for the A/B: LAUNCH's configuration, strided path."""
+    launch = plif_ops.LAUNCH[itemsize]
+    return launch["BLOCK"], launch["num_warps"], 0
 
 
 def measure(x, g, alpha, block, warps, k):
@@ -83,14 +89,14 @@ for dtype in [getattr(torch, name) for name in sys.argv[1:] or ("float32", "bflo
         return block, warps, align > 0
 
     for packed in (False, True):  # the A/B of the PACKED path at the default configuration
-        plif_ops.packed_align = packed_align if packed else (lambda *args: 0)
+        plif_ops.launch_config = launch_config if packed else strided_config
         times, regs = measure(x, g, alpha, default["BLOCK"], default["num_warps"],
                               default["checkpoint"])
         block, warps, packed = launched()
         print(line(f"{str(dtype)[6:]:8} default: BLOCK {block} warps {warps} k "
                    f"{default['checkpoint']} {'packed' if packed else 'strided'}", times,
                    floor, regs), flush=True)
-    plif_ops.packed_align = packed_align
+    plif_ops.launch_config = launch_config
     rows, seen = [], set()
     for block, warps, k in itertools.product((128, 256, 512, 1024), (1, 2, 4, 8), (4, 8, 16)):
         plif_ops.LAUNCH[x.dtype.itemsize].update(BLOCK=block, num_warps=warps)

@@ -122,10 +122,15 @@ def launch_config(itemsize: int, sizes, *strides) -> Tuple[int, int, int]:
     does, that block with as many fewer warps (the same neurons per thread), e.g. 128 x 2 for
     the paper's [128, 11, 11] layers; else LAUNCH's entry on the strided path (ALIGN = 0)."""
     launch = LAUNCH[itemsize]
-    block, warps = launch["BLOCK"], launch["num_warps"]
+    return _launch_config(launch["BLOCK"], launch["num_warps"], itemsize, sizes, *strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(block, warps, itemsize, sizes, *strides):
+    configured = block, warps
     while not (align := packed_align(block, itemsize, sizes, *strides)):
         if warps == 1 or block % 2:
-            return launch["BLOCK"], launch["num_warps"], 0
+            return *configured, 0
         block, warps = block // 2, warps // 2
     return block, warps, align
 
