@@ -100,7 +100,8 @@ def packed_align(block: int, itemsize: int, sizes, *strides) -> int:
     neurons are consecutive elements of one batch row), and time and batch strides multiples
     of 16 bytes, ALIGN elements: the kernels promise the compiler these alignments, which lets
     it issue vector loads and stores. Contiguous time-major and batch-major tensors qualify when
-    M is a multiple of the block (every layer of the paper's network but [128, 11, 11])."""
+    M is a multiple of the block (with 256, every layer of the paper's network but
+    [128, 11, 11], which `launch_config` runs with 128)."""
     steps, batch, channels, s1, s2 = sizes
     align = 16 // itemsize
     if (channels * s1 * s2) % block or block % align:

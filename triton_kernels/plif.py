@@ -10,6 +10,9 @@ Neurons are numbered n = ((b * C + c) * S1 + i) * S2 + j over the `[B, C, S1, S2
 step (the launcher collapses the spatial dims into at most two), and every tensor indexed by
 (t, b, c, i, j) is read or written through its own strides, so time-major, batch-major and
 transposed views need no copy. T is a run-time value (no recompilation per T); offsets are int64.
+On the PACKED path (chosen by the launcher, `plif_ops.packed_align`) a program's neurons are
+BLOCK consecutive elements of one batch row of every tensor, addressed from one aligned base
+offset per step, so loads and stores are vectors.
 """
 
 import triton
@@ -59,7 +62,8 @@ def _before(t, T, n):
 
 @triton.jit
 def _step_offset(t, stride_t, PACKED: tl.constexpr, ALIGN: tl.constexpr):
-    """Offset of step t; PACKED: the launcher checked that stride_t is a multiple of ALIGN."""
+    """t * stride_t; PACKED: declared a multiple of ALIGN, which the launcher checked (for the
+    time strides; the checkpoint rows' stride N is a multiple of BLOCK)."""
     if PACKED:
         return tl.multiple_of(t * stride_t, ALIGN)
     else:
