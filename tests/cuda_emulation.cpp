@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <barrier>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -43,17 +44,58 @@ void load4(const T* p, T x[4]) {
   for (int m = 0; m < 4; ++m) x[m] = p[m];
 }
 
+// The tensor-core loops: a "warp" is one thread here, holding whole tiles; the asynchronous
+// copies are plain copies, complete when they return.
+inline int warp_size() { return 1; }
+inline void zero16(void* dst) { std::memset(dst, 0, 16); }
+inline void copy16_async(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+inline void copy_async_commit() {}
+template <int pending>
+void copy_async_wait() {}
+
+// c += a b on 16 x 16 tiles: the factors as W values (converted exactly to float), the sums in
+// float32 in k order (the tensor cores' order differs: float32 rounding apart)
+template <typename W>
+struct Mma {
+  struct A {
+    float x[16][16];
+  };
+  using B = A;
+  using C = A;
+  static void zero(C& c) { std::memset(c.x, 0, sizeof c.x); }
+  static void load(A& a, const W* p, int ld) {
+    for (int r = 0; r < 16; ++r) {
+      for (int c = 0; c < 16; ++c) a.x[r][c] = static_cast<float>(p[r * ld + c]);
+    }
+  }
+  static void load_a(A& a, const W* p, int ld) { load(a, p, ld); }
+  static void load_b(B& b, const W* p, int ld) { load(b, p, ld); }
+  static void mma(C& c, const A& a, const B& b) {
+    for (int r = 0; r < 16; ++r) {
+      for (int n = 0; n < 16; ++n) {
+        float sum = c.x[r][n];
+        for (int k = 0; k < 16; ++k) sum += a.x[r][k] * b.x[k][n];
+        c.x[r][n] = sum;
+      }
+    }
+  }
+  static void store(float* p, const C& c, int ld) {
+    for (int r = 0; r < 16; ++r) {
+      for (int n = 0; n < 16; ++n) p[r * ld + n] = c.x[r][n];
+    }
+  }
+};
+
 }  // namespace neurokern::persistent
 
 #include "cuda/spikgru2plus_persistent.cuh"
 
 namespace {
 
-using neurokern::persistent::Partition;
 
 // A small "device": `sms` SMs, one resident block each, so that small layers are split
 // over several blocks per direction, and small tiles, so that the batch and k loops run more
-// than one round.
+// than one round (and, for the tensor-core loops, a small shared memory: more blocks).
 struct EmulatedLaunch {
   int sms = 4;
   int batch_rows = 8;
@@ -63,7 +105,16 @@ struct EmulatedLaunch {
 
   int batch_chunk() const { return batch_rows; }
   int k_chunk() const { return k_values; }
-  int k_split() const { return slices; }
+  int k_split() const {  // the SIMT loops: the most slices, a power of 2 (at most `slices`)
+    int split = 1;
+    while (2 * split <= slices) split *= 2;
+    return split;
+  }
+  // the tensor-core loops: `slices` one-thread warps, rounds of k_values rounded up to 16
+  bool tensor_cores() const { return true; }
+  int warps() const { return slices; }
+  int warp_size() const { return 1; }
+  int k_round() const { return (k_values + 15) / 16 * 16; }
   size_t max_shared_bytes() const { return shared_bytes; }
   int multiprocessors() const { return sms; }
   template <typename Kernel>
@@ -73,8 +124,8 @@ struct EmulatedLaunch {
 
   // The kernels read and write the tensors' memory from CPU threads: CPU tensors only
   // (checked by emulated_launch).
-  template <typename Kernel, typename... Args>
-  void run(Kernel kernel, const Partition& p, size_t bytes, Args&... args) const {
+  template <typename Kernel, typename Split, typename... Args>
+  void run(Kernel kernel, const Split& p, size_t bytes, Args&... args) const {
     const int blocks = p.blocks(), threads = p.threads();
     std::barrier<> grid_barrier(int64_t(blocks) * threads);
     std::vector<std::unique_ptr<std::barrier<>>> block_barriers;
@@ -106,7 +157,7 @@ void configure(int multiprocessors, int batch_chunk, int k_chunk, int64_t max_sh
                int k_split) {
   TORCH_CHECK(batch_chunk % neurokern::persistent::kRowsPerThread == 0,
               "batch_chunk must be a multiple of kRowsPerThread");
-  TORCH_CHECK(k_split >= 1 && (k_split & (k_split - 1)) == 0, "k_split must be a power of 2");
+  TORCH_CHECK(k_split >= 1, "k_split must be positive");
   launch = EmulatedLaunch{multiprocessors, batch_chunk, k_chunk,
                           static_cast<size_t>(max_shared_bytes), k_split};
 }
@@ -121,7 +172,8 @@ EmulatedLaunch emulated_launch(const at::Tensor& gi) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure,
-        "The emulated device: resident blocks, tiles, shared memory, most slices per block.",
+        "The emulated device: resident blocks, tiles, shared memory, most slices per block "
+        "(SIMT loops: the largest power of 2 up to it) or warps (tensor-core loops).",
         pybind11::arg("multiprocessors"), pybind11::arg("batch_chunk"), pybind11::arg("k_chunk"),
         pybind11::arg("max_shared_bytes"), pybind11::arg("k_split") = 4);
   m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>);

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import neurokern as nk
@@ -156,6 +156,122 @@ def test_split_products_on_the_emulation(emulated_cuda, monkeypatch):
 def test_spike_input_alone_changes_nothing_on_the_emulation(emulated_cuda, monkeypatch):
     emulated_cuda(3, 8, 8, 256 * 1024)
     fused_tests.test_spike_input_alone_changes_nothing("cuda", monkeypatch)
+
+
+# The tensor-core loops (16-bit U, autocast), op by op against the SIMT float32 loops of the
+# same emulation, which the tests above prove against the reference.
+@st.composite
+def mma_cases(draw):
+    return dict(
+        steps=draw(st.integers(1, 5)),
+        # up to 2 row chunks of 16 and batch groups of 1 row
+        batch=draw(st.sampled_from([1, 2, 3, 5, 16, 17, 33])),
+        # one block of H units; 16 / 32-unit blocks with a partial last one; 3H not a multiple
+        # of 8 (padded rows of the staged factor)
+        hidden=draw(st.sampled_from([1, 5, 16, 24, 37, 70])),
+        directions=draw(st.sampled_from([1, 2])),
+        signed=draw(st.booleans()),
+        reset_gate=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        state=draw(st.sampled_from([None, "ternary", "quantized"])),
+        weight=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+# emulated devices for them: SMs (few: batch groups of several rows; many: of one), k values per
+# round (rounded up to 16), shared memory (24 KiB: slices of 16 units for H = 37, where 32 units
+# or all 37 do not fit), warps of one thread
+mma_devices = st.tuples(st.sampled_from([6, 10, 13, 130]), st.just(8), st.sampled_from([8, 16, 40]),
+                        st.sampled_from([24 * 1024, 40 * 1024, 256 * 1024]),
+                        st.sampled_from([1, 2, 3]))
+
+
+def mma_inputs(case):
+    """Op inputs whose recurrent sums are exact in float32 in any order: U and the state's spikes
+    are small multiples of 2^-7 and 2^-3 (exact in bf16 and fp16), so that the tensor-core loop
+    and the SIMT float32 loop must agree bit for bit in the forward."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    steps, hidden, d = case["steps"], case["hidden"], case["directions"]
+    rows = d * case["batch"]
+
+    def quantized(*shape, scale, low=-64):
+        return torch.randint(low, -low + 1, shape, generator=gen).float() * scale
+
+    gi = torch.randn(steps, rows, 3 * hidden, generator=gen) * 1.5
+    weight = quantized(d, 3 * hidden, hidden, scale=2.0 ** -7)
+    bias = torch.randn(d, 3 * hidden, generator=gen) if case["bias"] else None
+    alpha = torch.rand(d, hidden, generator=gen)
+    state = case["state"]
+    v0, i0 = (torch.randn(rows, hidden, generator=gen) if state else None for _ in range(2))
+    s0 = None if state is None else (
+        quantized(rows, hidden, scale=1.0, low=-1) if state == "ternary"
+        else quantized(rows, hidden, scale=2.0 ** -3, low=-8))
+    return gi, weight, bias, alpha, v0, i0, s0
+
+
+@given(case=mma_cases(), device=mma_devices)
+@example(case=dict(steps=3, batch=33, hidden=70, directions=2, signed=True, reset_gate=True,
+                   bias=True, state="quantized", weight=torch.bfloat16, seed=1),
+         device=(6, 8, 16, 40 * 1024, 3))
+@example(case=dict(steps=4, batch=5, hidden=37, directions=1, signed=False, reset_gate=False,
+                   bias=False, state="ternary", weight=torch.float16, seed=2),
+         device=(130, 8, 40, 24 * 1024, 2))
+def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
+    """Forward: spikes, states and the (W-rounded) recurrent sums equal the float32 loop's bit
+    for bit (exact sums). Backward, from the same saved forward: every gradient within the bf16
+    rounding of the staged gate gradients dgh of the float32 loop's (which keeps dgh in float32),
+    far below what a wrong unit, gate, row or step would give."""
+    gi, weight, bias, alpha, v0, i0, s0 = mma_inputs(case)
+    w16 = weight.to(case["weight"])
+    assert torch.equal(w16.float(), weight)
+    flags = (1.0, 4.0, case["signed"], case["reset_gate"])
+
+    def on(device, op, *args):  # the float32 loops on a device of their own (power-of-2 slices)
+        emulation.configure(*device)
+        return op(*args)
+
+    simt = (8, 8, 8, 256 * 1024, 4)
+    try:
+        out16 = on(device, emulation.spikgru2plus_fwd, gi, w16, bias, alpha, v0, i0, s0, *flags,
+                   True)
+    except RuntimeError as error:  # e.g. H = 70, D = 2 in 24 KiB: checked to say so, then skipped
+        assert "fits the tensor-core persistent kernel on this device" in str(error)
+        assume(False)
+    out32 = on(simt, emulation.spikgru2plus_fwd, gi, weight, bias, alpha, v0, i0, s0, *flags, True)
+    for name, a, b in zip(("s", "v", "i"), out16[:3], out32[:3]):
+        assert torch.equal(a, b), f"{name} differs from the float32 loop's"
+    assert out16[3].dtype == case["weight"]
+    assert torch.equal(out16[3], out32[3].to(case["weight"])), "gh_seq"
+
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    rows, hidden = gi.shape[1], gi.shape[2] // 3
+    grad_s = torch.randn(gi.shape[0], rows, hidden, generator=gen)
+    lasts = [torch.randn(rows, hidden, generator=gen) for _ in range(3)]
+    saved = (*out16[:3],)
+    grads16 = on(device, emulation.spikgru2plus_bwd, grad_s, *lasts, gi, w16, bias, alpha, *saved,
+                 out16[3], v0, i0, s0, *flags)
+    grads32 = on(simt, emulation.spikgru2plus_bwd, grad_s, *lasts, gi, weight, bias, alpha, *saved,
+                 out16[3].float(), v0, i0, s0, *flags)
+    names = ("dgi", "dweight_hh", "dbias_hh", "dalpha", "dv0", "di0", "ds0")
+    for name, a, b in zip(names, grads16, grads32):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 2.0 ** -6 * (1 + scale), name
+
+
+def test_tensor_core_loop_needs_a_recent_device(emulation):
+    gi, weight, bias, alpha, *_ = mma_inputs(dict(
+        steps=2, batch=2, hidden=5, directions=1, bias=False, state=None, seed=0))
+    emulation.configure(4, 8, 8, 4096, 2)
+    with pytest.raises(RuntimeError, match=r"no split of H = 40 over D = 1 directions fits the "
+                                           r"tensor-core persistent kernel"):
+        emulation.spikgru2plus_fwd(torch.randn(2, 2, 120), torch.randn(1, 120, 40).bfloat16(),
+                                   None, torch.rand(1, 40), None, None, None, 1.0, 4.0, True,
+                                   True, True)
 
 
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):

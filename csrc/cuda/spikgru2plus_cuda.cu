@@ -11,7 +11,6 @@
 
 namespace {
 
-using neurokern::persistent::Partition;
 
 int device_attribute(cudaDeviceAttr attribute, int device) {
   int value = 0;
@@ -32,6 +31,14 @@ struct CudaLaunch {
   int batch_chunk() const { return 32; }
   int k_chunk() const { return 256; }
   int k_split() const { return 8; }
+
+  // The tensor-core loops (16-bit U): 8 warps per block, rounds of 512 values of k.
+  bool tensor_cores() const {
+    return device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8;
+  }
+  int warps() const { return 8; }
+  int warp_size() const { return 32; }
+  int k_round() const { return 512; }
 
   int multiprocessors() const {
     return device_attribute(cudaDevAttrMultiProcessorCount, device);
@@ -58,8 +65,8 @@ struct CudaLaunch {
     return per_multiprocessor * multiprocessors();
   }
 
-  template <typename Kernel, typename... Args>
-  void run(Kernel kernel, const Partition& p, size_t shared_bytes, Args&... args) const {
+  template <typename Kernel, typename Split, typename... Args>
+  void run(Kernel kernel, const Split& p, size_t shared_bytes, Args&... args) const {
     TORCH_CHECK(device_attribute(cudaDevAttrCooperativeLaunch, device),
                 "neurokern: the persistent SpikGRU2+ kernels need cooperative launches, which "
                 "device ", device, " does not support; use backend=\"triton\"");

@@ -51,11 +51,15 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "activations.h"
 
 #if defined(__CUDACC__)
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 // at most 384 threads per block: the compiler keeps each thread within 168 registers
 #define NEUROKERN_KERNEL __global__ __launch_bounds__(384)
 #define NEUROKERN_DEVICE __device__ __forceinline__
@@ -69,7 +73,7 @@ NEUROKERN_DEVICE void sync_block() { __syncthreads(); }
 NEUROKERN_DEVICE void sync_grid() { cooperative_groups::this_grid().sync(); }
 template <typename T>
 NEUROKERN_DEVICE T* shared_memory() {
-  extern __shared__ __align__(16) unsigned char shared[];
+  extern __shared__ __align__(128) unsigned char shared[];
   return reinterpret_cast<T*>(shared);
 }
 // Data written by other blocks during this launch: read through L2 (L1 is not coherent).
@@ -91,6 +95,72 @@ NEUROKERN_DEVICE void load4(const double* p, double x[4]) {
   const double2 b = reinterpret_cast<const double2*>(p)[1];
   x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
 }
+
+// The tensor-core loops' primitives (sm_80 and newer; the host refuses older devices).
+NEUROKERN_DEVICE int warp_size() { return 32; }
+NEUROKERN_DEVICE void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+NEUROKERN_DEVICE void copy16_async(void*, const void*) { __trap(); }
+NEUROKERN_DEVICE void copy_async_commit() {}
+template <int pending>
+NEUROKERN_DEVICE void copy_async_wait() {}
+#else
+// 16 bytes global -> shared without registers, cached in L2 only (other blocks wrote them)
+NEUROKERN_DEVICE void copy16_async(void* dst, const void* src) {
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src) : "memory");
+}
+NEUROKERN_DEVICE void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// wait until at most `pending` of this thread's committed groups are still in flight
+template <int pending>
+NEUROKERN_DEVICE void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+#endif
+
+template <typename W>
+struct MmaElement;
+template <>
+struct MmaElement<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct MmaElement<c10::Half> {
+  using type = __half;
+};
+
+// One warp's 16 x 16 x 16 tensor-core product with W (bf16 / fp16) factors and float32
+// accumulation: c += a b, a [16][16] and b [16][16] row-major in shared memory.
+template <typename W>
+struct Mma {
+  using E = typename MmaElement<W>::type;
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, E,
+                                   nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, E,
+                                   nvcuda::wmma::row_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  static NEUROKERN_DEVICE void zero(C&) { __trap(); }
+  static NEUROKERN_DEVICE void load_a(A&, const W*, int) {}
+  static NEUROKERN_DEVICE void load_b(B&, const W*, int) {}
+  static NEUROKERN_DEVICE void mma(C&, const A&, const B&) {}
+  static NEUROKERN_DEVICE void store(float*, const C&, int) {}
+#else
+  static NEUROKERN_DEVICE void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
+  static NEUROKERN_DEVICE void load_a(A& a, const W* p, int ld) {
+    nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const E*>(p), ld);
+  }
+  static NEUROKERN_DEVICE void load_b(B& b, const W* p, int ld) {
+    nvcuda::wmma::load_matrix_sync(b, reinterpret_cast<const E*>(p), ld);
+  }
+  static NEUROKERN_DEVICE void mma(C& c, const A& a, const B& b) {
+    nvcuda::wmma::mma_sync(c, a, b, c);
+  }
+  static NEUROKERN_DEVICE void store(float* p, const C& c, int ld) {
+    nvcuda::wmma::store_matrix_sync(p, c, ld, nvcuda::wmma::mem_row_major);
+  }
+#endif
+};
 }  // namespace neurokern::persistent
 #elif !defined(NEUROKERN_CUDA_EMULATION)
 #error "spikgru2plus_persistent.cuh: compile with nvcc, or provide the emulation primitives"
@@ -287,9 +357,9 @@ struct BlockSlice {
         products(tile + p.tile_values(tile_gates)) {}
 };
 
-template <typename T, typename W>
+template <typename T, typename W, typename P = Partition>
 struct FwdArgs {
-  Partition p;
+  P p;
   const T* gi;  // [T, D * B, 3H], last dim contiguous
   int64_t gi_step, gi_row;
   const W* weight_hh;  // [D, 3H, H] contiguous
@@ -303,11 +373,45 @@ struct FwdArgs {
   T* i_seq;
   W* gh_seq;  // [T, D * B, 3H] out: U s_{t-1} without b_hh, rounded to the products' dtype
   T v_th;
+  // tensor-core loops: the spikes again in W, the products' factor: [2][D * B][s_mm_row], step
+  // t writing slot t % 2 (slot 1 holds s_0 before the loop when has_s0)
+  W* s_mm;
+  int64_t s_mm_row;
+  bool has_s0;
 };
 
-// Forward: i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
+// The cell of hidden unit j of row `row` at step t, given gh = U s_{t-1} (without b_hh):
+// i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
 // s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate),
-// z = sigmoid(gi_z + gh_z) and gh = U s_{t-1} + b_hh.
+// z = sigmoid(gi_z + gh_z) and gh = U s_{t-1} + b_hh. Writes s_t, v_t, i_t and gh (rounded to
+// W, for the backward); returns s_t.
+template <bool RESET_GATE, typename T, typename W, typename P, typename Act>
+NEUROKERN_DEVICE T forward_cell(const FwdArgs<T, W, P>& a, const Act& act, int64_t t,
+                                int64_t row, int64_t j, T gh_r, T gh_z, T gh_i) {
+  const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch, d = row / a.p.batch;
+  const int64_t n = row * hidden + j;
+  W* gh_out = a.gh_seq + (t * rows + row) * 3 * hidden + j;
+  gh_out[0] = static_cast<W>(gh_r);
+  gh_out[hidden] = static_cast<W>(gh_z);
+  gh_out[2 * hidden] = static_cast<W>(gh_i);
+  const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
+  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
+  const CellGates<T> g = cell_gates<T, RESET_GATE>(gi, gh_r, gh_z, gh_i, bias, hidden, j);
+  const int64_t prev = (t - 1) * rows * hidden + n;
+  const T vp = t > 0 ? a.v_seq[prev] : a.v0 == nullptr ? T(0) : a.v0[n];
+  const T ip = t > 0 ? a.i_seq[prev] : a.i0 == nullptr ? T(0) : a.i0[n];
+  const T sp = t > 0 ? a.s_seq[prev] : a.s0 == nullptr ? T(0) : a.s0[n];
+  const T i = a.alpha[d * hidden + j] * ip + gi[2 * hidden + j] + g.gh_i * g.r;
+  const T v = g.z * vp + (T(1) - g.z) * i - a.v_th * sp;
+  const T s = act(v);
+  const int64_t out = t * rows * hidden + n;
+  a.i_seq[out] = i;
+  a.v_seq[out] = v;
+  a.s_seq[out] = s;
+  return s;
+}
+
+// Forward (SIMT loops: T = W, float32 or float64).
 template <typename T, typename W, bool RESET_GATE, typename Act>
 NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act act) {
   const Partition& p = a.p;
@@ -324,48 +428,26 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
     const int64_t j = j0 + c % units;
     w[k * columns + c] = j < hidden ? u[((c / units) * hidden + j) * hidden + k] : W(0);
   }
-  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
-  const T* alpha = a.alpha + d * hidden;
   const int64_t row0 = int64_t(d) * batch;
   for (int64_t t = 0; t < p.steps; ++t) {
-    const int64_t prev = (t - 1) * rows * hidden;
-    const T* s_prev = t == 0 ? a.s0 : a.s_seq + prev;
-    const T* v_prev = t == 0 ? a.v0 : a.v_seq + prev;
-    const T* i_prev = t == 0 ? a.i0 : a.i_seq + prev;
-    const T* gi_t = a.gi + t * a.gi_step;
-    const int64_t out = t * rows * hidden;
+    const T* s_prev = t == 0 ? a.s0 : a.s_seq + (t - 1) * rows * hidden;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
       chunk_product(p, w, block.tile, s_prev, Staging{p, 1, hidden, 0, row0, b0}, gh);
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
         const int64_t b = b0 + bb, j = j0 + jj;
         if (b >= batch || j >= hidden) continue;
-        const int64_t row = row0 + b, n = row * hidden + j;
-        const T* gi = gi_t + row * a.gi_row;
-        const T gh_r = gh[bb * columns + jj], gh_z = gh[bb * columns + units + jj],
-                gh_i = gh[bb * columns + 2 * units + jj];
-        W* gh_out = a.gh_seq + t * rows * 3 * hidden + row * 3 * hidden + j;
-        gh_out[0] = static_cast<W>(gh_r);
-        gh_out[hidden] = static_cast<W>(gh_z);
-        gh_out[2 * hidden] = static_cast<W>(gh_i);
-        const CellGates<T> g = cell_gates<T, RESET_GATE>(gi, gh_r, gh_z, gh_i, bias, hidden, j);
-        const T vp = v_prev == nullptr ? T(0) : v_prev[n];
-        const T ip = i_prev == nullptr ? T(0) : i_prev[n];
-        const T sp = s_prev == nullptr ? T(0) : s_prev[n];
-        const T i = alpha[j] * ip + gi[2 * hidden + j] + g.gh_i * g.r;
-        const T v = g.z * vp + (T(1) - g.z) * i - a.v_th * sp;
-        a.i_seq[out + n] = i;
-        a.v_seq[out + n] = v;
-        a.s_seq[out + n] = act(v);
+        const T* g = gh + bb * columns + jj;
+        forward_cell<RESET_GATE>(a, act, t, row0 + b, j, g[0], g[units], g[2 * units]);
       }
     }
     sync_grid();  // s_t complete: the next step's products read all of it
   }
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename P = Partition>
 struct BwdArgs {
-  Partition p;
+  P p;
   const T* grad_s;  // [T, D * B, H], last dim contiguous
   int64_t grad_s_step, grad_s_row;
   const T* gi;  // [T, D * B, 3H], last dim contiguous
@@ -382,17 +464,55 @@ struct BwdArgs {
   T* dv;      // [D * B, H] in: dL/dv_{T-1} carry (grad_v_last); out: dL/dv_0
   T* di;      // [D * B, H] in: dL/di_{T-1} carry (grad_i_last); out: dL/di_0
   T* dgi;     // [T, D * B, 3H] out, contiguous
-  W* dgh;     // [T, D * B, 3H] out, contiguous, in the products' dtype
+  W* dgh;     // [T, D * B, dgh_row] out, the first 3H of a row: the products' dtype
   T* dalpha;  // [D * B, H] zeros in; out: sum over t of dL/di_t i_{t-1}
   T v_th;
+  int64_t dgh_row;  // 3H, or 3H rounded up to 8 values for the tensor-core loops' 16-byte copies
 };
 
-// Backward, per step t = T-1 .. 0 (then once more to add the product path of s_0), given
-// dL/ds_t (ds plus the product path dgh_{t+1} U) and the carries dv = z_{t+1} dL/dv_{t+1},
-// di = alpha dL/di_{t+1}:
+// The cell backward of hidden unit j of row `row` at step t >= 0, given dL/ds_t complete (ds:
+// a.ds plus the product path dgh_{t+1} U) and the carries dv = z_{t+1} dL/dv_{t+1},
+// di = alpha dL/di_{t+1} (in a.dv, a.di):
 //   dv_t = ds f'(v_t) + dv,  di_t = (1 - z) dv_t + di,  d(gi_i) = di_t,  d(gh_i) = di_t r,
 //   d(a_r) = di_t gh_i r (1 - r),  d(a_z) = dv_t (v_{t-1} - i_t) z (1 - z),
-//   carries z dv_t and alpha di_t, reset path -v_th dv_t onto dL/ds_{t-1}.
+//   carries z dv_t and alpha di_t, reset path -v_th dv_t onto dL/ds_{t-1} (into a.ds).
+template <bool RESET_GATE, typename T, typename W, typename P, typename Surr>
+NEUROKERN_DEVICE void backward_cell(const BwdArgs<T, W, P>& a, const Surr& surrogate, int64_t t,
+                                    int64_t row, int64_t j, T ds) {
+  const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch, d = row / a.p.batch;
+  const int64_t n = row * hidden + j, gates = 3 * hidden;
+  const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
+  const W* gh = a.gh + (t * rows + row) * gates;
+  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * gates;
+  const CellGates<T> g = cell_gates<T, RESET_GATE>(
+      gi, static_cast<T>(gh[j]), static_cast<T>(gh[hidden + j]),
+      static_cast<T>(gh[2 * hidden + j]), bias, hidden, j);
+  const T z = g.z, r = g.r;
+  const int64_t step = t * rows * hidden, before = step - rows * hidden + n;  // after t - 1
+  const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
+  const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
+  const T v = a.v_seq[step + n], i = a.i_seq[step + n];
+  const T dv = ds * surrogate(v) + a.dv[n];
+  const T di = (T(1) - z) * dv + a.di[n];
+  const T da_z = dv * (vp - i) * z * (T(1) - z);
+  const T da_r = RESET_GATE ? di * g.gh_i * r * (T(1) - r) : T(0);
+  T* dgi = a.dgi + (t * rows + row) * gates;
+  W* dgh = a.dgh + (t * rows + row) * a.dgh_row;
+  dgi[j] = da_r;
+  dgh[j] = static_cast<W>(da_r);
+  dgi[hidden + j] = da_z;
+  dgh[hidden + j] = static_cast<W>(da_z);
+  dgi[2 * hidden + j] = di;
+  dgh[2 * hidden + j] = static_cast<W>(di * r);
+  a.dv[n] = z * dv;
+  a.di[n] = a.alpha[d * hidden + j] * di;
+  a.dalpha[n] += di * ip;
+  T ds_prev = -a.v_th * dv;
+  if (t > 0) ds_prev += a.grad_s[(t - 1) * a.grad_s_step + row * a.grad_s_row + j];
+  a.ds[n] = ds_prev;
+}
+
+// Backward (SIMT loops), per step t = T-1 .. 0, then once more to add the product path of s_0.
 template <typename T, typename W, bool RESET_GATE, typename Surr>
 NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr surrogate) {
   const Partition& p = a.p;
@@ -409,53 +529,258 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
     const int64_t j = j0 + jj;  // reads along rows of U
     w[k * columns + g * units + jj] = j < hidden ? u[(g * hidden + k) * hidden + j] : W(0);
   }
-  const T* alpha = a.alpha + d * hidden;
-  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
-  const int64_t row0 = int64_t(d) * batch, gates = 3 * hidden;
+  const int64_t row0 = int64_t(d) * batch;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
-    const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * gates : nullptr;
+    const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * a.dgh_row : nullptr;
     for (int64_t b0 = 0; b0 < batch; b0 += p.batch_chunk) {
-      chunk_product(p, w, block.tile, dgh_next, Staging{p, 3, gates, hidden, row0, b0}, part);
+      chunk_product(p, w, block.tile, dgh_next, Staging{p, 3, a.dgh_row, hidden, row0, b0},
+                    part);
       for (int idx = thread_index(); idx < p.batch_chunk * units; idx += threads) {
         const int bb = idx / units, jj = idx % units;
         const int64_t b = b0 + bb, j = j0 + jj;
         if (b >= batch || j >= hidden) continue;
-        const int64_t row = row0 + b, n = row * hidden + j;
+        const int64_t n = (row0 + b) * hidden + j;
         const T* pb = part + bb * columns + jj;
         const T ds = a.ds[n] + (pb[0] + pb[units] + pb[2 * units]);
         if (t < 0) {  // after step 0: dL/ds_0 with its product path
           a.ds[n] = ds;
-          continue;
+        } else {
+          backward_cell<RESET_GATE>(a, surrogate, t, row0 + b, j, ds);
         }
-        const int64_t step = t * rows * hidden, g_off = t * rows * gates + row * gates;
-        const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
-        const W* gh = a.gh + g_off;
-        const CellGates<T> g = cell_gates<T, RESET_GATE>(
-            gi, static_cast<T>(gh[j]), static_cast<T>(gh[hidden + j]),
-            static_cast<T>(gh[2 * hidden + j]), bias, hidden, j);
-        const T z = g.z, r = g.r;
-        const int64_t before = step - rows * hidden + n;  // the state after step t - 1
-        const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
-        const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
-        const T v = a.v_seq[step + n], i = a.i_seq[step + n];
-        const T dv = ds * surrogate(v) + a.dv[n];
-        const T di = (T(1) - z) * dv + a.di[n];
-        const T da_z = dv * (vp - i) * z * (T(1) - z);
-        const T da_r = RESET_GATE ? di * g.gh_i * r * (T(1) - r) : T(0);
-        T* dgi = a.dgi + g_off;
-        W* dgh = a.dgh + g_off;
-        dgi[j] = da_r;
-        dgh[j] = static_cast<W>(da_r);
-        dgi[hidden + j] = da_z;
-        dgh[hidden + j] = static_cast<W>(da_z);
-        dgi[2 * hidden + j] = di;
-        dgh[2 * hidden + j] = static_cast<W>(di * r);
-        a.dv[n] = z * dv;
-        a.di[n] = alpha[j] * di;
-        a.dalpha[n] += di * ip;
-        T ds_prev = -a.v_th * dv;
-        if (t > 0) ds_prev += a.grad_s[(t - 1) * a.grad_s_step + row * a.grad_s_row + j];
-        a.ds[n] = ds_prev;
+      }
+    }
+    if (t >= 0) sync_grid();  // dgh_t complete: the next step's products read all of it
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core loops: U in bf16/fp16 (autocast), products on the tensor cores with float32
+// accumulation (the spikes, the forward's factor, are exact in W; the gate gradients dgh, the
+// backward's, are stored in W as on the Triton backend), everything else as above in float32.
+//
+// Work split: block n serves direction d, `units` hidden units from j0 and the batch rows of one
+// of `batch_groups` groups (`group_rows` each: U's slice is held by every group's block, which
+// halves or quarters the factor each block stages per step). Per step and chunk of kMmaRows
+// rows of its group it computes one product out[r][c] = sum_{k < K} x[r][k] w[k][c]:
+//   forward:  K = H, x = s_{t-1} (W copy), c = g units + jj: w[k][c] = U[g H + j0 + jj][k];
+//   backward: K = 3H, x = dgh_{t+1}, c = jj: w[k][c] = U[k][j0 + jj], the three gates' paths of
+//             dL/ds summed by the one product;
+// w [K16][N16] (K and N = the columns rounded up to 16, zeros beyond) stays in shared memory
+// for all steps; x is staged a round of k_round values of k at a time into one of two buffers
+// with 16-byte asynchronous copies (cp.async, L2 only: other blocks wrote it), the next round's
+// copies in flight while the warps multiply the current one. Warp q takes the k steps of 16
+// q, q + warps, .. of every round and all N16 / 16 column tiles (one 16 x 16 float32
+// accumulator each, the A fragment loaded once per k step); the warps' sums are added in shared
+// memory at the end. Then the cell of the chunk's units, as the SIMT loops', and once per step
+// the grid barrier.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kMmaRows = 16;  // batch rows per product (the tensor-core tile's M)
+constexpr int kMaxTiles = 8;  // column tiles of 16 per warp: N16 <= 128
+
+NEUROKERN_HOST_DEVICE constexpr int64_t round_up(int64_t n, int64_t to) {
+  return (n + to - 1) / to * to;
+}
+
+struct MmaPartition {
+  int64_t steps, batch, hidden, directions;
+  int units;                 // hidden units per block
+  int blocks_per_direction;  // ceil(hidden / units)
+  int batch_groups;          // blocks per direction and unit group
+  int group_rows;            // batch rows of a group (the last may have fewer)
+  int inner, columns;        // K and N of the block's product (see above)
+  int k_round;               // values of k staged per round, a multiple of 16
+  int warps, warp_threads;    // warps per block, threads per warp
+
+  NEUROKERN_HOST_DEVICE int blocks() const {
+    return static_cast<int>(directions) * blocks_per_direction * batch_groups;
+  }
+  NEUROKERN_HOST_DEVICE int threads() const { return warps * warp_threads; }
+  NEUROKERN_HOST_DEVICE int inner16() const { return static_cast<int>(round_up(inner, 16)); }
+  NEUROKERN_HOST_DEVICE int columns16() const { return static_cast<int>(round_up(columns, 16)); }
+  NEUROKERN_HOST_DEVICE int tile_stride() const { return k_round + 8; }  // + 16 bytes: banks
+  // each part rounded up to 128 bytes (the tensor-core loads want 32-byte aligned tiles)
+  NEUROKERN_HOST_DEVICE int64_t weight_bytes(int64_t weight_size) const {
+    return round_up(int64_t(inner16()) * columns16() * weight_size, 128);
+  }
+  NEUROKERN_HOST_DEVICE int64_t tile_bytes(int64_t weight_size) const {
+    return round_up(2 * int64_t(kMmaRows) * tile_stride() * weight_size, 128);
+  }
+  // the warps' float32 sums [warps][kMmaRows][N16]; the first holds the chunk's products
+  NEUROKERN_HOST_DEVICE int64_t shared_bytes(int64_t weight_size) const {
+    return weight_bytes(weight_size) + tile_bytes(weight_size) +
+           int64_t(warps) * kMmaRows * columns16() * 4;
+  }
+};
+
+// What one block of the tensor-core loops works on, and its shared memory.
+template <typename W>
+struct MmaBlock {
+  int d;
+  int64_t j0, first, last;  // its units j0 ..; its batch rows first .. last - 1
+  W* w;
+  W* tile;
+  float* products;
+
+  NEUROKERN_DEVICE explicit MmaBlock(const MmaPartition& p) {
+    const int per_direction = p.blocks_per_direction * p.batch_groups;
+    const int n = block_index() % per_direction;
+    d = block_index() / per_direction;
+    j0 = int64_t(n % p.blocks_per_direction) * p.units;
+    first = int64_t(n / p.blocks_per_direction) * p.group_rows;
+    last = std::min<int64_t>(first + p.group_rows, p.batch);
+    w = shared_memory<W>();
+    tile = reinterpret_cast<W*>(shared_memory<unsigned char>() + p.weight_bytes(sizeof(W)));
+    products = reinterpret_cast<float*>(shared_memory<unsigned char>() +
+                                         p.weight_bytes(sizeof(W)) + p.tile_bytes(sizeof(W)));
+  }
+};
+
+// products[r][c] = sum_{k < K} x[r][k] w[k][c] for r < kMmaRows, c < N16, x's row r at
+// src + (first_row + r) src_row (r < rows; zeros beyond), rows of at least round_up(K, 8) values,
+// zeros past K, 16-byte aligned; src null: zeros. Starts and ends with the block synchronised.
+template <typename W>
+NEUROKERN_DEVICE void mma_chunk_product(const MmaPartition& p, const MmaBlock<W>& block,
+                                        const W* src, int64_t src_row, int64_t first_row,
+                                        int rows) {
+  using M = Mma<W>;
+  const int n16 = p.columns16(), tiles = n16 / 16, stride = p.tile_stride();
+  const int warp = thread_index() / warp_size();
+  float* mine = block.products + warp * kMmaRows * n16;
+  if (src == nullptr) {
+    sync_block();  // the previous chunk's cell is done with the products
+    for (int idx = thread_index(); idx < kMmaRows * n16; idx += block_threads()) {
+      block.products[idx] = 0.0f;
+    }
+    sync_block();
+    return;
+  }
+  const int per_row = p.k_round / 8, pieces = kMmaRows * per_row;
+  const int rounds = static_cast<int>((p.inner + p.k_round - 1) / p.k_round);
+  auto issue = [&](int round) {  // the copies of one round into buffer round % 2
+    W* buf = block.tile + (round & 1) * kMmaRows * stride;
+    for (int idx = thread_index(); idx < pieces; idx += block_threads()) {
+      const int r = idx / per_row, kk = (idx % per_row) * 8;
+      const int64_t k = int64_t(round) * p.k_round + kk;
+      if (r < rows && k < p.inner) {
+        copy16_async(buf + r * stride + kk, src + (first_row + r) * src_row + k);
+      } else {
+        zero16(buf + r * stride + kk);
+      }
+    }
+    copy_async_commit();
+  };
+  typename M::C acc[kMaxTiles];
+  NEUROKERN_UNROLL
+  for (int nt = 0; nt < kMaxTiles; ++nt) {
+    if (nt < tiles) M::zero(acc[nt]);
+  }
+  issue(0);
+  for (int round = 0; round < rounds; ++round) {
+    if (round + 1 < rounds) {
+      issue(round + 1);
+      copy_async_wait<1>();
+    } else {
+      copy_async_wait<0>();
+    }
+    sync_block();  // every thread's copies of this round have landed
+    const W* buf = block.tile + (round & 1) * kMmaRows * stride;
+    const int k0 = round * p.k_round;
+    const int steps = (std::min(p.k_round, p.inner16() - k0) + 15) / 16;
+    for (int ks = warp; ks < steps; ks += p.warps) {
+      typename M::A a;
+      M::load_a(a, buf + ks * 16, stride);
+      const W* wk = block.w + int64_t(k0 + ks * 16) * n16;
+      NEUROKERN_UNROLL
+      for (int nt = 0; nt < kMaxTiles; ++nt) {
+        if (nt < tiles) {
+          typename M::B b;
+          M::load_b(b, wk + nt * 16, n16);
+          M::mma(acc[nt], a, b);
+        }
+      }
+    }
+    sync_block();  // every warp is done with this buffer before round + 2 refills it
+  }
+  NEUROKERN_UNROLL
+  for (int nt = 0; nt < kMaxTiles; ++nt) {
+    if (nt < tiles) M::store(mine + nt * 16, acc[nt], n16);
+  }
+  sync_block();
+  for (int idx = thread_index(); idx < kMmaRows * n16; idx += block_threads()) {
+    float sum = block.products[idx];
+    for (int q = 1; q < p.warps; ++q) sum += block.products[q * kMmaRows * n16 + idx];
+    block.products[idx] = sum;
+  }
+  sync_block();
+}
+
+// Forward on the tensor cores: per step, the product of s_{t-1} (s_mm slot (t + 1) % 2) with
+// the block's columns of U, then the cells, which also write s_t to slot t % 2.
+template <typename W, bool RESET_GATE, typename Act>
+NEUROKERN_KERNEL void spikgru2plus_persistent_mma_fwd_kernel(FwdArgs<float, W, MmaPartition> a,
+                                                             Act act) {
+  const MmaPartition& p = a.p;
+  const int64_t hidden = p.hidden, rows = p.directions * p.batch;
+  const int units = p.units, n16 = p.columns16(), k16 = p.inner16();
+  const MmaBlock<W> block(p);
+  const W* u = a.weight_hh + block.d * 3 * hidden * hidden;  // [3H, H]
+  for (int64_t idx = thread_index(); idx < int64_t(k16) * n16; idx += block_threads()) {
+    const int64_t c = idx / k16, k = idx % k16, j = block.j0 + c % units;  // along rows of U
+    block.w[k * n16 + c] = c < 3 * units && j < hidden && k < hidden
+                               ? u[((c / units) * hidden + j) * hidden + k]
+                               : W(0);
+  }
+  const int64_t row0 = int64_t(block.d) * p.batch;
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const W* s_prev = t == 0 && !a.has_s0 ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
+    W* s_next = a.s_mm + (t & 1) * rows * a.s_mm_row;
+    for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
+      const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
+      mma_chunk_product(p, block, s_prev, a.s_mm_row, row0 + b0, chunk);
+      for (int idx = thread_index(); idx < chunk * units; idx += block_threads()) {
+        const int r = idx / units, jj = idx % units;
+        const int64_t row = row0 + b0 + r, j = block.j0 + jj;
+        if (j >= hidden) continue;
+        const float* g = block.products + r * n16 + jj;
+        const float s = forward_cell<RESET_GATE>(a, act, t, row, j, g[0], g[units], g[2 * units]);
+        s_next[row * a.s_mm_row + j] = static_cast<W>(s);
+      }
+    }
+    sync_grid();  // s_t complete: the next step's products read all of it
+  }
+}
+
+// Backward on the tensor cores, per step t = T-1 .. 0 and once more for s_0's product path.
+template <typename W, bool RESET_GATE, typename Surr>
+NEUROKERN_KERNEL void spikgru2plus_persistent_mma_bwd_kernel(BwdArgs<float, W, MmaPartition> a,
+                                                             Surr surrogate) {
+  const MmaPartition& p = a.p;
+  const int64_t hidden = p.hidden, rows = p.directions * p.batch;
+  const int units = p.units, n16 = p.columns16(), k16 = p.inner16();
+  const MmaBlock<W> block(p);
+  const W* u = a.weight_hh + block.d * 3 * hidden * hidden;  // [3H, H]
+  for (int64_t idx = thread_index(); idx < int64_t(k16) * n16; idx += block_threads()) {
+    const int64_t k = idx / n16, c = idx % n16, j = block.j0 + c;  // along rows of U
+    block.w[idx] = c < units && j < hidden && k < 3 * hidden ? u[k * hidden + j] : W(0);
+  }
+  const int64_t row0 = int64_t(block.d) * p.batch;
+  for (int64_t t = p.steps - 1; t >= -1; --t) {
+    const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * a.dgh_row : nullptr;
+    for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
+      const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
+      mma_chunk_product(p, block, dgh_next, a.dgh_row, row0 + b0, chunk);
+      for (int idx = thread_index(); idx < chunk * units; idx += block_threads()) {
+        const int r = idx / units, jj = idx % units;
+        const int64_t row = row0 + b0 + r, j = block.j0 + jj;
+        if (j >= hidden) continue;
+        const int64_t n = row * hidden + j;
+        const float ds = a.ds[n] + block.products[r * n16 + jj];
+        if (t < 0) {  // after step 0: dL/ds_0 with its product path
+          a.ds[n] = ds;
+        } else {
+          backward_cell<RESET_GATE>(a, surrogate, t, row, j, ds);
+        }
       }
     }
     if (t >= 0) sync_grid();  // dgh_t complete: the next step's products read all of it
@@ -570,6 +895,55 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
   return p;
 }
 
+// The tensor-core loops' split: the largest `units` among H itself (if its 3H forward columns fit
+// the accumulators) and 32, 16 (the backward's columns are `units`, rounded up to 16) whose
+// blocks number at most one per SM, fit the shared memory and can all be resident (larger
+// slices of U: fewer blocks read each step's whole factor, less L2 traffic); then as many batch
+// groups as the SMs allow (less staged per block).
+template <typename W, class Launch, class Kernel>
+MmaPartition plan_mma(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
+                      int64_t hidden, int64_t directions, bool forward, const char* op) {
+  TORCH_CHECK(launch.tensor_cores(), op, ": bf16/fp16 weights (autocast) run on the tensor "
+              "cores, which need compute capability 8.0 or newer; use backend=\"triton\"");
+  MmaPartition p{steps, rows / directions, hidden, directions};
+  p.warps = launch.warps();
+  p.warp_threads = launch.warp_size();
+  p.k_round = launch.k_round();
+  TORCH_CHECK(p.k_round >= 16 && p.k_round % 16 == 0, op,
+              ": the launch's k_round must be a positive multiple of 16");
+  std::vector<int64_t> candidates;
+  if (3 * hidden <= 16 * kMaxTiles) candidates.push_back(hidden);
+  for (int64_t units : {32, 16}) {
+    if (units < hidden && 3 * units <= 16 * kMaxTiles) candidates.push_back(units);
+  }
+  const int sms = launch.multiprocessors();
+  size_t smallest = 0;
+  for (const int64_t units : candidates) {
+    p.units = static_cast<int>(units);
+    p.blocks_per_direction = static_cast<int>((hidden + units - 1) / units);
+    p.inner = static_cast<int>(forward ? hidden : 3 * hidden);
+    p.columns = static_cast<int>(forward ? 3 * units : units);
+    p.batch_groups = 1;
+    p.group_rows = static_cast<int>(p.batch);
+    const int64_t slices = directions * p.blocks_per_direction;
+    const size_t bytes = p.shared_bytes(sizeof(W));
+    smallest = bytes;
+    if (slices > sms || bytes > launch.max_shared_bytes()) continue;
+    const int64_t resident = std::min<int64_t>(sms, launch.max_blocks(kernel, p.threads(), bytes));
+    if (slices > resident) continue;
+    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(p.batch, resident / slices));
+    p.group_rows = static_cast<int>((p.batch + groups - 1) / groups);
+    p.batch_groups = static_cast<int>((p.batch + p.group_rows - 1) / p.group_rows);
+    return p;
+  }
+  TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
+              " directions fits the tensor-core persistent kernel on this device (",
+              sms, " SMs, ", launch.max_shared_bytes(), " bytes of shared memory per block; ",
+              smallest, " needed with ", candidates.empty() ? 0 : candidates.back(),
+              " units per block); use backend=\"triton\" for this size");
+  return p;
+}
+
 // fn(W{}) with W the C++ type of the weights: T itself, or bf16/fp16 with T = float (autocast).
 template <typename T, typename Fn>
 void dispatch_weight(at::ScalarType weight_type, Fn&& fn) {
@@ -614,19 +988,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
     using T = scalar_t;
     dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
       using W = decltype(weight_type);
-      FwdArgs<T, W> args{Partition{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
-                         weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
-                         optional_ptr<T>(v0), optional_ptr<T>(i0), optional_ptr<T>(s0),
-                         s_seq.data_ptr<T>(), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
-                         gh_seq.data_ptr<W>(), static_cast<T>(v_th)};
+      constexpr bool mma = !std::is_same_v<T, W>;  // 16-bit U: the tensor-core loop
+      using P = std::conditional_t<mma, MmaPartition, Partition>;
+      FwdArgs<T, W, P> args{P{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
+                            weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh),
+                            alpha.data_ptr<T>(), optional_ptr<T>(v0), optional_ptr<T>(i0),
+                            optional_ptr<T>(s0), s_seq.data_ptr<T>(), v_seq.data_ptr<T>(),
+                            i_seq.data_ptr<T>(), gh_seq.data_ptr<W>(), static_cast<T>(v_th),
+                            nullptr, 0, s0.has_value()};
+      at::Tensor s_mm;  // the tensor-core loop's factor: [2, D * B, H rounded up to 8], in W
+      if constexpr (mma) {
+        const int64_t row = round_up(hidden, 8);  // 16-byte rows; the padding stays zero
+        s_mm = at::zeros({2, rows, row}, weight_hh.options());
+        if (s0) s_mm[1].narrow(1, 0, hidden).copy_(*s0);
+        args.s_mm = s_mm.data_ptr<W>();
+        args.s_mm_row = row;
+      }
       dispatch_bools(signed_, spiking, [&](auto is_signed, auto is_spiking) {
         using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
         const Act act(v_th, gamma);
         auto go = [&](auto kernel) {
-          args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 1, op);
-          launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 1), args, act);
+          if constexpr (mma) {
+            args.p = plan_mma<W>(launch, kernel, steps, rows, hidden, directions, true, op);
+            launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W)), args, act);
+          } else {
+            args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 1, op);
+            launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 1), args, act);
+          }
         };
-        if (reset_gate) {
+        if constexpr (mma) {
+          if (reset_gate) {
+            go(spikgru2plus_persistent_mma_fwd_kernel<W, true, Act>);
+          } else {
+            go(spikgru2plus_persistent_mma_fwd_kernel<W, false, Act>);
+          }
+        } else if (reset_gate) {
           go(spikgru2plus_persistent_fwd_kernel<T, W, true, Act>);
         } else {
           go(spikgru2plus_persistent_fwd_kernel<T, W, false, Act>);
@@ -690,7 +1086,14 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
   at::Tensor s_prev = at::cat({state_or_zeros(s0).unsqueeze(0), s_seq.narrow(0, 0, steps - 1)});
   at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden}).to(weight_hh.scalar_type());
   at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
-  at::Tensor dgh = at::empty_like(dgi, weight_hh.options());  // the products' dtype
+  // the products' dtype; under autocast (the tensor-core loop, 16-byte copies) rows of 3H
+  // rounded up to 8 values, the padding zero
+  const bool mma = weight_hh.scalar_type() != gi.scalar_type();
+  const int64_t dgh_row = mma ? round_up(3 * hidden, 8) : 3 * hidden;
+  at::Tensor dgh_rows = dgh_row == 3 * hidden
+                            ? at::empty({steps, rows, dgh_row}, weight_hh.options())
+                            : at::zeros({steps, rows, dgh_row}, weight_hh.options());
+  at::Tensor dgh = dgh_rows.narrow(2, 0, 3 * hidden);
   at::Tensor ds = grad_s[steps - 1].clone();
   if (grad_s_last) ds += grad_s_last->reshape({rows, hidden});
   at::Tensor dv = state_or_zeros(grad_v_last), di = state_or_zeros(grad_i_last);
@@ -699,23 +1102,34 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
     using T = scalar_t;
     dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
       using W = decltype(weight_type);
-      BwdArgs<T, W> args{Partition{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
-                         gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh_seq.data_ptr<W>(),
-                         weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh), alpha.data_ptr<T>(),
-                         optional_ptr<T>(v0),
-                         optional_ptr<T>(i0), v_seq.data_ptr<T>(), i_seq.data_ptr<T>(),
-                         ds.data_ptr<T>(), dv.data_ptr<T>(), di.data_ptr<T>(),
-                         dgi.data_ptr<T>(), dgh.data_ptr<W>(), dalpha.data_ptr<T>(),
-                         static_cast<T>(v_th)};
+      constexpr bool tensor_cores = !std::is_same_v<T, W>;
+      using P = std::conditional_t<tensor_cores, MmaPartition, Partition>;
+      BwdArgs<T, W, P> args{P{}, grad_s.data_ptr<T>(), grad_s.stride(0), grad_s.stride(1),
+                            gi.data_ptr<T>(), gi.stride(0), gi.stride(1), gh_seq.data_ptr<W>(),
+                            weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh),
+                            alpha.data_ptr<T>(), optional_ptr<T>(v0), optional_ptr<T>(i0),
+                            v_seq.data_ptr<T>(), i_seq.data_ptr<T>(), ds.data_ptr<T>(),
+                            dv.data_ptr<T>(), di.data_ptr<T>(), dgi.data_ptr<T>(),
+                            dgh_rows.data_ptr<W>(), dalpha.data_ptr<T>(), static_cast<T>(v_th),
+                            dgh_row};
       auto go = [&](auto kernel, const auto& surrogate) {
-        args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 3, op);
-        launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 3), args,
-                   surrogate);
+        if constexpr (tensor_cores) {
+          args.p = plan_mma<W>(launch, kernel, steps, rows, hidden, directions, false, op);
+          launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W)), args, surrogate);
+        } else {
+          args.p = plan<T, W>(launch, kernel, steps, rows, hidden, directions, 3, op);
+          launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 3), args,
+                     surrogate);
+        }
       };
       dispatch_bools(signed_, reset_gate, [&](auto is_signed, auto has_reset) {
         using Surr = Surrogate<T, decltype(is_signed)::value>;
-        go(spikgru2plus_persistent_bwd_kernel<T, W, decltype(has_reset)::value, Surr>,
-           Surr(v_th, gamma));
+        constexpr bool reset = decltype(has_reset)::value;
+        if constexpr (tensor_cores) {
+          go(spikgru2plus_persistent_mma_bwd_kernel<W, reset, Surr>, Surr(v_th, gamma));
+        } else {
+          go(spikgru2plus_persistent_bwd_kernel<T, W, reset, Surr>, Surr(v_th, gamma));
+        }
       });
     });
   });
