@@ -332,11 +332,22 @@ def _nvcc_command(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux build flags")
 def test_cuda_source_compiles_for_sm90_without_spills(tmp_path):
-    """The CUDA kernels compile for the H100 (48 kernels: float64, float32 with float32, bf16
-    or fp16 weights; signed, reset gate, smooth mode) within 384 threads' registers, and no
-    float32 kernel spills (the float64 ones, not the fast path, at most 48 bytes)."""
-    proc = subprocess.run(_nvcc_command(tmp_path), capture_output=True, text=True)
+    """The CUDA kernels compile for the H100 (48 kernels: the SIMT loops in float64 and float32,
+    the tensor-core loops with bf16 or fp16 weights; signed, reset gate, smooth mode) within 384
+    threads' registers, and no float32 kernel spills (the float64 ones, not the fast path, at
+    most 48 bytes); the tensor-core kernels' PTX has their products (`wmma.mma.sync`) and
+    asynchronous copies (`cp.async`)."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    proc = subprocess.run(_nvcc_command(tmp_path) + ["-keep", "-keep-dir", str(keep)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    entries = {e.split("(")[0].strip(): e for e in
+               (keep / "spikgru2plus_cuda.ptx").read_text().split(".entry ")[1:]}
+    mma = [body for name, body in entries.items() if "_mma_" in name]
+    assert len(mma) == 24 and len(entries) == 48, list(entries)
+    for body in mma:
+        assert "wmma.mma.sync" in body and "cp.async.cg.shared.global" in body
     kernels = proc.stderr.split("Compiling entry function")[1:]
     assert len(kernels) == 48, proc.stderr[-4000:]
     for report in kernels:
