@@ -168,6 +168,19 @@ EmulatedLaunch emulated_launch(const at::Tensor& gi) {
   return launch;
 }
 
+// The tensor-core loops' split of a layer on the configured device (bf16 weights): units per
+// block, k_round, batch groups, rows per group, blocks, shared bytes.
+std::vector<int64_t> mma_plan(int64_t steps, int64_t rows, int64_t hidden, int64_t directions,
+                              bool forward) {
+  using namespace neurokern::persistent;
+  using Act = neurokern::Activation<float, true, true>;
+  const auto p = plan_mma<c10::BFloat16>(
+      launch, spikgru2plus_persistent_mma_fwd_kernel<c10::BFloat16, true, Act>, steps, rows,
+      hidden, directions, forward, "mma_plan");
+  return {p.units, p.k_round, p.batch_groups, p.group_rows, p.blocks(),
+          p.shared_bytes(sizeof(c10::BFloat16))};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -176,6 +189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(SIMT loops: the largest power of 2 up to it) or warps (tensor-core loops).",
         pybind11::arg("multiprocessors"), pybind11::arg("batch_chunk"), pybind11::arg("k_chunk"),
         pybind11::arg("max_shared_bytes"), pybind11::arg("k_split") = 4);
+  m.def("mma_plan", &mma_plan);
   m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>);
   m.def("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<emulated_launch>);
 }

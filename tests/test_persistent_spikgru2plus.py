@@ -182,7 +182,8 @@ def mma_cases(draw):
 # emulated devices for them: SMs (few: batch groups of several rows; many: of one), k values per
 # round (rounded up to 16), shared memory (24 KiB: slices of 16 units for H = 37, where 32 units
 # or all 37 do not fit), warps of one thread
-mma_devices = st.tuples(st.sampled_from([6, 10, 13, 130]), st.just(8), st.sampled_from([8, 16, 40]),
+mma_devices = st.tuples(st.sampled_from([6, 10, 13, 130]), st.just(8),
+                        st.sampled_from([8, 16, 40, 64]),
                         st.sampled_from([24 * 1024, 40 * 1024, 256 * 1024]),
                         st.sampled_from([1, 2, 3]))
 
@@ -261,6 +262,22 @@ def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         scale = b.abs().max().item()
         assert (a - b).abs().max().item() <= 2.0 ** -6 * (1 + scale), name
+
+
+def test_tensor_core_split_of_the_paper_layer(emulation):
+    """On an H100-like device (132 SMs, 227 KiB of shared memory per block, 8 warps, rounds of
+    512): B = 32, H = 1024. Forward: 16 units per block (32 would need 96 columns of U, 192 KiB,
+    plus the warps' sums) and 2 batch groups, 128 blocks; backward: 32 units in rounds of 256
+    (the 192 KiB of U then fit) and 4 groups of 8 rows; two directions: half the groups."""
+    emulation.configure(132, 8, 512, 232448, 8)
+    plan = emulation.mma_plan
+    assert plan(90, 32, 1024, 1, True) == [16, 512, 2, 16, 128, 156160]
+    assert plan(90, 32, 1024, 1, False) == [32, 256, 4, 8, 128, 229888]
+    assert plan(90, 64, 1024, 2, True) == [16, 512, 1, 32, 128, 156160]
+    assert plan(90, 64, 1024, 2, False) == [32, 256, 2, 16, 128, 229888]
+    assert plan(90, 8, 40, 1, True)[:3] == [40, 512, 8]  # one block of all 40 units
+    emulation.configure(132, 8, 512, 48 * 1024, 8)  # a small shared memory: 16 units, and
+    assert plan(90, 8, 40, 1, True)[:3] == [16, 256, 8]  # rounds of 256 for the warps' sums
 
 
 def test_tensor_core_loop_needs_a_recent_device(emulation):
