@@ -50,8 +50,7 @@ inline int warp_size() { return 1; }
 inline void zero16(void* dst) { std::memset(dst, 0, 16); }
 inline void copy16_async(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 inline void copy_async_commit() {}
-template <int pending>
-void copy_async_wait() {}
+inline void copy_async_wait(int) {}
 
 // c += a b on 16 x 16 tiles: the factors as W values (converted exactly to float), the sums in
 // float32 in k order (the tensor cores' order differs: float32 rounding apart)
@@ -169,7 +168,7 @@ EmulatedLaunch emulated_launch(const at::Tensor& gi) {
 }
 
 // The tensor-core loops' split of a layer on the configured device (bf16 weights): units per
-// block, k_round, batch groups, rows per group, blocks, shared bytes.
+// block, staging buffers, batch groups, rows per group, blocks, shared bytes.
 std::vector<int64_t> mma_plan(int64_t steps, int64_t rows, int64_t hidden, int64_t directions,
                               bool forward) {
   using namespace neurokern::persistent;
@@ -177,7 +176,7 @@ std::vector<int64_t> mma_plan(int64_t steps, int64_t rows, int64_t hidden, int64
   const auto p = plan_mma<c10::BFloat16>(
       launch, spikgru2plus_persistent_mma_fwd_kernel<c10::BFloat16, true, Act>, steps, rows,
       hidden, directions, forward, "mma_plan");
-  return {p.units, p.k_round, p.batch_groups, p.group_rows, p.blocks(),
+  return {p.units, p.stages, p.batch_groups, p.group_rows, p.blocks(),
           p.shared_bytes(sizeof(c10::BFloat16))};
 }
 

@@ -266,18 +266,21 @@ def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
 
 def test_tensor_core_split_of_the_paper_layer(emulation):
     """On an H100-like device (132 SMs, 227 KiB of shared memory per block, 8 warps, rounds of
-    512): B = 32, H = 1024. Forward: 16 units per block (32 would need 96 columns of U, 192 KiB,
-    plus the warps' sums) and 2 batch groups, 128 blocks; backward: 32 units in rounds of 256
-    (the 192 KiB of U then fit) and 4 groups of 8 rows; two directions: half the groups."""
+    512 values of k): B = 32, H = 1024 runs 16 units per block (32 would leave no room for the
+    backward's ring), 2 batch groups, 128 blocks, and a ring of staging buffers that holds a
+    step's whole factor (2 rounds forward, 6 backward); two directions: one group each. Plan
+    = [units, staging buffers, batch groups, rows per group, blocks, shared bytes]."""
     emulation.configure(132, 8, 512, 232448, 8)
     plan = emulation.mma_plan
-    assert plan(90, 32, 1024, 1, True) == [16, 512, 2, 16, 128, 156160]
-    assert plan(90, 32, 1024, 1, False) == [32, 256, 4, 8, 128, 229888]
-    assert plan(90, 64, 1024, 2, True) == [16, 512, 1, 32, 128, 156160]
-    assert plan(90, 64, 1024, 2, False) == [32, 256, 2, 16, 128, 229888]
-    assert plan(90, 8, 40, 1, True)[:3] == [40, 512, 8]  # one block of all 40 units
-    emulation.configure(132, 8, 512, 48 * 1024, 8)  # a small shared memory: 16 units, and
-    assert plan(90, 8, 40, 1, True)[:3] == [16, 256, 8]  # rounds of 256 for the warps' sums
+    assert plan(90, 32, 1024, 1, True) == [16, 2, 2, 16, 128, 156160]
+    assert plan(90, 32, 1024, 1, False) == [16, 6, 2, 16, 128, 206336]
+    assert plan(90, 64, 1024, 2, True) == [16, 2, 1, 32, 128, 156160]
+    assert plan(90, 64, 1024, 2, False) == [16, 6, 1, 32, 128, 206336]
+    assert plan(90, 8, 40, 1, True)[:3] == [40, 1, 8]  # one block of all 40 units, 8 groups
+    emulation.configure(132, 8, 512, 150 * 1024, 8)  # the backward's ring: 2 of its 6 rounds
+    assert plan(90, 32, 1024, 1, False)[:2] == [16, 2]
+    emulation.configure(132, 8, 512, 48 * 1024, 8)  # the warps' sums of 40 or 32 units: too
+    assert plan(90, 8, 40, 1, True)[:3] == [16, 1, 8]  # large
 
 
 def test_tensor_core_loop_needs_a_recent_device(emulation):

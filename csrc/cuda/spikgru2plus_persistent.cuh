@@ -102,8 +102,7 @@ NEUROKERN_DEVICE void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 NEUROKERN_DEVICE void copy16_async(void*, const void*) { __trap(); }
 NEUROKERN_DEVICE void copy_async_commit() {}
-template <int pending>
-NEUROKERN_DEVICE void copy_async_wait() {}
+NEUROKERN_DEVICE void copy_async_wait(int) {}
 #else
 // 16 bytes global -> shared without registers, cached in L2 only (other blocks wrote them)
 NEUROKERN_DEVICE void copy16_async(void* dst, const void* src) {
@@ -111,10 +110,22 @@ NEUROKERN_DEVICE void copy16_async(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src) : "memory");
 }
 NEUROKERN_DEVICE void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// wait until at most `pending` of this thread's committed groups are still in flight
+// wait until at most `pending` (< 8) of this thread's committed groups are still in flight
 template <int pending>
-NEUROKERN_DEVICE void copy_async_wait() {
+NEUROKERN_DEVICE void copy_async_wait_for() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+NEUROKERN_DEVICE void copy_async_wait(int pending) {
+  switch (pending) {
+    case 0: return copy_async_wait_for<0>();
+    case 1: return copy_async_wait_for<1>();
+    case 2: return copy_async_wait_for<2>();
+    case 3: return copy_async_wait_for<3>();
+    case 4: return copy_async_wait_for<4>();
+    case 5: return copy_async_wait_for<5>();
+    case 6: return copy_async_wait_for<6>();
+    default: return copy_async_wait_for<7>();
+  }
 }
 #endif
 
@@ -566,9 +577,11 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
 //   backward: K = 3H, x = dgh_{t+1}, c = jj: w[k][c] = U[k][j0 + jj], the three gates' paths of
 //             dL/ds summed by the one product;
 // w [K16][N16] (K and N = the columns rounded up to 16, zeros beyond) stays in shared memory
-// for all steps; x is staged a round of k_round values of k at a time into one of two buffers
-// with 16-byte asynchronous copies (cp.async, L2 only: other blocks wrote it), the next round's
-// copies in flight while the warps multiply the current one. Warp q takes the k steps of 16
+// for all steps; x is staged a round of k_round values of k at a time into a ring of `stages`
+// buffers with 16-byte asynchronous copies (cp.async, L2 only: other blocks wrote it), up to
+// stages - 1 rounds ahead of the one the warps multiply (where the ring holds all of a step's
+// rounds, the step's whole factor is in flight at once: the loops wait on L2 latency once per
+// step, not once per round). Warp q takes the k steps of 16
 // q, q + warps, .. of every round and all N16 / 16 column tiles (one 16 x 16 float32
 // accumulator each, the A fragment loaded once per k step); the warps' sums are added in shared
 // memory at the end. Then the cell of the chunk's units, as the SIMT loops', and once per step
@@ -577,6 +590,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
 
 constexpr int kMmaRows = 16;  // batch rows per product (the tensor-core tile's M)
 constexpr int kMaxTiles = 8;  // column tiles of 16 per warp: N16 <= 128
+constexpr int kMaxStages = 8;  // staging buffers: copy_async_wait counts up to 7 pending rounds
 
 NEUROKERN_HOST_DEVICE constexpr int64_t round_up(int64_t n, int64_t to) {
   return (n + to - 1) / to * to;
@@ -590,6 +604,7 @@ struct MmaPartition {
   int group_rows;            // batch rows of a group (the last may have fewer)
   int inner, columns;        // K and N of the block's product (see above)
   int k_round;               // values of k staged per round, a multiple of 16
+  int stages;                // staging buffers (rounds in flight + 1), <= kMaxStages
   int warps, warp_threads;    // warps per block, threads per warp
 
   NEUROKERN_HOST_DEVICE int blocks() const {
@@ -603,8 +618,9 @@ struct MmaPartition {
   NEUROKERN_HOST_DEVICE int64_t weight_bytes(int64_t weight_size) const {
     return round_up(int64_t(inner16()) * columns16() * weight_size, 128);
   }
+  NEUROKERN_HOST_DEVICE int rounds() const { return (inner + k_round - 1) / k_round; }
   NEUROKERN_HOST_DEVICE int64_t tile_bytes(int64_t weight_size) const {
-    return round_up(2 * int64_t(kMmaRows) * tile_stride() * weight_size, 128);
+    return round_up(int64_t(stages) * kMmaRows * tile_stride() * weight_size, 128);
   }
   // the warps' float32 sums [warps][kMmaRows][N16]; the first holds the chunk's products
   NEUROKERN_HOST_DEVICE int64_t shared_bytes(int64_t weight_size) const {
@@ -656,9 +672,9 @@ NEUROKERN_DEVICE void mma_chunk_product(const MmaPartition& p, const MmaBlock<W>
     return;
   }
   const int per_row = p.k_round / 8, pieces = kMmaRows * per_row;
-  const int rounds = static_cast<int>((p.inner + p.k_round - 1) / p.k_round);
-  auto issue = [&](int round) {  // the copies of one round into buffer round % 2
-    W* buf = block.tile + (round & 1) * kMmaRows * stride;
+  const int rounds = p.rounds(), stages = p.stages;
+  auto issue = [&](int round) {  // the copies of one round into buffer round % stages
+    W* buf = block.tile + (round % stages) * kMmaRows * stride;
     for (int idx = thread_index(); idx < pieces; idx += block_threads()) {
       const int r = idx / per_row, kk = (idx % per_row) * 8;
       const int64_t k = int64_t(round) * p.k_round + kk;
@@ -675,16 +691,13 @@ NEUROKERN_DEVICE void mma_chunk_product(const MmaPartition& p, const MmaBlock<W>
   for (int nt = 0; nt < kMaxTiles; ++nt) {
     if (nt < tiles) M::zero(acc[nt]);
   }
-  issue(0);
+  for (int round = 0; round < std::min(stages - 1, rounds); ++round) issue(round);
   for (int round = 0; round < rounds; ++round) {
-    if (round + 1 < rounds) {
-      issue(round + 1);
-      copy_async_wait<1>();
-    } else {
-      copy_async_wait<0>();
-    }
+    // into the buffer the previous round used (the block synchronised after it)
+    if (round + stages - 1 < rounds) issue(round + stages - 1);
+    copy_async_wait(std::min(stages - 1, rounds - 1 - round));  // rounds issued after this one
     sync_block();  // every thread's copies of this round have landed
-    const W* buf = block.tile + (round & 1) * kMmaRows * stride;
+    const W* buf = block.tile + (round % stages) * kMmaRows * stride;
     const int k0 = round * p.k_round;
     const int steps = (std::min(p.k_round, p.inner16() - k0) + 15) / 16;
     for (int ks = warp; ks < steps; ks += p.warps) {
@@ -700,7 +713,7 @@ NEUROKERN_DEVICE void mma_chunk_product(const MmaPartition& p, const MmaBlock<W>
         }
       }
     }
-    sync_block();  // every warp is done with this buffer before round + 2 refills it
+    sync_block();  // every warp is done with this buffer before a later round refills it
   }
   NEUROKERN_UNROLL
   for (int nt = 0; nt < kMaxTiles; ++nt) {
@@ -895,13 +908,15 @@ Partition plan(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
   return p;
 }
 
-// The tensor-core loops' split: the largest `units` among H itself (if its 3H forward columns fit
-// the accumulators) and 32, 16 (the backward's columns are `units`, rounded up to 16) whose
-// blocks number at most one per SM, fit the shared memory (with the launch's k_round, or a half
-// or quarter of it) and can all be resident: larger slices of U mean fewer blocks reading each
-// step's whole factor, less L2 traffic (B = 32, H = 1024 on an H100: the backward's 32 units
-// per block with rounds of 256 stage 6 MB per step where 16 units would stage 12 MB); then as
-// many batch groups as the SMs allow (less staged per block).
+// The tensor-core loops' split, for units per block among H itself (if its 3H forward columns fit
+// the accumulators), 32 and 16 (the backward's columns are `units`, rounded up to 16): blocks at
+// most one per SM, all resident, U's slice, the warps' sums and a ring of at least 2 staging
+// buffers (1 for a single round) in shared memory; with as many buffers as fit, up to the rounds
+// of a step. The largest `units` whose ring holds a step's whole factor (fewer blocks reading
+// each step's factor, less L2 traffic, and no wait on L2 latency per round), else the split with
+// the most rounds in flight (then the most units). Then as many batch groups as the SMs allow
+// (less staged per block). B = 32, H = 1024 on an H100: 16 units; 32 would leave no room for
+// the backward's ring of its 6 rounds (192 KiB of U).
 template <typename W, class Launch, class Kernel>
 MmaPartition plan_mma(const Launch& launch, Kernel kernel, int64_t steps, int64_t rows,
                       int64_t hidden, int64_t directions, bool forward, const char* op) {
@@ -910,8 +925,8 @@ MmaPartition plan_mma(const Launch& launch, Kernel kernel, int64_t steps, int64_
   MmaPartition p{steps, rows / directions, hidden, directions};
   p.warps = launch.warps();
   p.warp_threads = launch.warp_size();
-  const int k_round = launch.k_round();
-  TORCH_CHECK(k_round >= 16 && k_round % 16 == 0, op,
+  p.k_round = launch.k_round();
+  TORCH_CHECK(p.k_round >= 16 && p.k_round % 16 == 0, op,
               ": the launch's k_round must be a positive multiple of 16");
   std::vector<int64_t> candidates;
   if (3 * hidden <= 16 * kMaxTiles) candidates.push_back(hidden);
@@ -919,6 +934,7 @@ MmaPartition plan_mma(const Launch& launch, Kernel kernel, int64_t steps, int64_
     if (units < hidden && 3 * units <= 16 * kMaxTiles) candidates.push_back(units);
   }
   const int sms = launch.multiprocessors();
+  std::optional<MmaPartition> best;
   size_t smallest = 0;
   for (const int64_t units : candidates) {
     p.units = static_cast<int>(units);
@@ -928,28 +944,30 @@ MmaPartition plan_mma(const Launch& launch, Kernel kernel, int64_t steps, int64_
     p.batch_groups = 1;
     p.group_rows = static_cast<int>(p.batch);
     const int64_t slices = directions * p.blocks_per_direction;
-    // the launch's round, or a half or quarter of it (multiples of 16) if that fits
-    for (p.k_round = k_round; p.k_round / 2 >= 16 && p.k_round / 2 % 16 == 0 &&
-                              p.k_round * 4 > k_round &&
-                              p.shared_bytes(sizeof(W)) > launch.max_shared_bytes();) {
-      p.k_round /= 2;
+    const int fewest = std::min(2, p.rounds());
+    p.stages = fewest;
+    smallest = p.shared_bytes(sizeof(W));
+    if (slices > sms) continue;
+    int64_t resident = 0;
+    for (p.stages = std::min(p.rounds(), kMaxStages); p.stages >= fewest; --p.stages) {
+      const size_t bytes = p.shared_bytes(sizeof(W));
+      if (bytes > launch.max_shared_bytes()) continue;
+      resident = std::min<int64_t>(sms, launch.max_blocks(kernel, p.threads(), bytes));
+      if (slices <= resident) break;
     }
-    const size_t bytes = p.shared_bytes(sizeof(W));
-    smallest = bytes;
-    if (slices > sms || bytes > launch.max_shared_bytes()) continue;
-    const int64_t resident = std::min<int64_t>(sms, launch.max_blocks(kernel, p.threads(), bytes));
-    if (slices > resident) continue;
+    if (p.stages < fewest) continue;
     const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(p.batch, resident / slices));
     p.group_rows = static_cast<int>((p.batch + groups - 1) / groups);
     p.batch_groups = static_cast<int>((p.batch + p.group_rows - 1) / p.group_rows);
-    return p;
+    if (p.stages == p.rounds()) return p;
+    if (!best || p.stages > best->stages) best = p;
   }
-  TORCH_CHECK(false, op, ": no split of H = ", hidden, " over D = ", directions,
-              " directions fits the tensor-core persistent kernel on this device (",
-              sms, " SMs, ", launch.max_shared_bytes(), " bytes of shared memory per block; ",
+  TORCH_CHECK(best, op, ": no split of H = ", hidden, " over D = ", directions,
+              " directions fits the tensor-core persistent kernel on this device (", sms,
+              " SMs, ", launch.max_shared_bytes(), " bytes of shared memory per block; ",
               smallest, " needed with ", candidates.empty() ? 0 : candidates.back(),
               " units per block); use backend=\"triton\" for this size");
-  return p;
+  return *best;
 }
 
 // fn(W{}) with W the C++ type of the weights: T itself, or bf16/fp16 with T = float (autocast).
