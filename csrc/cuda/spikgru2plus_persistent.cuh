@@ -237,23 +237,38 @@ NEUROKERN_DEVICE T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// The gates of hidden unit j from its row of gi and gh's thirds (U s_{t-1}): b_hh (if any) added
-// to gh, r = sigmoid(gi_r + gh_r) (1 without the reset gate), z = sigmoid(gi_z + gh_z), and
-// gh_i with b_hh; the forward step computes them and the backward step recomputes them here.
+// What the gates of hidden unit j read from memory: its row's gi_r (with the reset gate) and
+// gi_z, b_hh's thirds (zeros without b_hh; b_r only with the reset gate) and the leak alpha.
+template <typename T>
+struct GateInputs {
+  T gi_r, gi_z, b_r, b_z, b_i, alpha;
+};
+
+template <typename T, bool RESET_GATE>
+NEUROKERN_DEVICE GateInputs<T> gate_inputs(const T* gi, const T* bias, const T* alpha,
+                                           int64_t hidden, int64_t j) {
+  GateInputs<T> in{T(0), gi[hidden + j], T(0), T(0), T(0), alpha[j]};
+  if (RESET_GATE) in.gi_r = gi[j];
+  if (bias != nullptr) {
+    if (RESET_GATE) in.b_r = bias[j];
+    in.b_z = bias[hidden + j];
+    in.b_i = bias[2 * hidden + j];
+  }
+  return in;
+}
+
+// The gates from gh's thirds (U s_{t-1}): b_hh added to gh, r = sigmoid(gi_r + gh_r) (1 without
+// the reset gate), z = sigmoid(gi_z + gh_z), and gh_i with b_hh; the forward step computes them
+// and the backward step recomputes them here.
 template <typename T>
 struct CellGates {
   T r, z, gh_i;
 };
 
 template <typename T, bool RESET_GATE>
-NEUROKERN_DEVICE CellGates<T> cell_gates(const T* gi, T gh_r, T gh_z, T gh_i, const T* bias,
-                                         int64_t hidden, int64_t j) {
-  if (bias != nullptr) {
-    gh_r += bias[j];
-    gh_z += bias[hidden + j];
-    gh_i += bias[2 * hidden + j];
-  }
-  return {RESET_GATE ? sigmoid(gi[j] + gh_r) : T(1), sigmoid(gi[hidden + j] + gh_z), gh_i};
+NEUROKERN_DEVICE CellGates<T> cell_gates(const GateInputs<T>& in, T gh_r, T gh_z, T gh_i) {
+  return {RESET_GATE ? sigmoid(in.gi_r + (gh_r + in.b_r)) : T(1),
+          sigmoid(in.gi_z + (gh_z + in.b_z)), gh_i + in.b_i};
 }
 
 // The staging of one round: value `idx` of the tile, [gate][kk][bb], is x(b0 + bb, gate, k0 + kk)
@@ -391,29 +406,46 @@ struct FwdArgs {
   bool has_s0;
 };
 
-// The cell of hidden unit j of row `row` at step t, given gh = U s_{t-1} (without b_hh):
+// The cell of hidden unit j of row `row` at step t, in two parts: what it reads from memory
+// (forward_inputs: the tensor-core loops load it before the step's product, so that its latency
+// overlaps the staging), then, given gh = U s_{t-1} (without b_hh), forward_cell:
 // i_t = alpha i_{t-1} + gi_i + gh_i r, v_t = z v_{t-1} + (1 - z) i_t - v_th s_{t-1},
 // s_t = act(v_t), with r = sigmoid(gi_r + gh_r) (1 without the reset gate),
 // z = sigmoid(gi_z + gh_z) and gh = U s_{t-1} + b_hh. Writes s_t, v_t, i_t and gh (rounded to
 // W, for the backward); returns s_t.
-template <bool RESET_GATE, typename T, typename W, typename P, typename Act>
-NEUROKERN_DEVICE T forward_cell(const FwdArgs<T, W, P>& a, const Act& act, int64_t t,
-                                int64_t row, int64_t j, T gh_r, T gh_z, T gh_i) {
+template <typename T>
+struct ForwardInputs {
+  GateInputs<T> g;
+  T gi_i, vp, ip, sp;  // gi's i third; v, i and s after step t - 1
+};
+
+template <bool RESET_GATE, typename T, typename W, typename P>
+NEUROKERN_DEVICE ForwardInputs<T> forward_inputs(const FwdArgs<T, W, P>& a, int64_t t,
+                                                 int64_t row, int64_t j) {
   const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch, d = row / a.p.batch;
+  const int64_t n = row * hidden + j, prev = (t - 1) * rows * hidden + n;
+  const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
+  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
+  return {gate_inputs<T, RESET_GATE>(gi, bias, a.alpha + d * hidden, hidden, j),
+          gi[2 * hidden + j],
+          t > 0 ? a.v_seq[prev] : a.v0 == nullptr ? T(0) : a.v0[n],
+          t > 0 ? a.i_seq[prev] : a.i0 == nullptr ? T(0) : a.i0[n],
+          t > 0 ? a.s_seq[prev] : a.s0 == nullptr ? T(0) : a.s0[n]};
+}
+
+template <bool RESET_GATE, typename T, typename W, typename P, typename Act>
+NEUROKERN_DEVICE T forward_cell(const FwdArgs<T, W, P>& a, const Act& act,
+                                const ForwardInputs<T>& in, int64_t t, int64_t row, int64_t j,
+                                T gh_r, T gh_z, T gh_i) {
+  const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch;
   const int64_t n = row * hidden + j;
   W* gh_out = a.gh_seq + (t * rows + row) * 3 * hidden + j;
   gh_out[0] = static_cast<W>(gh_r);
   gh_out[hidden] = static_cast<W>(gh_z);
   gh_out[2 * hidden] = static_cast<W>(gh_i);
-  const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
-  const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * 3 * hidden;
-  const CellGates<T> g = cell_gates<T, RESET_GATE>(gi, gh_r, gh_z, gh_i, bias, hidden, j);
-  const int64_t prev = (t - 1) * rows * hidden + n;
-  const T vp = t > 0 ? a.v_seq[prev] : a.v0 == nullptr ? T(0) : a.v0[n];
-  const T ip = t > 0 ? a.i_seq[prev] : a.i0 == nullptr ? T(0) : a.i0[n];
-  const T sp = t > 0 ? a.s_seq[prev] : a.s0 == nullptr ? T(0) : a.s0[n];
-  const T i = a.alpha[d * hidden + j] * ip + gi[2 * hidden + j] + g.gh_i * g.r;
-  const T v = g.z * vp + (T(1) - g.z) * i - a.v_th * sp;
+  const CellGates<T> g = cell_gates<T, RESET_GATE>(in.g, gh_r, gh_z, gh_i);
+  const T i = in.g.alpha * in.ip + in.gi_i + g.gh_i * g.r;
+  const T v = g.z * in.vp + (T(1) - g.z) * i - a.v_th * in.sp;
   const T s = act(v);
   const int64_t out = t * rows * hidden + n;
   a.i_seq[out] = i;
@@ -449,7 +481,8 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_fwd_kernel(FwdArgs<T, W> a, Act ac
         const int64_t b = b0 + bb, j = j0 + jj;
         if (b >= batch || j >= hidden) continue;
         const T* g = gh + bb * columns + jj;
-        forward_cell<RESET_GATE>(a, act, t, row0 + b, j, g[0], g[units], g[2 * units]);
+        forward_cell<RESET_GATE>(a, act, forward_inputs<RESET_GATE>(a, t, row0 + b, j), t,
+                                 row0 + b, j, g[0], g[units], g[2 * units]);
       }
     }
     sync_grid();  // s_t complete: the next step's products read all of it
@@ -481,31 +514,58 @@ struct BwdArgs {
   int64_t dgh_row;  // 3H, or 3H rounded up to 8 values for the tensor-core loops' 16-byte copies
 };
 
-// The cell backward of hidden unit j of row `row` at step t >= 0, given dL/ds_t complete (ds:
-// a.ds plus the product path dgh_{t+1} U) and the carries dv = z_{t+1} dL/dv_{t+1},
-// di = alpha dL/di_{t+1} (in a.dv, a.di):
+// The cell backward of hidden unit j of row `row` at step t >= 0, in two parts as the forward's:
+// what it reads (backward_inputs), then, given the product path of dL/ds_t (dgh_{t+1} U),
+// backward_cell with dL/ds_t = ds + that and the carries dv = z_{t+1} dL/dv_{t+1},
+// di = alpha dL/di_{t+1}:
 //   dv_t = ds f'(v_t) + dv,  di_t = (1 - z) dv_t + di,  d(gi_i) = di_t,  d(gh_i) = di_t r,
 //   d(a_r) = di_t gh_i r (1 - r),  d(a_z) = dv_t (v_{t-1} - i_t) z (1 - z),
 //   carries z dv_t and alpha di_t, reset path -v_th dv_t onto dL/ds_{t-1} (into a.ds).
-template <bool RESET_GATE, typename T, typename W, typename P, typename Surr>
-NEUROKERN_DEVICE void backward_cell(const BwdArgs<T, W, P>& a, const Surr& surrogate, int64_t t,
-                                    int64_t row, int64_t j, T ds) {
+template <typename T>
+struct BackwardInputs {
+  GateInputs<T> g;
+  T gh_r, gh_z, gh_i;  // the forward's U s_{t-1}
+  T vp, ip, v, i;      // the state after steps t - 1 and t
+  T ds, dv, di;        // dL/ds_t but its product path, and the carries
+  T dalpha, grad_prev;  // dalpha's running sum; the output gradient of s_{t-1} (0 at t = 0)
+};
+
+template <bool RESET_GATE, typename T, typename W, typename P>
+NEUROKERN_DEVICE BackwardInputs<T> backward_inputs(const BwdArgs<T, W, P>& a, int64_t t,
+                                                   int64_t row, int64_t j) {
   const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch, d = row / a.p.batch;
   const int64_t n = row * hidden + j, gates = 3 * hidden;
+  const int64_t step = t * rows * hidden, before = step - rows * hidden + n;  // after t - 1
   const T* gi = a.gi + t * a.gi_step + row * a.gi_row;
   const W* gh = a.gh + (t * rows + row) * gates;
   const T* bias = a.bias_hh == nullptr ? nullptr : a.bias_hh + d * gates;
-  const CellGates<T> g = cell_gates<T, RESET_GATE>(
-      gi, static_cast<T>(gh[j]), static_cast<T>(gh[hidden + j]),
-      static_cast<T>(gh[2 * hidden + j]), bias, hidden, j);
+  return {gate_inputs<T, RESET_GATE>(gi, bias, a.alpha + d * hidden, hidden, j),
+          static_cast<T>(gh[j]),
+          static_cast<T>(gh[hidden + j]),
+          static_cast<T>(gh[2 * hidden + j]),
+          t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before],
+          t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before],
+          a.v_seq[step + n],
+          a.i_seq[step + n],
+          a.ds[n],
+          a.dv[n],
+          a.di[n],
+          a.dalpha[n],
+          t > 0 ? a.grad_s[(t - 1) * a.grad_s_step + row * a.grad_s_row + j] : T(0)};
+}
+
+template <bool RESET_GATE, typename T, typename W, typename P, typename Surr>
+NEUROKERN_DEVICE void backward_cell(const BwdArgs<T, W, P>& a, const Surr& surrogate,
+                                    const BackwardInputs<T>& in, int64_t t, int64_t row,
+                                    int64_t j, T ds_product) {
+  const int64_t hidden = a.p.hidden, rows = a.p.directions * a.p.batch;
+  const int64_t n = row * hidden + j, gates = 3 * hidden;
+  const CellGates<T> g = cell_gates<T, RESET_GATE>(in.g, in.gh_r, in.gh_z, in.gh_i);
   const T z = g.z, r = g.r;
-  const int64_t step = t * rows * hidden, before = step - rows * hidden + n;  // after t - 1
-  const T vp = t == 0 ? (a.v0 == nullptr ? T(0) : a.v0[n]) : a.v_seq[before];
-  const T ip = t == 0 ? (a.i0 == nullptr ? T(0) : a.i0[n]) : a.i_seq[before];
-  const T v = a.v_seq[step + n], i = a.i_seq[step + n];
-  const T dv = ds * surrogate(v) + a.dv[n];
-  const T di = (T(1) - z) * dv + a.di[n];
-  const T da_z = dv * (vp - i) * z * (T(1) - z);
+  const T ds = in.ds + ds_product;
+  const T dv = ds * surrogate(in.v) + in.dv;
+  const T di = (T(1) - z) * dv + in.di;
+  const T da_z = dv * (in.vp - in.i) * z * (T(1) - z);
   const T da_r = RESET_GATE ? di * g.gh_i * r * (T(1) - r) : T(0);
   T* dgi = a.dgi + (t * rows + row) * gates;
   W* dgh = a.dgh + (t * rows + row) * a.dgh_row;
@@ -516,10 +576,10 @@ NEUROKERN_DEVICE void backward_cell(const BwdArgs<T, W, P>& a, const Surr& surro
   dgi[2 * hidden + j] = di;
   dgh[2 * hidden + j] = static_cast<W>(di * r);
   a.dv[n] = z * dv;
-  a.di[n] = a.alpha[d * hidden + j] * di;
-  a.dalpha[n] += di * ip;
+  a.di[n] = in.g.alpha * di;
+  a.dalpha[n] = in.dalpha + di * in.ip;
   T ds_prev = -a.v_th * dv;
-  if (t > 0) ds_prev += a.grad_s[(t - 1) * a.grad_s_step + row * a.grad_s_row + j];
+  if (t > 0) ds_prev += in.grad_prev;
   a.ds[n] = ds_prev;
 }
 
@@ -550,13 +610,13 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_bwd_kernel(BwdArgs<T, W> a, Surr s
         const int bb = idx / units, jj = idx % units;
         const int64_t b = b0 + bb, j = j0 + jj;
         if (b >= batch || j >= hidden) continue;
-        const int64_t n = (row0 + b) * hidden + j;
         const T* pb = part + bb * columns + jj;
-        const T ds = a.ds[n] + (pb[0] + pb[units] + pb[2 * units]);
+        const T product = pb[0] + pb[units] + pb[2 * units];
         if (t < 0) {  // after step 0: dL/ds_0 with its product path
-          a.ds[n] = ds;
+          a.ds[(row0 + b) * hidden + j] += product;
         } else {
-          backward_cell<RESET_GATE>(a, surrogate, t, row0 + b, j, ds);
+          backward_cell<RESET_GATE>(a, surrogate, backward_inputs<RESET_GATE>(a, t, row0 + b, j),
+                                    t, row0 + b, j, product);
         }
       }
     }
@@ -750,13 +810,22 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_fwd_kernel(FwdArgs<float, W, M
     W* s_next = a.s_mm + (t & 1) * rows * a.s_mm_row;
     for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
       const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
+      // the inputs of this thread's first cell, loaded while the product stages its factor
+      const int first = thread_index();
+      const int64_t first_j = block.j0 + first % units;
+      ForwardInputs<float> early{};
+      if (first < chunk * units && first_j < hidden) {
+        early = forward_inputs<RESET_GATE>(a, t, row0 + b0 + first / units, first_j);
+      }
       mma_chunk_product(p, block, s_prev, a.s_mm_row, row0 + b0, chunk);
-      for (int idx = thread_index(); idx < chunk * units; idx += block_threads()) {
+      for (int idx = first; idx < chunk * units; idx += block_threads()) {
         const int r = idx / units, jj = idx % units;
         const int64_t row = row0 + b0 + r, j = block.j0 + jj;
         if (j >= hidden) continue;
         const float* g = block.products + r * n16 + jj;
-        const float s = forward_cell<RESET_GATE>(a, act, t, row, j, g[0], g[units], g[2 * units]);
+        const float s = forward_cell<RESET_GATE>(
+            a, act, idx == first ? early : forward_inputs<RESET_GATE>(a, t, row, j), t, row, j,
+            g[0], g[units], g[2 * units]);
         s_next[row * a.s_mm_row + j] = static_cast<W>(s);
       }
     }
@@ -782,17 +851,25 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_bwd_kernel(BwdArgs<float, W, M
     const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * a.dgh_row : nullptr;
     for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
       const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
+      // the inputs of this thread's first cell, loaded while the product stages its factor
+      const int first = thread_index();
+      const int64_t first_j = block.j0 + first % units;
+      BackwardInputs<float> early{};
+      if (t >= 0 && first < chunk * units && first_j < hidden) {
+        early = backward_inputs<RESET_GATE>(a, t, row0 + b0 + first / units, first_j);
+      }
       mma_chunk_product(p, block, dgh_next, a.dgh_row, row0 + b0, chunk);
-      for (int idx = thread_index(); idx < chunk * units; idx += block_threads()) {
+      for (int idx = first; idx < chunk * units; idx += block_threads()) {
         const int r = idx / units, jj = idx % units;
         const int64_t row = row0 + b0 + r, j = block.j0 + jj;
         if (j >= hidden) continue;
-        const int64_t n = row * hidden + j;
-        const float ds = a.ds[n] + block.products[r * n16 + jj];
+        const float product = block.products[r * n16 + jj];
         if (t < 0) {  // after step 0: dL/ds_0 with its product path
-          a.ds[n] = ds;
+          a.ds[row * hidden + j] += product;
         } else {
-          backward_cell<RESET_GATE>(a, surrogate, t, row, j, ds);
+          backward_cell<RESET_GATE>(
+              a, surrogate, idx == first ? early : backward_inputs<RESET_GATE>(a, t, row, j), t,
+              row, j, product);
         }
       }
     }
