@@ -211,35 +211,18 @@ def mma_inputs(case):
     return gi, weight, bias, alpha, v0, i0, s0
 
 
-@given(case=mma_cases(), device=mma_devices)
-@example(case=dict(steps=3, batch=33, hidden=70, directions=2, signed=True, reset_gate=True,
-                   bias=True, state="quantized", weight=torch.bfloat16, seed=1),
-         device=(6, 8, 16, 40 * 1024, 3))
-@example(case=dict(steps=4, batch=5, hidden=37, directions=1, signed=False, reset_gate=False,
-                   bias=False, state="ternary", weight=torch.float16, seed=2),
-         device=(130, 8, 40, 24 * 1024, 2))
-def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
-    """Forward: spikes, states and the (W-rounded) recurrent sums equal the float32 loop's bit
-    for bit (exact sums). Backward, from the same saved forward: every gradient within the bf16
-    rounding of the staged gate gradients dgh of the float32 loop's (which keeps dgh in float32),
-    far below what a wrong unit, gate, row or step would give."""
-    gi, weight, bias, alpha, v0, i0, s0 = mma_inputs(case)
+def check_tensor_core_loops(case, fwd16, fwd32, bwd16, bwd32, device="cpu"):
+    """Forward: spikes, states and the (W-rounded) recurrent sums of the tensor-core loop equal
+    the float32 loop's bit for bit (exact sums). Backward, from the same saved forward: every
+    gradient within the bf16 rounding of the staged gate gradients dgh of the float32 loop's
+    (which keeps dgh in float32), far below what a wrong unit, gate, row or step would give."""
+    gi, weight, bias, alpha, v0, i0, s0 = (None if t is None else t.to(device)
+                                           for t in mma_inputs(case))
     w16 = weight.to(case["weight"])
     assert torch.equal(w16.float(), weight)
     flags = (1.0, 4.0, case["signed"], case["reset_gate"])
-
-    def on(device, op, *args):  # the float32 loops on a device of their own (power-of-2 slices)
-        emulation.configure(*device)
-        return op(*args)
-
-    simt = (8, 8, 8, 256 * 1024, 4)
-    try:
-        out16 = on(device, emulation.spikgru2plus_fwd, gi, w16, bias, alpha, v0, i0, s0, *flags,
-                   True)
-    except RuntimeError as error:  # e.g. H = 70, D = 2 in 24 KiB: checked to say so, then skipped
-        assert "fits the tensor-core persistent kernel on this device" in str(error)
-        assume(False)
-    out32 = on(simt, emulation.spikgru2plus_fwd, gi, weight, bias, alpha, v0, i0, s0, *flags, True)
+    out16 = fwd16(gi, w16, bias, alpha, v0, i0, s0, *flags, True)
+    out32 = fwd32(gi, weight, bias, alpha, v0, i0, s0, *flags, True)
     for name, a, b in zip(("s", "v", "i"), out16[:3], out32[:3]):
         assert torch.equal(a, b), f"{name} differs from the float32 loop's"
     assert out16[3].dtype == case["weight"]
@@ -247,13 +230,12 @@ def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
 
     gen = torch.Generator().manual_seed(case["seed"] + 1)
     rows, hidden = gi.shape[1], gi.shape[2] // 3
-    grad_s = torch.randn(gi.shape[0], rows, hidden, generator=gen)
-    lasts = [torch.randn(rows, hidden, generator=gen) for _ in range(3)]
+    grad_s = torch.randn(gi.shape[0], rows, hidden, generator=gen).to(device)
+    lasts = [torch.randn(rows, hidden, generator=gen).to(device) for _ in range(3)]
     saved = (*out16[:3],)
-    grads16 = on(device, emulation.spikgru2plus_bwd, grad_s, *lasts, gi, w16, bias, alpha, *saved,
-                 out16[3], v0, i0, s0, *flags)
-    grads32 = on(simt, emulation.spikgru2plus_bwd, grad_s, *lasts, gi, weight, bias, alpha, *saved,
-                 out16[3].float(), v0, i0, s0, *flags)
+    grads16 = bwd16(grad_s, *lasts, gi, w16, bias, alpha, *saved, out16[3], v0, i0, s0, *flags)
+    grads32 = bwd32(grad_s, *lasts, gi, weight, bias, alpha, *saved, out16[3].float(), v0, i0,
+                    s0, *flags)
     names = ("dgi", "dweight_hh", "dbias_hh", "dalpha", "dv0", "di0", "ds0")
     for name, a, b in zip(names, grads16, grads32):
         if b is None:
@@ -262,6 +244,55 @@ def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         scale = b.abs().max().item()
         assert (a - b).abs().max().item() <= 2.0 ** -6 * (1 + scale), name
+
+
+@given(case=mma_cases(), device=mma_devices)
+@example(case=dict(steps=3, batch=33, hidden=70, directions=2, signed=True, reset_gate=True,
+                   bias=True, state="quantized", weight=torch.bfloat16, seed=1),
+         device=(6, 8, 16, 40 * 1024, 3))
+@example(case=dict(steps=4, batch=5, hidden=37, directions=1, signed=False, reset_gate=False,
+                   bias=False, state="ternary", weight=torch.float16, seed=2),
+         device=(130, 8, 40, 24 * 1024, 2))
+def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
+    """check_tensor_core_loops on the emulation: the tensor-core loops on the drawn device, the
+    float32 loops on one of their own (power-of-2 slices)."""
+    def on(device, op):
+        def run(*args):
+            emulation.configure(*device)
+            return op(*args)
+        return run
+
+    simt = (8, 8, 8, 256 * 1024, 4)
+    emulation.configure(*device)
+    rows = case["directions"] * case["batch"]
+    try:
+        for forward in (True, False):
+            emulation.mma_plan(case["steps"], rows, case["hidden"], case["directions"], forward)
+    except RuntimeError as error:  # e.g. H = 70, D = 2 in 24 KiB: checked to say so, then skipped
+        assert "fits the tensor-core persistent kernel on this device" in str(error)
+        assume(False)
+    check_tensor_core_loops(case, on(device, emulation.spikgru2plus_fwd),
+                            on(simt, emulation.spikgru2plus_fwd),
+                            on(device, emulation.spikgru2plus_bwd),
+                            on(simt, emulation.spikgru2plus_bwd))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", [
+    # the paper's layer: 16 units per block, 2 batch groups, the backward's 6-round ring
+    dict(steps=4, batch=32, hidden=1024, directions=1, signed=True, reset_gate=True, bias=True,
+         state="ternary", weight=torch.bfloat16, seed=3),
+    dict(steps=5, batch=33, hidden=70, directions=2, signed=False, reset_gate=True, bias=True,
+         state="quantized", weight=torch.bfloat16, seed=4),
+    dict(steps=3, batch=5, hidden=37, directions=1, signed=True, reset_gate=False, bias=False,
+         state=None, weight=torch.float16, seed=5),
+])
+def test_tensor_core_loops_on_the_gpu(case):
+    """check_tensor_core_loops with the real kernels (WMMA, cp.async) of backend "cuda"."""
+    if not dispatch.availability("spikgru2plus", "cuda", "cuda").available:
+        pytest.skip("the extension was built without its CUDA kernels")
+    fwd, bwd = gru_ops.spikgru2plus_ops("cuda")
+    check_tensor_core_loops(case, fwd, fwd, bwd, bwd, "cuda")
 
 
 def test_tensor_core_split_of_the_paper_layer(emulation):
