@@ -6,35 +6,36 @@
 // (weight_hh [D, 3H, H], bias_hh [D, 3H], alpha [D, H], rows [D * B] direction-major, each
 // direction in its processing order).
 //
-// Work split: block n serves direction d = n / blocks_per_direction and the `units` hidden units
-// j0 .. j0 + units - 1, j0 = (n % blocks_per_direction) * units; its 3 * units "columns" c =
-// g * units + jj are the (r, z, i) rows g H + j0 + jj of U. Per step it computes, for every batch
-// row of its direction, chunk by chunk of `batch_chunk` rows:
-//   forward:  gh[b][c] = sum_k s_{t-1}[b][k] U[g H + j][k]      (k < H, s_{t-1} from all blocks)
-//             (written to gh_seq for the backward), then the cell of its units: r, z, i_t, v_t,
-//             s_t (written for the next step);
-//   backward: part[b][c] = sum_k dgh_{t+1}[b][g H + k] U[g H + k][j]   (k < H, dgh from all blocks)
-//             then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the cell
-//             backward of its units (gates from gi_t and the forward's gh_t), writing dgi_t,
-//             dgh_t (for the next step) and the carries.
-// Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
-// staged in shared memory k_chunk values of k at a time (the next round's values loaded into
-// registers while the block sums the current one), each thread summing one column for
-// kRowsPerThread batch rows (per k: one load of w, two 16-byte broadcast loads of the factor,
-// eight fused multiply-adds) over its slice of the round: the block's threads are k_split
-// groups ("slices") that each sum k_chunk / k_split values of k of every round, and the slices'
-// partial sums are added in shared memory at the end (k_split x more threads per block than
-// columns x row groups: more warps per SM to hide the latencies of the loads). The products of
-// the gate gradients over all steps (dU, db_hh) are single ATen products after the loop, as on
-// the other backends.
-//
-// Dtypes: the state, gi and all arithmetic in T (float32 or float64); U in W, T itself or, under
-// autocast with T = float32, bfloat16/float16 (the products' dtype of the other backends): kept
-// so in shared memory (half the bytes) and converted exactly to float32 as it is used, so the
-// products accumulate bf16 weights in float32 (as the Triton fused products do). The gate
-// gradients dgh, the backward's product factor, are stored in W too (as on the Triton backend),
-// which halves the backward's staging traffic under autocast; so is gh_seq (the float32 sums
-// rounded to W: the backward's gates then see gh within W's rounding of the forward's).
+// Two kinds of loops, by the dtype W of U:
+// - SIMT loops (W = T, float32 or float64; the products on the FMA units). Work split: block n
+//   serves direction d = n / blocks_per_direction and the `units` hidden units j0 .. j0 + units
+//   - 1, j0 = (n % blocks_per_direction) * units; its 3 * units "columns" c = g * units + jj are
+//   the (r, z, i) rows g H + j0 + jj of U. Per step it computes, for every batch row of its
+//   direction, chunk by chunk of `batch_chunk` rows:
+//     forward:  gh[b][c] = sum_k s_{t-1}[b][k] U[g H + j][k]    (k < H, s_{t-1} from all blocks)
+//               (written to gh_seq for the backward), then the cell of its units: r, z, i_t,
+//               v_t, s_t (written for the next step);
+//     backward: part[b][c] = sum_k dgh_{t+1}[b][g H + k] U[g H + k][j] (k < H, dgh from all
+//               blocks) then ds_t = grad_s_t + reset path + sum_g part[b][g units + jj] and the
+//               cell backward of its units (gates from gi_t and the forward's gh_t), writing
+//               dgi_t, dgh_t (for the next step) and the carries.
+//   Both are the same product: weights in shared memory as w[k][c] (k < H), the other factor
+//   staged in shared memory k_chunk values of k at a time (the next round's values loaded into
+//   registers while the block sums the current one), each thread summing one column for
+//   kRowsPerThread batch rows (per k: one load of w, two 16-byte broadcast loads of the factor,
+//   eight fused multiply-adds) over its slice of the round: the block's threads are k_split
+//   groups ("slices") that each sum k_chunk / k_split values of k of every round, and the
+//   slices' partial sums are added in shared memory at the end (k_split x more threads per
+//   block than columns x row groups: more warps per SM to hide the latencies of the loads).
+// - Tensor-core loops (T = float32, W = bfloat16/float16: U in the products' dtype of the other
+//   backends under autocast): the same per-step structure with the products on the tensor cores
+//   (WMMA 16 x 16 x 16, float32 accumulation), the factor staged by asynchronous copies, and
+//   blocks that may split the batch too; see "Tensor-core loops" below. The spikes, their
+//   factor, are exact in W (a W copy of them is written for it); the gate gradients dgh, the
+//   backward's factor, are stored in W (as on the Triton backend); so is gh_seq (the float32
+//   sums rounded to W: the backward's gates then see gh within W's rounding of the forward's).
+// The products of the gate gradients over all steps (dU, db_hh) are single ATen products after
+// the loop, as on the other backends. The state, gi and all cell arithmetic are in T.
 //
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
