@@ -1,7 +1,8 @@
 """Probe (GPU): the SpikGRU2+ time-loop ops alone, without the products outside the loop, per
 step: the CUDA persistent loops (backend "cuda", one cooperative launch per op) beside the Triton
 loops (per step a cuBLAS product and a kernel, replayed from a CUDA graph), at B = 32, H = 1024,
-one and two directions, float32 weights and bf16 weights (autocast's products). The time per
+one and two directions, float32 weights (the CUDA backend's SIMT loops) and bf16 weights
+(autocast's products: the CUDA backend's tensor-core loops, docs/kernels.md). The time per
 step over T = 90 minus T = 10 separates the per-step cost (products, barrier) from the fixed
 cost of a call (launch, the backward's dU product). One line per case, then one line
 comparing the two backends' results at T = 90 (fraction of spikes that differ, and the relative
