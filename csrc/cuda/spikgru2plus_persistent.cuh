@@ -789,6 +789,34 @@ NEUROKERN_DEVICE void mma_chunk_product(const MmaPartition& p, const MmaBlock<W>
   sync_block();
 }
 
+// One step of a tensor-core loop for the block: per chunk of its batch rows, the product of the
+// factor `src` with the block's columns of U, then cell(row, j, products of the cell's row from
+// its unit's column, inputs) for each of the chunk's cells, with inputs = load(row, j); each
+// thread's first cell of a chunk has its inputs loaded before the product, so that their
+// latency overlaps the staging.
+template <typename W, typename Load, typename Cell>
+NEUROKERN_DEVICE void mma_step(const MmaPartition& p, const MmaBlock<W>& block, const W* src,
+                               int64_t src_row, Load load, Cell cell) {
+  const int units = p.units;
+  const int64_t row0 = int64_t(block.d) * p.batch;
+  for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
+    const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
+    const int first = thread_index();
+    const int64_t first_j = block.j0 + first % units;
+    decltype(load(row0, first_j)) early{};
+    if (first < chunk * units && first_j < p.hidden) {
+      early = load(row0 + b0 + first / units, first_j);
+    }
+    mma_chunk_product(p, block, src, src_row, row0 + b0, chunk);
+    for (int idx = first; idx < chunk * units; idx += block_threads()) {
+      const int r = idx / units, jj = idx % units;
+      const int64_t row = row0 + b0 + r, j = block.j0 + jj;
+      if (j >= p.hidden) continue;
+      cell(row, j, block.products + r * p.columns16() + jj, idx == first ? early : load(row, j));
+    }
+  }
+}
+
 // Forward on the tensor cores: per step, the product of s_{t-1} (s_mm slot (t + 1) % 2) with
 // the block's columns of U, then the cells, which also write s_t to slot t % 2.
 template <typename W, bool RESET_GATE, typename Act>
@@ -805,31 +833,17 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_fwd_kernel(FwdArgs<float, W, M
                                ? u[((c / units) * hidden + j) * hidden + k]
                                : W(0);
   }
-  const int64_t row0 = int64_t(block.d) * p.batch;
   for (int64_t t = 0; t < p.steps; ++t) {
     const W* s_prev = t == 0 && !a.has_s0 ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
     W* s_next = a.s_mm + (t & 1) * rows * a.s_mm_row;
-    for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
-      const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
-      // the inputs of this thread's first cell, loaded while the product stages its factor
-      const int first = thread_index();
-      const int64_t first_j = block.j0 + first % units;
-      ForwardInputs<float> early{};
-      if (first < chunk * units && first_j < hidden) {
-        early = forward_inputs<RESET_GATE>(a, t, row0 + b0 + first / units, first_j);
-      }
-      mma_chunk_product(p, block, s_prev, a.s_mm_row, row0 + b0, chunk);
-      for (int idx = first; idx < chunk * units; idx += block_threads()) {
-        const int r = idx / units, jj = idx % units;
-        const int64_t row = row0 + b0 + r, j = block.j0 + jj;
-        if (j >= hidden) continue;
-        const float* g = block.products + r * n16 + jj;
-        const float s = forward_cell<RESET_GATE>(
-            a, act, idx == first ? early : forward_inputs<RESET_GATE>(a, t, row, j), t, row, j,
-            g[0], g[units], g[2 * units]);
-        s_next[row * a.s_mm_row + j] = static_cast<W>(s);
-      }
-    }
+    mma_step(
+        p, block, s_prev, a.s_mm_row,
+        [&](int64_t row, int64_t j) { return forward_inputs<RESET_GATE>(a, t, row, j); },
+        [&](int64_t row, int64_t j, const float* g, const ForwardInputs<float>& in) {
+          const float s = forward_cell<RESET_GATE>(a, act, in, t, row, j, g[0], g[units],
+                                                   g[2 * units]);
+          s_next[row * a.s_mm_row + j] = static_cast<W>(s);
+        });
     sync_grid();  // s_t complete: the next step's products read all of it
   }
 }
@@ -847,33 +861,20 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_bwd_kernel(BwdArgs<float, W, M
     const int64_t k = idx / n16, c = idx % n16, j = block.j0 + c;  // along rows of U
     block.w[idx] = c < units && j < hidden && k < 3 * hidden ? u[k * hidden + j] : W(0);
   }
-  const int64_t row0 = int64_t(block.d) * p.batch;
   for (int64_t t = p.steps - 1; t >= -1; --t) {
     const W* dgh_next = t + 1 < p.steps ? a.dgh + (t + 1) * rows * a.dgh_row : nullptr;
-    for (int64_t b0 = block.first; b0 < block.last; b0 += kMmaRows) {
-      const int chunk = static_cast<int>(std::min<int64_t>(kMmaRows, block.last - b0));
-      // the inputs of this thread's first cell, loaded while the product stages its factor
-      const int first = thread_index();
-      const int64_t first_j = block.j0 + first % units;
-      BackwardInputs<float> early{};
-      if (t >= 0 && first < chunk * units && first_j < hidden) {
-        early = backward_inputs<RESET_GATE>(a, t, row0 + b0 + first / units, first_j);
-      }
-      mma_chunk_product(p, block, dgh_next, a.dgh_row, row0 + b0, chunk);
-      for (int idx = first; idx < chunk * units; idx += block_threads()) {
-        const int r = idx / units, jj = idx % units;
-        const int64_t row = row0 + b0 + r, j = block.j0 + jj;
-        if (j >= hidden) continue;
-        const float product = block.products[r * n16 + jj];
-        if (t < 0) {  // after step 0: dL/ds_0 with its product path
-          a.ds[row * hidden + j] += product;
-        } else {
-          backward_cell<RESET_GATE>(
-              a, surrogate, idx == first ? early : backward_inputs<RESET_GATE>(a, t, row, j), t,
-              row, j, product);
-        }
-      }
-    }
+    mma_step(
+        p, block, dgh_next, a.dgh_row,
+        [&](int64_t row, int64_t j) {
+          return t < 0 ? BackwardInputs<float>{} : backward_inputs<RESET_GATE>(a, t, row, j);
+        },
+        [&](int64_t row, int64_t j, const float* product, const BackwardInputs<float>& in) {
+          if (t < 0) {  // after step 0: dL/ds_0 with its product path
+            a.ds[row * hidden + j] += product[0];
+          } else {
+            backward_cell<RESET_GATE>(a, surrogate, in, t, row, j, product[0]);
+          }
+        });
     if (t >= 0) sync_grid();  // dgh_t complete: the next step's products read all of it
   }
 }
