@@ -91,7 +91,6 @@ struct Mma {
 
 namespace {
 
-
 // A small "device": `sms` SMs, one resident block each, so that small layers are split
 // over several blocks per direction, and small tiles, so that the batch and k loops run more
 // than one round (and, for the tensor-core loops, a small shared memory: more blocks).

@@ -11,7 +11,6 @@
 
 namespace {
 
-
 int device_attribute(cudaDeviceAttr attribute, int device) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
