@@ -401,10 +401,9 @@ struct FwdArgs {
   W* gh_seq;  // [T, D * B, 3H] out: U s_{t-1} without b_hh, rounded to the products' dtype
   T v_th;
   // tensor-core loops: the spikes again in W, the products' factor: [2][D * B][s_mm_row], step
-  // t writing slot t % 2 (slot 1 holds s_0 before the loop when has_s0)
+  // t writing slot t % 2 (slot 1 holds s_0 before the loop when s0 is given)
   W* s_mm;
   int64_t s_mm_row;
-  bool has_s0;
 };
 
 // The cell of hidden unit j of row `row` at step t, in two parts: what it reads from memory
@@ -834,7 +833,7 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_fwd_kernel(FwdArgs<float, W, M
                                : W(0);
   }
   for (int64_t t = 0; t < p.steps; ++t) {
-    const W* s_prev = t == 0 && !a.has_s0 ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
+    const W* s_prev = t == 0 && a.s0 == nullptr ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
     W* s_next = a.s_mm + (t & 1) * rows * a.s_mm_row;
     mma_step(
         p, block, s_prev, a.s_mm_row,
@@ -1093,16 +1092,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
     using T = scalar_t;
     dispatch_weight<T>(weight_hh.scalar_type(), [&](auto weight_type) {
       using W = decltype(weight_type);
-      constexpr bool mma = !std::is_same_v<T, W>;  // 16-bit U: the tensor-core loop
-      using P = std::conditional_t<mma, MmaPartition, Partition>;
+      constexpr bool tensor_cores = !std::is_same_v<T, W>;  // 16-bit U
+      using P = std::conditional_t<tensor_cores, MmaPartition, Partition>;
       FwdArgs<T, W, P> args{P{}, gi.data_ptr<T>(), gi.stride(0), gi.stride(1),
                             weight_hh.data_ptr<W>(), optional_ptr<T>(bias_hh),
                             alpha.data_ptr<T>(), optional_ptr<T>(v0), optional_ptr<T>(i0),
                             optional_ptr<T>(s0), s_seq.data_ptr<T>(), v_seq.data_ptr<T>(),
                             i_seq.data_ptr<T>(), gh_seq.data_ptr<W>(), static_cast<T>(v_th),
-                            nullptr, 0, s0.has_value()};
+                            nullptr, 0};
       at::Tensor s_mm;  // the tensor-core loop's factor: [2, D * B, H rounded up to 8], in W
-      if constexpr (mma) {
+      if constexpr (tensor_cores) {
         const int64_t row = round_up(hidden, 8);  // 16-byte rows; the padding stays zero
         s_mm = at::zeros({2, rows, row}, weight_hh.options());
         if (s0) s_mm[1].narrow(1, 0, hidden).copy_(*s0);
@@ -1113,7 +1112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
         using Act = Activation<T, decltype(is_signed)::value, decltype(is_spiking)::value>;
         const Act act(v_th, gamma);
         auto go = [&](auto kernel) {
-          if constexpr (mma) {
+          if constexpr (tensor_cores) {
             args.p = plan_mma<W>(launch, kernel, steps, rows, hidden, directions, true, op);
             launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W)), args, act);
           } else {
@@ -1121,7 +1120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
             launch.run(kernel, args.p, args.p.shared_bytes(sizeof(W), sizeof(T), 1), args, act);
           }
         };
-        if constexpr (mma) {
+        if constexpr (tensor_cores) {
           if (reset_gate) {
             go(spikgru2plus_persistent_mma_fwd_kernel<W, true, Act>);
           } else {
@@ -1191,10 +1190,10 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
   at::Tensor s_prev = at::cat({state_or_zeros(s0).unsqueeze(0), s_seq.narrow(0, 0, steps - 1)});
   at::Tensor s_dirs = s_prev.view({steps, directions, batch, hidden}).to(weight_hh.scalar_type());
   at::Tensor dgi = at::empty({steps, rows, 3 * hidden}, gi.options());
-  // the products' dtype; under autocast (the tensor-core loop, 16-byte copies) rows of 3H
+  // the products' dtype; with 16-bit U (the tensor-core loop, 16-byte copies) rows of 3H
   // rounded up to 8 values, the padding zero
-  const bool mma = weight_hh.scalar_type() != gi.scalar_type();
-  const int64_t dgh_row = mma ? round_up(3 * hidden, 8) : 3 * hidden;
+  const int64_t dgh_row =
+      weight_hh.scalar_type() != gi.scalar_type() ? round_up(3 * hidden, 8) : 3 * hidden;
   at::Tensor dgh_rows = dgh_row == 3 * hidden
                             ? at::empty({steps, rows, dgh_row}, weight_hh.options())
                             : at::zeros({steps, rows, dgh_row}, weight_hh.options());
