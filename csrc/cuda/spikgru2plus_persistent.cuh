@@ -833,7 +833,8 @@ NEUROKERN_KERNEL void spikgru2plus_persistent_mma_fwd_kernel(FwdArgs<float, W, M
                                : W(0);
   }
   for (int64_t t = 0; t < p.steps; ++t) {
-    const W* s_prev = t == 0 && a.s0 == nullptr ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
+    const W* s_prev =
+        t == 0 && a.s0 == nullptr ? nullptr : a.s_mm + ((t + 1) & 1) * rows * a.s_mm_row;
     W* s_next = a.s_mm + (t & 1) * rows * a.s_mm_row;
     mma_step(
         p, block, s_prev, a.s_mm_row,
