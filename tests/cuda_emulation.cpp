@@ -7,9 +7,11 @@
 // Built by tests/test_persistent_spikgru2plus.py with torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -44,13 +46,34 @@ void load4(const T* p, T x[4]) {
   for (int m = 0; m < 4; ++m) x[m] = p[m];
 }
 
-// The tensor-core loops: a "warp" is one thread here, holding whole tiles; the asynchronous
-// copies are plain copies, complete when they return.
+// The tensor-core loops: a "warp" is one thread here, holding whole tiles.
 inline int warp_size() { return 1; }
 inline void zero16(void* dst) { std::memset(dst, 0, 16); }
-inline void copy16_async(void* dst, const void* src) { std::memcpy(dst, src, 16); }
-inline void copy_async_commit() {}
-inline void copy_async_wait(int) {}
+
+// The asynchronous copies as late as cp.async allows them: each thread's copies wait in its
+// committed groups and land, reading their source only then, when copy_async_wait lets them;
+// from the issue on their destination holds NaN (all bits set, NaN in every W). So a read of a
+// buffer before its wait (a wrong count, a missing wait or barrier), a refill of a buffer that
+// is still being read, and a source changed between issue and wait all show in the results.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<PendingCopy> open_group;          // issued, not yet committed
+inline thread_local std::deque<std::vector<PendingCopy>> pending;  // committed, oldest first
+inline void copy16_async(void* dst, const void* src) {
+  std::memset(dst, 0xff, 16);
+  open_group.push_back({dst, src});
+}
+inline void copy_async_commit() {
+  pending.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void copy_async_wait(int most_pending) {
+  for (; pending.size() > static_cast<size_t>(most_pending); pending.pop_front()) {
+    for (const PendingCopy& copy : pending.front()) std::memcpy(copy.dst, copy.src, 16);
+  }
+}
 
 // c += a b on 16 x 16 tiles: the factors as W values (converted exactly to float), the sums in
 // float32 in k order (the tensor cores' order differs: float32 rounding apart)
@@ -133,6 +156,7 @@ struct EmulatedLaunch {
       shared[b].resize(bytes / sizeof(double) + 1);
       std::fill(shared[b].begin(), shared[b].end(), std::nan(""));
     }
+    std::atomic<bool> copies_left{false};
     std::vector<std::thread> pool;
     pool.reserve(size_t(blocks) * threads);
     for (int b = 0; b < blocks; ++b) {
@@ -142,10 +166,16 @@ struct EmulatedLaunch {
               t, threads, b, block_barriers[b].get(), &grid_barrier,
               reinterpret_cast<unsigned char*>(shared[b].data())};
           kernel(args...);
+          if (!neurokern::persistent::open_group.empty() ||
+              !neurokern::persistent::pending.empty()) {
+            copies_left = true;
+          }
         });
       }
     }
     for (auto& thread : pool) thread.join();
+    TORCH_CHECK(!copies_left, "emulation: a thread ended with asynchronous copies never waited "
+                "for");
   }
 };
 
