@@ -148,6 +148,30 @@ void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
+// The sequence an op is called with (x forward, grad_s backward), checked: its neuron dims made
+// contiguous, its sizes and the compute dtype.
+struct Sequence {
+  at::Tensor t;                  // [T, B, C, *S] or [B, T, C, *S], neurons contiguous
+  int64_t T, C, N;               // steps, channels, neurons per step
+  std::vector<int64_t> st_shape;  // one step's state, [B, C, *S]
+  at::ScalarType opmath;         // the compute dtype
+};
+
+Sequence checked_sequence(const at::Tensor& t_in, const char* op, const char* name,
+                          bool batch_first, bool spiking, double gamma) {
+  check_cpu_float(t_in, op, name);
+  TORCH_CHECK(t_in.dim() >= 3, op, ": ", name, " must have rank >= 3 ([T, B, C, *S], or "
+              "[B, T, C, *S] with batch_first), got shape ", t_in.sizes());
+  TORCH_CHECK(spiking || gamma > 0, op, ": smooth mode needs gamma > 0, got ", gamma);
+  Sequence seq{with_contiguous_neurons(t_in)};
+  seq.T = seq.t.size(batch_first ? 1 : 0);
+  seq.C = seq.t.size(2);
+  seq.st_shape = state_shape(seq.t, batch_first);
+  seq.N = c10::multiply_integers(seq.st_shape);
+  seq.opmath = at::toOpMathType(t_in.scalar_type());
+  return seq;
+}
+
 // alpha: [C] or 0-d, any floating dtype (converted to the compute dtype, as the reference does).
 at::Tensor checked_alpha(const at::Tensor& alpha, int64_t C, at::ScalarType opmath,
                          const char* op) {
@@ -422,16 +446,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
   constexpr const char* op = "neurokern::plif_fwd";
   TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0 (0: save nothing, k >= 1: the "
               "membrane after every k-th step), got checkpoint = ", checkpoint);
-  check_cpu_float(x_in, op, "x");
-  TORCH_CHECK(x_in.dim() >= 3, op, ": x must have rank >= 3 ([T, B, C, *S], or [B, T, C, *S] "
-              "with batch_first), got shape ", x_in.sizes());
-  TORCH_CHECK(spiking || gamma > 0, op, ": smooth mode needs gamma > 0, got ", gamma);
-  const at::ScalarType opmath = at::toOpMathType(x_in.scalar_type());
-  const at::Tensor x = with_contiguous_neurons(x_in);
-  const int64_t T = x.size(batch_first ? 1 : 0);
-  const int64_t C = x.size(2);
-  const std::vector<int64_t> st_shape = state_shape(x, batch_first);
-  const int64_t N = c10::multiply_integers(st_shape);
+  const auto [x, T, C, N, st_shape, opmath] =
+      checked_sequence(x_in, op, "x", batch_first, spiking, gamma);
 
   const at::Tensor alpha = checked_alpha(alpha_in, C, opmath, op);
   const auto v0 = checked_state(v0_in, st_shape, opmath, op, "v0");
@@ -761,16 +777,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   constexpr const char* op = "neurokern::plif_bwd";
   TORCH_CHECK(checkpoint >= 1, op, ": checkpoint must be the forward's k >= 1 (the backward "
               "needs the membranes that plif_fwd saved), got checkpoint = ", checkpoint);
-  check_cpu_float(grad_s_in, op, "grad_s");
-  TORCH_CHECK(grad_s_in.dim() >= 3, op, ": grad_s must have rank >= 3 ([T, B, C, *S], or "
-              "[B, T, C, *S] with batch_first), got shape ", grad_s_in.sizes());
-  TORCH_CHECK(spiking || gamma > 0, op, ": smooth mode needs gamma > 0, got ", gamma);
-  const at::ScalarType opmath = at::toOpMathType(grad_s_in.scalar_type());
-  const at::Tensor grad_s = with_contiguous_neurons(grad_s_in);
-  const int64_t T = grad_s.size(batch_first ? 1 : 0);
-  const int64_t C = grad_s.size(2);
-  const std::vector<int64_t> st_shape = state_shape(grad_s, batch_first);
-  const int64_t N = c10::multiply_integers(st_shape);
+  const auto [grad_s, T, C, N, st_shape, opmath] =
+      checked_sequence(grad_s_in, op, "grad_s", batch_first, spiking, gamma);
 
   // x is read only to recompute the membranes (k > 1).
   at::Tensor x = grad_s;
