@@ -1,6 +1,7 @@
 """Small helpers shared by the fused-op modules (spike_ops, plif_ops, spikgru2plus_ops)."""
 
 import collections
+import functools
 import os
 
 import torch
@@ -128,3 +129,24 @@ def graphed(name: str, fn, *args):
             dst.copy_(src)
     graph.replay()
     return tuple(o.clone() for o in outputs)
+
+
+def first_order_only(backward):
+    """`torch.autograd.function.once_differentiable` for a fused Function's `backward`, which
+    also refuses a backward that builds a graph (`create_graph=True`, a double backward) while
+    an input needs a gradient: the fused backward ops have no derivatives, and
+    once_differentiable alone would hand back gradients that are silently constant in the
+    inputs wherever the incoming gradients do not require grad (a gradient penalty would miss
+    its second-order term). The reference backend is differentiable any number of times."""
+    once = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            raise RuntimeError(
+                f"neurokern: {type(ctx).__name__.removesuffix('Backward')}'s fused backward "
+                "is differentiable once only; for a double backward (create_graph=True) use "
+                "backend=\"reference\"")
+        return once(ctx, *grads)
+
+    return wrapper

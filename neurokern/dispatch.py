@@ -147,7 +147,11 @@ def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]
            os.environ.get("TRITON_INTERPRET"))
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _resolve(op, backend, device.type)
+        found = _resolve(op, backend, device.type)
+        # while torch.compile traces, the choice is not logged (see _log_choice): left uncached,
+        # the first eager call logs it
+        if not torch.compiler.is_compiling():
+            _resolved[key] = found
     return found
 
 
@@ -185,7 +189,8 @@ def _implementation(op: str, backend: str) -> Callable:
 
 def _log_choice(op, device_type, name, skipped):
     key = (op, device_type)
-    if key in _logged_choices:
+    # torch.compile cannot trace a logging call (fullgraph: an error); the first eager call logs
+    if key in _logged_choices or torch.compiler.is_compiling():
         return
     _logged_choices.add(key)
     why = "; ".join(f"{b}: {reason}" for b, reason in skipped)

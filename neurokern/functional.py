@@ -15,6 +15,7 @@ from neurokern import dispatch as _dispatch
 __all__ = ["spike", "signed_spike", "plif", "spikgru2plus", "spikgru2plus_bidirectional"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (*_HALF_DTYPES, torch.float32, torch.float64)  # float8: no arithmetic to run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -25,8 +26,9 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 def _check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got dtype {t.dtype}")
 
 
 def _check_like(name, t, x, *, parameter=False):
@@ -48,9 +50,11 @@ def _check_shape(name, t, shape):
 
 
 def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
+    if torch.compiler.is_compiling():  # the value may be symbolic (dynamic=True): no isfinite
+        torch._check(value > 0)
+    elif not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
@@ -144,6 +148,8 @@ def plif(
         raise TypeError(f"alpha must be a tensor or a real number, got {type(alpha).__name__}")
     else:
         alpha = float(alpha)
+        if not torch.compiler.is_compiling() and not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
     _check_positive("v_th", v_th)
     _check_positive("gamma", gamma)
     if state is not None:

@@ -270,10 +270,11 @@ class SpikGRU2Plus(nn.Module):
         )
 
     def forward(self, input, state=None, *, spike_input=False):
-        if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-            shape = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
             raise ValueError(f"input must be [T, B, I], [B, T, I] (batch_first) or unbatched "
-                             f"[T, I], got {shape}")
+                             f"[T, I], got {list(input.shape)}")
         unbatched = input.dim() == 2
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from neurokern._kernels import (
-    eager_or_op, register_fakes, scalar_params, triton_available, triton_op,
+    eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
 from neurokern.reference import compute_dtype
@@ -280,7 +280,7 @@ class PLIFFunction(torch.autograd.Function):
         return s, v_last, s_last
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_s, grad_v_last, grad_s_last):
         x, v_saved, alpha, v0, s0 = ctx.saved_tensors
         v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint, backend = ctx.args

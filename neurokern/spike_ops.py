@@ -10,7 +10,7 @@ Ops (same schema on both backends; the C++ ones are declared in csrc/register.cp
 import torch
 
 from neurokern._kernels import (
-    eager_or_op, register_fakes, scalar_params, triton_available, triton_op,
+    eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
 
@@ -79,6 +79,7 @@ class FusedSpikeFunction(torch.autograd.Function):
         return fwd(x, v_th, gamma, signed, spiking)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_s):
         (x,) = ctx.saved_tensors
         bwd = eager_or_op(spike_ops(ctx.backend)[1])

@@ -32,9 +32,13 @@ PLIF_BAD = [
     ("alpha matrix", lambda: (torch.randn(4, 2, 3), torch.rand(3, 1)), {}, ValueError, "alpha"),
     ("int x", lambda: (torch.ones(4, 2, 3, dtype=torch.int64), torch.rand(3)), {}, TypeError,
      "x must be a floating-point"),
+    ("float8 x", lambda: (torch.randn(4, 2, 3).to(torch.float8_e4m3fn), torch.rand(3)), {},
+     TypeError, "x must be a floating-point tensor (float16, bfloat16, float32 or float64)"),
     ("int alpha", lambda: (torch.randn(4, 2, 3), torch.ones(3, dtype=torch.int32)), {},
      TypeError, "alpha"),
     ("bool alpha", lambda: (torch.randn(4, 2, 3), True), {}, TypeError, "alpha"),
+    ("nan alpha", lambda: (torch.randn(4, 2, 3), float("nan")), {}, ValueError,
+     "alpha must be finite"),
     ("mixed", lambda: (torch.randn(4, 2, 3, dtype=torch.float64), torch.rand(3)), {},
      TypeError, "alpha has dtype torch.float32 but x has dtype torch.float64"),
     ("device", lambda: (torch.randn(4, 2, 3), torch.rand(3, device="meta")), {}, ValueError,
@@ -85,6 +89,8 @@ GRU_BAD = [
     ("bias", _replace(3, torch.randn(12)), {}, ValueError, "bias_ih"),
     ("alpha", _replace(5, torch.rand(4)), {}, ValueError, "alpha"),
     ("int x", _replace(0, torch.ones(4, 2, 3, dtype=torch.int64)), {}, TypeError, "x"),
+    ("float8 W", _replace(1, torch.randn(15, 3).to(torch.float8_e5m2)), {}, TypeError,
+     "weight_ih must be a floating-point"),
     ("mixed", _replace(2, torch.randn(15, 5, dtype=torch.float64)), {}, TypeError, "weight_hh"),
     ("device", _replace(1, torch.randn(15, 3, device="meta")), {}, ValueError, "weight_ih"),
     ("T = 0", _replace(0, torch.randn(0, 2, 3)), {}, ValueError, "T = 0"),
@@ -121,6 +127,8 @@ def test_module_bad_state():
         model(torch.randn(6, 5, 3), tuple(torch.zeros(1, 5, 4) for _ in range(3)))
     with pytest.raises(ValueError, match="input must be"):
         model(torch.randn(6, 5, 3, 1))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
+        model([[0.0, 1.0, 2.0]])
     with pytest.raises(ValueError, match="hidden_size"):
         nk.nn.SpikGRU2Plus(3, 0)
     with pytest.raises(ValueError, match="leak"):
@@ -169,6 +177,53 @@ def test_auto_logs_its_choice_once(monkeypatch, caplog):
     assert len(records) == 1
     chosen, _ = nk_backends.resolve("plif", "auto", torch.device("cpu"))
     assert f"the {chosen} backend" in records[0].getMessage() or chosen == "reference"
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nk.nn.PLIF(3), (4, 2, 3)),
+    (lambda: nk.nn.Spike(), (3, 4)),
+    (lambda: nk.nn.SpikGRU2Plus(5, 8, bidirectional=True), (4, 2, 5)),
+], ids=["PLIF", "Spike", "SpikGRU2Plus"])
+def test_compile_fullgraph_as_the_first_call(monkeypatch, caplog, make, shape):
+    """torch.compile(fullgraph=True) of a module on `auto` that has never run: tracing resolves
+    the backend without logging (dynamo cannot trace a logging call) and without caching it,
+    so the first eager call still logs the choice; dynamic=True (the module's v_th and gamma
+    symbolic floats) compiles too. Both equal eager."""
+    monkeypatch.delenv("NEUROKERN_BACKEND", raising=False)
+    monkeypatch.setattr(nk_backends, "_logged_choices", set())
+    monkeypatch.setattr(nk_backends, "_resolved", {})  # as in a fresh process
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(shape)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="neurokern"):
+            out = first(compiled(x))
+            assert not caplog.records
+            torch.testing.assert_close(out, first(model(x)), rtol=0, atol=0)
+        if not dynamic:
+            assert len([r for r in caplog.records if "backend" in r.getMessage()]) == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nk.nn.PLIF(3), (4, 2, 3)),
+    (lambda: nk.nn.Spike(), (3, 4)),
+    (lambda: nk.nn.SpikGRU2Plus(5, 8), (4, 2, 5)),
+], ids=["PLIF", "Spike", "SpikGRU2Plus"])
+def test_double_backward_raises_on_fused_backends(make, shape):
+    """A gradient penalty through a fused op (create_graph=True) raises, naming the reference
+    backend, rather than treating the gradient as a constant; the reference computes it."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    fused = make().double()
+    with pytest.raises(RuntimeError, match='differentiable once only.*backend="reference"'):
+        torch.autograd.grad(first(fused(x)).sum(), x, create_graph=True)
+    fused.backend = "reference"
+    (g,) = torch.autograd.grad(first(fused(x)).sum(), x, create_graph=True)
+    assert g.requires_grad
 
 
 def test_auto_warns_when_a_fused_kernel_cannot_run(monkeypatch, caplog):

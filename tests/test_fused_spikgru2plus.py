@@ -427,6 +427,27 @@ def test_gradient_of_final_state_only(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    """B = 0, as nn.GRU allows: empty outputs and state, zero gradients, like the reference
+    (each of the layer's reshapes names its sizes: -1 is ambiguous for an empty batch)."""
+    dev = backend_device(backend)
+    for bidirectional, batch_first in ((False, False), (True, True)):
+        outs = []
+        for be in ("reference", backend):
+            torch.manual_seed(0)
+            model = nk.nn.SpikGRU2Plus(5, 8, num_layers=2, bidirectional=bidirectional,
+                                       batch_first=batch_first, backend=be).to(dev, f64)
+            x = torch.randn((0, 3, 5) if batch_first else (3, 0, 5), device=dev, dtype=f64,
+                            requires_grad=True)
+            out, (v, i, s) = model(x)
+            (out.sum() + v.sum() + i.sum() + s.sum()).backward()
+            outs.append([out, v, i, s, x.grad, *(p.grad for p in model.parameters())])
+        for a, b in zip(*outs):
+            assert a.shape == b.shape
+            assert not b.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_input_is_computed_in_float32(backend, dtype):
     """float16/bfloat16 inputs run as their float32 upcast (as the reference computes them);

@@ -131,6 +131,7 @@ def test_float32_against_float64_reference(emulated_cuda, case, device):
     ("test_streaming_two_chunks_equals_one_pass", (False,)),
     ("test_streaming_two_chunks_equals_one_pass", (True,)),
     ("test_gradient_of_final_state_only", ()),
+    ("test_empty_batch", ()),
     ("test_half_input_is_computed_in_float32", (torch.bfloat16,)),
     ("test_autocast_runs_the_products_in_bf16", ()),
     ("test_forward_returns_the_recurrent_products", ()),
