@@ -103,7 +103,8 @@ def _time_bins(t, num_steps):
     t = t.astype(np.float64)
     if not np.all(np.isfinite(t)):
         raise ValueError("events: t holds NaN or infinite timestamps")
-    return np.round(t / (40_000 / (num_steps / 30))).astype(np.int64)
+    # clipped to T before the integer cast: a float beyond int64 would wrap into a bin
+    return np.minimum(np.round(t / (40_000 / (num_steps / 30))), num_steps).astype(np.int64)
 
 
 def events_to_frames(events, num_steps=90, height=SENSOR_SIZE, width=SENSOR_SIZE):
@@ -477,7 +478,8 @@ class TemporalMask(_RandomTransform):
     frames [start, start + L) become zero (both channels, all pixels). Masks may overlap, so
     at most masks * (max_length - 1) frames are zeroed (6 * 17 = 102 >= T = 90 by default).
     As in the public code the last frame is never masked (start + L <= T - 1), and
-    max_length = 1 means L = 1. With T < max_length, L is drawn in [0, T) instead.
+    max_length = 1 means L = 1 (but L = 0 for T = 1). With T < max_length, L is drawn in
+    [0, T) instead.
     Drawn per sample of a batch.
 
     Shapes: `[T, 2, H, W]` or `[B, T, 2, H, W]`, unchanged.
@@ -495,6 +497,7 @@ class TemporalMask(_RandomTransform):
             length = torch.ones(shape, dtype=torch.int64)
         else:
             length = self._randint(0, max(1, min(self.max_length, num_steps)), shape)
+        length = length.clamp(max=max(num_steps - 1, 0))  # T = 1: its frame is the last
         start = self._below((num_steps - length).clamp(min=1))
         return torch.stack([start, start + length], dim=-1)
 

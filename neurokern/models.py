@@ -32,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "CONFIGS",
     "VARIANTS",
+    "SAMPLE_SECONDS",
     "STEPS_PER_SECOND",
     "ModelConfig",
     "LipReadingNet",
@@ -58,7 +59,8 @@ _SPIKGRU = {
 }
 BACKENDS = tuple(_SPIKGRU) + ("gru", "li_fc")
 
-STEPS_PER_SECOND = 75.0  # T = 90 bins over 1.2 s (paper Sec. 3.3)
+SAMPLE_SECONDS = 1.2  # a DVS-Lip sample: 30 frames of 40 ms (paper Sec. 3.3)
+STEPS_PER_SECOND = 90 / SAMPLE_SECONDS  # 75: the paper's T = 90 bins (at other T: T / 1.2 s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,11 +39,19 @@ PAPER_EPOCHS = 200          # SNN: 100 constant + 100 cosine (paper Sec. 3.5)
 FINAL_LR = 5e-6             # the public code's eta_min of the cosine phase
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to the options whose help does not say its default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m neurokern.train",
         description="Train the SpikGRU2+ lip-reading network (paper Sec. 3.5 recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     p.add_argument("--config", default="small", choices=models.CONFIGS,
                    help="model configuration (neurokern.models.get_config)")
     p.add_argument("--data-root", default=None,
@@ -97,8 +105,20 @@ def parse_args(argv=None):
     p.add_argument("--sync-bn", action="store_true",
                    help="synchronise batch-norm statistics across processes")
     args = p.parse_args(argv)
-    if args.epochs < 1:
-        p.error("--epochs must be >= 1")
+    for name, least in (("epochs", 1), ("num_steps", 1), ("steps_per_epoch", 1),
+                        ("eval_steps", 1), ("batch_size", 1), ("synthetic_classes", 1),
+                        ("synthetic_train", 1), ("synthetic_test", 1), ("log_every", 1),
+                        ("num_workers", 0), ("threads", 1), ("warmup_epochs", 0),
+                        ("spike_loss", 0), ("final_lr", 0), ("weight_decay", 0)):
+        value = getattr(args, name)
+        if value is not None and not value >= least:  # (not >=: NaN is refused too)
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    try:
+        torch.device(args.device if args.device != "auto" else "cpu")
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
     if args.cosine_epochs is not None and not 0 <= args.cosine_epochs <= args.epochs:
         p.error("--cosine-epochs must be in [0, --epochs]")
     if args.resume and args.init:
@@ -168,16 +188,28 @@ def _synthetic_root(args, num_classes, d):
     root = Path(args.synthetic_dir) if args.synthetic_dir else Path(tempfile.gettempdir()) / (
         f"neurokern-synthetic-dvslip-c{num_classes}-n{args.synthetic_train}-"
         f"{args.synthetic_test}-s{args.seed}")
+    # the marker holds the dataset's parameters: a folder is reused only for the same ones
     marker = root / ".complete"
-    if d.main and not marker.exists():
+    params = dict(classes=num_classes, train_per_class=args.synthetic_train,
+                  test_per_class=args.synthetic_test, seed=args.seed)
+    if d.main and marker.exists():
+        text = marker.read_text().strip()
+        if text and json.loads(text) != params:  # (an empty marker: written before this check)
+            raise ValueError(f"--synthetic-dir {root} holds a synthetic dataset of {text}, not "
+                             f"the requested {json.dumps(params)}; choose another folder")
+    elif d.main:
+        if root.exists() and any(root.iterdir()):
+            raise ValueError(f"--synthetic-dir {root} exists and is not a synthetic dataset "
+                             f"written by neurokern (no {marker.name}); give an empty or new "
+                             f"folder")
         # Written to a scratch folder and renamed, so a concurrent run never sees half of it.
         root.parent.mkdir(parents=True, exist_ok=True)
-        if root.exists():         # left incomplete by an interrupted run
-            shutil.rmtree(root, ignore_errors=True)
+        if root.exists():         # empty
+            root.rmdir()
         scratch = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
         nkdata.make_synthetic_dvslip(scratch, num_classes, args.synthetic_train,
                                      args.synthetic_test, seed=args.seed)
-        (scratch / ".complete").touch()
+        (scratch / ".complete").write_text(json.dumps(params))
         try:
             os.replace(scratch, root)
         except OSError:           # another run finished first (non-empty target)
@@ -190,8 +222,9 @@ def _train_transform(kind, num_steps):
     if kind == "paper":
         transform = nkdata.train_transform()
         if num_steps != 90:
-            # The paper's masks (up to 18 of 90 frames, 240 ms) keep their duration at other T.
-            length = max(1, round(18 * num_steps / 90))
+            # The paper's masks (up to 18 of 90 frames, 240 ms) keep their duration at other T;
+            # at least 2, so lengths 0 and 1 are drawn (max_length 1 would mask a frame always)
+            length = max(2, round(18 * num_steps / 90))
             transform.transforms = [
                 nkdata.TemporalMask(masks=6, max_length=length)
                 if isinstance(t, nkdata.TemporalMask) else t for t in transform.transforms]
@@ -293,6 +326,7 @@ def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     use_spikes = args.spike_loss > 0
     loss_sum = spike_sum = correct = seen = 0.0
+    lr = optimizer.param_groups[0]["lr"]
     window = time.perf_counter()
     window_steps = 0
     for step, (x, y) in enumerate(loader):
@@ -311,6 +345,7 @@ def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step
             loss = classification = torch_F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]  # this step's (scheduler.step sets the next one's)
         optimizer.step()
         scheduler.step()
         snn.clamp_leaks_(raw)
@@ -327,12 +362,12 @@ def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step
             print(f"epoch {epoch + 1}/{args.epochs} [{_bar(step + 1, steps_per_epoch)}] "
                   f"{step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
                   + (f"spike loss {spike_sum / seen:.4f} " if use_spikes else "")
-                  + f"acc {correct / seen:.3f} lr {scheduler.get_last_lr()[0]:.2e} "
+                  + f"acc {correct / seen:.3f} lr {lr:.2e} "
                   f"{rate:.2f} steps/s ETA {_fmt_time(left / rate)} "
                   f"(elapsed {_fmt_time(time.perf_counter() - started)})", flush=True)
     loss_sum, spike_sum, correct, seen = d.sum([loss_sum, spike_sum, correct, seen])
     seen = max(seen, 1)
-    return global_step, loss_sum / seen, spike_sum / seen, correct / seen
+    return global_step, loss_sum / seen, spike_sum / seen, correct / seen, lr
 
 
 def _reduce_meter(meter, d):
@@ -357,7 +392,8 @@ def evaluate(model, loader, args, d):
     """Test accuracy and, from the same forward passes, the efficiency summary (spike rates,
     OPs/syn, GOPs/s), over all processes' shares of the test set."""
     model.eval()
-    meter = models.EfficiencyMeter()
+    # GOPs/s at the run's T: a sample's T steps span its 1.2 s
+    meter = models.EfficiencyMeter(model.config.num_steps / models.SAMPLE_SECONDS)
     correct = seen = 0.0
     for step, (x, y) in enumerate(loader):
         if args.eval_steps is not None and step >= args.eval_steps:
@@ -431,10 +467,33 @@ def main(argv=None):
         d.close()
 
 
+# Options a resumed run may change: where and how it runs, not what it trains.
+RESUME_MAY_CHANGE = frozenset({"resume", "init", "out", "device", "num_workers", "threads",
+                               "log_every", "keep_epochs", "eval_steps"})
+
+
+def _resumed_args(args, saved):
+    """`args` with every option of the interrupted run restored from its checkpoint (`saved`,
+    its `vars(args)`) but those in RESUME_MAY_CHANGE; an option given on the command line with
+    another value than the run's raises (a different schedule, data or model would not be a
+    continuation)."""
+    defaults = vars(parse_args([]))
+    for name, value in saved.items():
+        if name in RESUME_MAY_CHANGE or name not in defaults:
+            continue
+        given = getattr(args, name)
+        if given != defaults[name] and given != value:
+            raise ValueError(f"--{name.replace('_', '-')} {given} differs from the resumed "
+                             f"run's {value} (--resume continues a run with its own options; "
+                             f"use --init to start a new one from its weights)")
+        setattr(args, name, value)
+    return args
+
+
 def _run(args, d):
     resume = load_checkpoint(args.resume) if args.resume else None
-    if resume:                                # the checkpoint's model, whatever --config says
-        args.config = resume["args"]["config"]
+    if resume:                                # the run's options, and its model
+        args = _resumed_args(args, resume["args"])
     config = _config_from(resume) if resume else models.get_config(args.config)
     if args.num_steps:
         config = config.replace(num_steps=args.num_steps)
@@ -488,7 +547,7 @@ def _run(args, d):
         _seed_epoch(args.seed, d.rank, epoch)
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        global_step, train_loss, train_spike_loss, train_acc = train_epoch(
+        global_step, train_loss, train_spike_loss, train_acc, lr = train_epoch(
             model, train_loader, optimizer, scheduler, args, d, epoch, global_step,
             steps_per_epoch, total_steps, started)
         train_time = time.perf_counter() - t0
@@ -500,7 +559,7 @@ def _run(args, d):
         test_acc, eff = evaluate(raw, test_loader, args, d)
         record = dict(epoch=epoch + 1, step=global_step, train_loss=train_loss,
                       train_spike_loss=train_spike_loss, train_acc=train_acc, test_acc=test_acc,
-                      lr=scheduler.get_last_lr()[0], seconds=train_time,
+                      lr=lr, seconds=train_time,
                       seconds_per_step=train_time / max(steps_per_epoch, 1),
                       ops_per_synapse=eff["ops_per_synapse"], gops=eff["gops"],
                       ann_gops=eff["ann_gops"], spike_rates=dict(eff["spike_rates"]))
@@ -510,8 +569,9 @@ def _run(args, d):
                   f"{train_acc:.3f} | test acc {test_acc:.3f} | {train_time:.1f} s "
                   f"({record['seconds_per_step']:.3f} s/step)")
         if not config.ann:
+            rate = config.num_steps / models.SAMPLE_SECONDS
             _print(d, f"  OPs/syn {eff['ops_per_synapse']:.4f}, {eff['gops']:.3f} GOPs/s at "
-                      f"{models.STEPS_PER_SECOND:.0f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
+                      f"{rate:.1f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
                       f"spike rates: {_format_rates(eff['spike_rates'])}")
         if d.main:
             save_checkpoint(out / "last.pt", raw, optimizer, scheduler, epoch + 1, global_step,

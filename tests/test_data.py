@@ -91,6 +91,15 @@ def test_events_past_last_bin_are_dropped(t):
     assert frames.sum() == 1 and frames[0, 1, 2, 2] == 1
 
 
+@pytest.mark.parametrize("t", [1e24, 1e30])
+def test_float_timestamps_beyond_int64_are_dropped(t):
+    """Such a bin, cast to int64 unclipped, wrapped around into the sample (bin 0)."""
+    events = dict(t=np.array([t, 0.0]), x=np.array([1, 2]), y=np.array([1, 2]),
+                  p=np.array([1, 0]))
+    frames = events_to_frames(events, num_steps=2, height=4, width=4)
+    assert frames.sum() == 1 and frames[0, 1, 2, 2] == 1
+
+
 def test_bin_width_follows_num_steps():
     # T = 30: dt = 40 ms; 20 ms is a tie (0.5 -> 0), 60 ms too (1.5 -> 2), 1.18 s is bin 29 + 0.5
     events = make_events([(20_000, 0, 0, 1), (60_000, 0, 0, 1), (1_180_000, 0, 0, 1),
@@ -311,7 +320,7 @@ def test_temporal_mask_zeroes_whole_frames_only(seed, num_steps, batch):
         assert whole.sum() <= 6 * 17
         expected = torch.zeros(num_steps, dtype=torch.bool)
         for start, end in spans[b].tolist():
-            assert 0 <= end - start < 18 and 0 <= start and end <= max(num_steps - 1, 1)
+            assert 0 <= end - start < 18 and 0 <= start and end <= num_steps - 1
             expected[start:end] = True
         assert torch.equal(whole, expected)
 
@@ -321,6 +330,14 @@ def test_temporal_mask_lengths_are_drawn_in_0_to_17():
     length = spans[..., 1] - spans[..., 0]
     assert length.min() == 0 and length.max() == 17
     assert spans[..., 0].min() == 0 and spans[..., 1].max() <= 89  # the last frame stays
+
+
+def test_temporal_mask_of_one_frame_spares_the_last():
+    """max_length = 1 (L = 1, as the public code) at T = 1 and 2: the last frame stays."""
+    frames = torch.ones(50, 2, 2, 1, 1)
+    assert torch.equal(TemporalMask(max_length=1, seed=0)(frames[:, :1]), frames[:, :1])
+    out = TemporalMask(max_length=1, seed=0)(frames)
+    assert (out[:, 0] == 0).all() and (out[:, 1] == 1).all()
 
 
 def test_transforms_accept_only_frame_shapes():

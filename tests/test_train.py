@@ -80,7 +80,11 @@ def test_resume_continues_exactly(tmp_path):
     common = QUICK + data + ["--epochs", "2", "--steps-per-epoch", "2", "--eval-steps", "1"]
     straight = train.main(common + ["--out", str(tmp_path / "a"), "--keep-epochs"])
     first = tmp_path / "a" / "epoch1.pt"
-    resumed = train.main(common + ["--out", str(tmp_path / "b"), "--resume", str(first)])
+    # the run's options come from the checkpoint: only where and how it runs is given
+    with pytest.raises(ValueError, match="--lr 0.001 differs from the resumed run's 0.0003"):
+        train.main(["--resume", str(first), "--lr", "1e-3"])
+    resumed = train.main(["--resume", str(first), "--out", str(tmp_path / "b"),
+                          "--num-workers", "0", "--device", "cpu"])
     a = train.load_checkpoint(tmp_path / "a" / "last.pt")
     b = train.load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 4
@@ -90,14 +94,55 @@ def test_resume_continues_exactly(tmp_path):
         assert _states_equal(sa, sb)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    # the lr recorded is the one the epoch's last step used (step 3 of 4: halfway down the
+    # cosine of the second epoch), not the next step's
+    assert a["history"][-1]["lr"] == pytest.approx(
+        3e-4 * train.lr_factor(3, 2, 2, 1, 1.0, train.FINAL_LR / 3e-4))
     # And a saved model loads back into a fresh one unchanged.
     fresh = models.LipReadingNet(train._config_from(a))
     fresh.load_state_dict(a["model"])
     assert _states_equal(fresh.state_dict(), a["model"])
 
 
-def test_spike_loss_fine_tuning_runs(tmp_path, capsys):
+@pytest.mark.parametrize("option", [
+    "--num-steps 0", "--steps-per-epoch 0", "--eval-steps 0", "--lr 0", "--lr nan",
+    "--spike-loss -1", "--warmup-epochs -1", "--batch-size 0", "--device bogus",
+])
+def test_bad_options_are_refused(option, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(option.split())
+    assert option.split()[0] in capsys.readouterr().err
+
+
+def test_synthetic_dir_is_never_overwritten_or_mismatched(tmp_path):
+    """--synthetic-dir refuses a non-empty folder it did not write (and leaves it alone), and a
+    dataset written with other parameters."""
+    d = train._Dist("cpu")
+    args = train.parse_args(["--synthetic-dir", str(tmp_path / "mine"), "--synthetic-train", "1",
+                             "--synthetic-test", "1"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a synthetic dataset written by neurokern"):
+        train._synthetic_root(args, 2, d)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    args.synthetic_dir = str(tmp_path / "data")
+    root = train._synthetic_root(args, 2, d)
+    assert len(list((root / "train").iterdir())) == 2  # classes
+    assert train._synthetic_root(args, 2, d) == root  # reused
+    with pytest.raises(ValueError, match="not the requested"):
+        train._synthetic_root(args, 3, d)
+
+
+def test_spike_loss_fine_tuning_runs(tmp_path, capsys, monkeypatch):
     data = ["--synthetic-dir", str(tmp_path / "data")]
+    rates = []
+
+    class Meter(models.EfficiencyMeter):
+        def __init__(self, steps_per_second):
+            rates.append(steps_per_second)
+            super().__init__(steps_per_second)
+
+    monkeypatch.setattr(models, "EfficiencyMeter", Meter)
     base = train.main(QUICK + data + ["--epochs", "1", "--steps-per-epoch", "1",
                                       "--eval-steps", "1", "--out", str(tmp_path / "a")])
     result = train.main(QUICK + data + [
@@ -109,6 +154,9 @@ def test_spike_loss_fine_tuning_runs(tmp_path, capsys):
     assert base["history"][-1]["spike_rates"].keys() == record["spike_rates"].keys()
     out = capsys.readouterr().out
     assert "steps/s" in out and "ETA" in out and "spike rates" in out
+    # GOPs/s at the run's T = 8 over a sample's 1.2 s, not the paper's 75 steps/s
+    assert rates and all(r == pytest.approx(8 / 1.2) for r in rates)
+    assert "6.7 steps/s" in out
 
 
 # ---------------------------------------------------------------------------------------------
