@@ -82,7 +82,7 @@ def test_resume_continues_exactly(tmp_path):
     first = tmp_path / "a" / "epoch1.pt"
     # the run's options come from the checkpoint: only where and how it runs is given
     with pytest.raises(ValueError, match="--lr 0.001 differs from the resumed run's 0.0003"):
-        train.main(["--resume", str(first), "--lr", "1e-3"])
+        train.main(["--resume", str(first), "--lr", "1e-3", "--out", str(tmp_path / "c")])
     resumed = train.main(["--resume", str(first), "--out", str(tmp_path / "b"),
                           "--num-workers", "0", "--device", "cpu"])
     a = train.load_checkpoint(tmp_path / "a" / "last.pt")
