@@ -179,11 +179,19 @@ def test_auto_logs_its_choice_once(monkeypatch, caplog):
     assert f"the {chosen} backend" in records[0].getMessage() or chosen == "reference"
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: nk.nn.PLIF(3), (4, 2, 3)),
-    (lambda: nk.nn.Spike(), (3, 4)),
-    (lambda: nk.nn.SpikGRU2Plus(5, 8, bidirectional=True), (4, 2, 5)),
-], ids=["PLIF", "Spike", "SpikGRU2Plus"])
+# One module per fused op family, with an input: (make, shape).
+MODULES = {
+    "PLIF": (lambda: nk.nn.PLIF(3), (4, 2, 3)),
+    "Spike": (lambda: nk.nn.Spike(), (3, 4)),
+    "SpikGRU2Plus": (lambda: nk.nn.SpikGRU2Plus(5, 8, bidirectional=True), (4, 2, 5)),
+}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("make,shape", MODULES.values(), ids=MODULES.keys())
 def test_compile_fullgraph_as_the_first_call(monkeypatch, caplog, make, shape):
     """torch.compile(fullgraph=True) of a module on `auto` that has never run: tracing resolves
     the backend without logging (dynamo cannot trace a logging call) and without caching it,
@@ -194,35 +202,29 @@ def test_compile_fullgraph_as_the_first_call(monkeypatch, caplog, make, shape):
     monkeypatch.setattr(nk_backends, "_resolved", {})  # as in a fresh process
     torch.manual_seed(0)
     model, x = make(), torch.randn(shape)
-    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     for dynamic in (False, True):
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="neurokern"):
-            out = first(compiled(x))
+            out = _first(compiled(x))
             assert not caplog.records
-            torch.testing.assert_close(out, first(model(x)), rtol=0, atol=0)
+            torch.testing.assert_close(out, _first(model(x)), rtol=0, atol=0)
         if not dynamic:
             assert len([r for r in caplog.records if "backend" in r.getMessage()]) == 1
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: nk.nn.PLIF(3), (4, 2, 3)),
-    (lambda: nk.nn.Spike(), (3, 4)),
-    (lambda: nk.nn.SpikGRU2Plus(5, 8), (4, 2, 5)),
-], ids=["PLIF", "Spike", "SpikGRU2Plus"])
+@pytest.mark.parametrize("make,shape", MODULES.values(), ids=MODULES.keys())
 def test_double_backward_raises_on_fused_backends(make, shape):
     """A gradient penalty through a fused op (create_graph=True) raises, naming the reference
     backend, rather than treating the gradient as a constant; the reference computes it."""
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     fused = make().double()
     with pytest.raises(RuntimeError, match='differentiable once only.*backend="reference"'):
-        torch.autograd.grad(first(fused(x)).sum(), x, create_graph=True)
+        torch.autograd.grad(_first(fused(x)).sum(), x, create_graph=True)
     fused.backend = "reference"
-    (g,) = torch.autograd.grad(first(fused(x)).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(_first(fused(x)).sum(), x, create_graph=True)
     assert g.requires_grad
 
 
