@@ -14,6 +14,8 @@ random draws come from a `torch.Generator` on the CPU, so a seed gives the same 
 device.
 """
 
+import io
+import json
 import math
 import re
 from pathlib import Path
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 from torch.nn import functional as torch_F
 from torch.utils.data import Dataset, get_worker_info
+
+from neurokern import _fileio
 
 __all__ = [
     "EVENT_DTYPE",
@@ -710,6 +714,9 @@ def _synthetic_sample(rng, angle, speed, size=SENSOR_SIZE):
     return events
 
 
+SYNTHETIC_MARKER = ".complete"  # the parameters of a complete synthetic set, written last
+
+
 def make_synthetic_dvslip(root, num_classes=10, train_per_class=20, test_per_class=5,
                           num_steps=90, seed=0):
     """Write a synthetic dataset in DVS-Lip's folder and file format; return its root.
@@ -727,6 +734,13 @@ def make_synthetic_dvslip(root, num_classes=10, train_per_class=20, test_per_cla
     frames of any T cover the same 1.2 s (dt = 40 ms * 30 / T), so one folder serves every T;
     the argument is accepted (and checked) so callers can pass the T they will read with.
 
+    The set is written whole or not at all: into a scratch folder beside `root`, every file
+    fsync'ed, then renamed to `root` (which must be missing or empty); `root/.complete` records
+    the parameters. A folder already holding the set of the same parameters is reused as it is;
+    one holding another set, or other files, is an error (ValueError), never overwritten. The
+    scratch folder of a killed call is deleted by the next call; a full disk raises
+    OSError(ENOSPC) naming the file.
+
     Returns:
         `pathlib.Path` of `root`, ready for `DVSLip(root, "train")`.
     """
@@ -735,13 +749,41 @@ def make_synthetic_dvslip(root, num_classes=10, train_per_class=20, test_per_cla
               ("test", _check_int("test_per_class", test_per_class, 0)))
     _check_int("num_steps", num_steps, 1)
     root = Path(root)
+    params = dict(classes=num_classes, train_per_class=splits[0][1],
+                  test_per_class=splits[1][1], seed=int(seed))
+    if _synthetic_set_of(root, params):
+        return root
     width = len(str(num_classes - 1))
     motion = _class_motion(num_classes)
-    for split_id, (split, count) in enumerate(splits):
-        for k, (angle, speed) in enumerate(motion):
-            folder = root / split / f"class{k:0{width}d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                rng = np.random.default_rng([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, split_id, k, i])
-                np.save(folder / f"{i}.npy", _synthetic_sample(rng, angle, speed))
+
+    def fill(scratch):
+        for split_id, (split, count) in enumerate(splits):
+            for k, (angle, speed) in enumerate(motion):
+                folder = scratch / split / f"class{k:0{width}d}"
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    rng = np.random.default_rng([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, split_id, k, i])
+                    buffer = io.BytesIO()
+                    np.save(buffer, _synthetic_sample(rng, angle, speed))
+                    _fileio.write_new(folder / f"{i}.npy", buffer.getbuffer())
+        _fileio.write_new(scratch / SYNTHETIC_MARKER, json.dumps(params).encode())
+
+    if not _fileio.build_folder(root, fill):  # another process wrote it first
+        _synthetic_set_of(root, params)
     return root
+
+
+def _synthetic_set_of(root, params):
+    """True if `root` holds the complete synthetic set of `params`, False if it is missing or an
+    empty folder; ValueError otherwise."""
+    marker = root / SYNTHETIC_MARKER
+    if marker.is_file():
+        text = marker.read_text().strip()
+        if text and json.loads(text) != params:  # (an empty marker: neurokern before 2026-11)
+            raise ValueError(f"{root} holds a synthetic dataset of {text}, not the requested "
+                             f"{json.dumps(params)}; choose another folder")
+        return True
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise ValueError(f"{root} exists and is not a synthetic dataset written by neurokern "
+                         f"(no {SYNTHETIC_MARKER}); give an empty or new folder")
+    return False

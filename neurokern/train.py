@@ -14,10 +14,11 @@ See docs/training.md.
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as torch_F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from neurokern import _fileio
 from neurokern import data as nkdata
 from neurokern import models
 from neurokern import nn as snn
@@ -188,32 +190,12 @@ def _synthetic_root(args, num_classes, d):
     root = Path(args.synthetic_dir) if args.synthetic_dir else Path(tempfile.gettempdir()) / (
         f"neurokern-synthetic-dvslip-c{num_classes}-n{args.synthetic_train}-"
         f"{args.synthetic_test}-s{args.seed}")
-    # the marker holds the dataset's parameters: a folder is reused only for the same ones
-    marker = root / ".complete"
-    params = dict(classes=num_classes, train_per_class=args.synthetic_train,
-                  test_per_class=args.synthetic_test, seed=args.seed)
-    if d.main and marker.exists():
-        text = marker.read_text().strip()
-        if text and json.loads(text) != params:  # (an empty marker: written before this check)
-            raise ValueError(f"--synthetic-dir {root} holds a synthetic dataset of {text}, not "
-                             f"the requested {json.dumps(params)}; choose another folder")
-    elif d.main:
-        if root.exists() and any(root.iterdir()):
-            raise ValueError(f"--synthetic-dir {root} exists and is not a synthetic dataset "
-                             f"written by neurokern (no {marker.name}); give an empty or new "
-                             f"folder")
-        # Written to a scratch folder and renamed, so a concurrent run never sees half of it.
-        root.parent.mkdir(parents=True, exist_ok=True)
-        if root.exists():         # empty
-            root.rmdir()
-        scratch = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-        nkdata.make_synthetic_dvslip(scratch, num_classes, args.synthetic_train,
-                                     args.synthetic_test, seed=args.seed)
-        (scratch / ".complete").write_text(json.dumps(params))
+    if d.main:                    # written whole or reused; never overwritten
         try:
-            os.replace(scratch, root)
-        except OSError:           # another run finished first (non-empty target)
-            shutil.rmtree(scratch, ignore_errors=True)
+            nkdata.make_synthetic_dvslip(root, num_classes, args.synthetic_train,
+                                         args.synthetic_test, seed=args.seed)
+        except ValueError as e:
+            raise ValueError(f"--synthetic-dir {e}") from None
     d.barrier()
     return root
 
@@ -412,27 +394,117 @@ def evaluate(model, loader, args, d):
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
+# A checkpoint file: this line, a JSON header line {"epoch", "payload_bytes", "sha256"}, then
+# the payload: the torch.save bytes of the state dict. The SHA-256 covers "<epoch>
+# <payload_bytes>\n" + payload, so a truncated, altered or foreign file is found before it is
+# unpickled, and a header can be read without loading the payload.
+CHECKPOINT_MAGIC = b"NEUROKERN-CHECKPOINT 1\n"
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "config", "args",
+               "history")
+INIT_KEYS = ("model", "config")
 
-def save_checkpoint(path, model, optimizer, scheduler, epoch, global_step, config, args, history):
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: the message names the file and what is wrong."""
+
+
+def _digest(epoch, payload):
+    h = hashlib.sha256(f"{epoch} {len(payload)}\n".encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
+def checkpoint_bytes(state):
+    """The bytes of a checkpoint file holding `state` (a dict with an int "epoch")."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = dict(epoch=state["epoch"], payload_bytes=len(payload),
+                  sha256=_digest(state["epoch"], payload))
+    return CHECKPOINT_MAGIC + json.dumps(header).encode() + b"\n" + payload
+
+
+def training_state(model, optimizer, scheduler, epoch, global_step, config, args, history):
+    """What a checkpoint holds (`epoch`: epochs completed; `model`: the bare model's)."""
+    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), epoch=epoch, global_step=global_step,
+                config=dataclasses.asdict(config), args=vars(args), history=history)
+
+
+def save_checkpoint(path, state):
+    """Write a checkpoint of `state` to `path` atomically; return the file's bytes."""
+    data = checkpoint_bytes(state)
+    _fileio.atomic_write(path, data)
+    return data
+
+
+def verify_checkpoint(path):
+    """Check a checkpoint file's header and checksum without unpickling it.
+
+    Returns `(epoch, payload)`; raises FileNotFoundError when it does not exist and
+    CheckpointError (naming the file and what is wrong) when it is not a complete checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,                       # epochs completed
-        "global_step": global_step,
-        "config": dataclasses.asdict(config),
-        "args": vars(args),
-        "history": history,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)                     # never a half-written checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+
+    def bad(what):
+        return CheckpointError(f"checkpoint {path}: {what}")
+
+    if not data:
+        raise bad("the file is empty (0 bytes): its write never completed")
+    if not data.startswith(CHECKPOINT_MAGIC):
+        if CHECKPOINT_MAGIC.startswith(data):
+            raise bad(f"truncated after {len(data)} bytes, inside its header")
+        if data.startswith(b"PK\x03\x04"):
+            raise bad("a plain torch.save file, not a neurokern checkpoint (no checksummed "
+                      "header; written by another program or by neurokern.train before "
+                      "checkpoints carried a checksum)")
+        raise bad(f"not a neurokern checkpoint (it starts with {data[:16]!r})")
+    end = data.find(b"\n", len(CHECKPOINT_MAGIC))
+    if end < 0:
+        raise bad(f"truncated after {len(data)} bytes, inside its header")
+    try:
+        header = json.loads(data[len(CHECKPOINT_MAGIC):end])
+        epoch, size, digest = header["epoch"], header["payload_bytes"], header["sha256"]
+        if not (isinstance(epoch, int) and isinstance(size, int) and isinstance(digest, str)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise bad("its header is corrupt (not the JSON of epoch, payload_bytes, sha256)") from None
+    payload = memoryview(data)[end + 1:]
+    if len(payload) < size:
+        raise bad(f"truncated: {len(payload)} of its {size} payload bytes are there")
+    if len(payload) > size:
+        raise bad(f"{len(payload) - size} bytes beyond its {size} payload bytes")
+    actual = _digest(epoch, payload)
+    if actual != digest:
+        raise bad(f"checksum mismatch: the SHA-256 of its content is {actual[:16]}..., its "
+                  f"header records {digest[:16]}...; the file was corrupted after it was "
+                  f"written")
+    return epoch, payload
 
 
-def load_checkpoint(path, device="cpu"):
-    return torch.load(path, map_location=device, weights_only=False)
+def load_checkpoint(path, device="cpu", keys=RESUME_KEYS):
+    """Load a checkpoint written by `save_checkpoint`, verifying its checksum first.
+
+    `keys`: the entries the caller needs (all of a resume's by default). Raises
+    FileNotFoundError or CheckpointError (a ValueError naming the file and what is wrong)."""
+    epoch, payload = verify_checkpoint(path)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
+    except Exception as e:  # a sound checksum over a payload torch cannot read
+        raise CheckpointError(f"checkpoint {path}: its payload does not load "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a "
+                              f"training state dict")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: lacks {missing} (has {sorted(state)})")
+    if "epoch" in state and state["epoch"] != epoch:
+        raise CheckpointError(f"checkpoint {path}: its header says epoch {epoch}, its content "
+                              f"{state['epoch']}")
+    return state
 
 
 def _config_from(state):
@@ -441,6 +513,150 @@ def _config_from(state):
         if isinstance(value, list):
             fields[key] = tuple(value)
     return models.ModelConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: what is written when, and its repair on resume
+# ---------------------------------------------------------------------------------------------
+
+# The end of epoch N, in this order (every write atomic: temporary file, fsync, rename, folder
+# fsync): epoch<N>.pt (--keep-epochs); last.pt renamed to previous.pt; last.pt (the commit: epoch
+# N is complete once it is there); best.pt (when N is the best so far); metrics.jsonl, rewritten
+# whole from the checkpoint's history. A kill at any point leaves last.pt (or, between the two
+# renames, previous.pt alone) holding the last complete epoch; --resume then rewrites
+# metrics.jsonl and restores best.pt from that checkpoint's history (_reconcile_run).
+LAST, PREVIOUS, BEST, METRICS = "last.pt", "previous.pt", "best.pt", "metrics.jsonl"
+
+
+def _warn(d, message):
+    if d.main:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _prepare_out(out):
+    """Create `--out`, check that a file can be written there, and remove the temporary files
+    of a killed run, before any training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _fileio.atomic_write(out / ".write-test", b"neurokern")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        if _fileio.is_disk_full(e):
+            raise _fileio.disk_full_error(out / ".write-test", e) from None
+        raise type(e)(e.errno, f"--out {out} is not a writable folder ({e.strerror})",
+                      str(out)) from None
+    _fileio.remove_stale_temporaries(out)
+
+
+def _best_epoch(history):
+    """The first epoch of the highest test accuracy (the one best.pt holds), or None."""
+    best, epoch = -1.0, None
+    for record in history:
+        if record["test_acc"] > best:
+            best, epoch = record["test_acc"], record["epoch"]
+    return epoch
+
+
+def _metrics_bytes(history):
+    return "".join(json.dumps(record) + "\n" for record in history).encode()
+
+
+def _open_resume(path, out, d):
+    """Load the checkpoint to resume from: `path`, or when it is missing or bad, the previous
+    complete checkpoint beside it (previous.pt), saying so. Returns (state, the file used)."""
+    path = Path(path)
+    try:
+        return load_checkpoint(path), path
+    except (FileNotFoundError, CheckpointError) as e:
+        previous = path.with_name(PREVIOUS)
+        if path.name != LAST or not previous.is_file():
+            raise
+        problem = e
+    try:
+        state = load_checkpoint(previous)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise CheckpointError(f"cannot resume: {problem}; and the previous checkpoint is bad "
+                              f"too: {e}") from None
+    if path.exists() and out.resolve() == path.parent.resolve() and d.main:
+        # (out of the way, or the next epoch would rotate it over the good previous.pt)
+        os.replace(path, path.with_name(LAST + ".bad"))
+        moved = f"; the bad file is kept as {path.with_name(LAST + '.bad')}"
+    else:
+        moved = ""
+    _warn(d, f"cannot resume from {problem}. Resuming from the previous complete checkpoint "
+             f"{previous} instead: epoch {state['epoch']}, one epoch earlier{moved}.")
+    return state, previous
+
+
+def _check_out_holds_no_later_run(out, resume_epoch):
+    """A new run, or a run resumed at epoch E, never overwrites a run folder that holds more
+    (a last.pt of a later epoch)."""
+    last = out / LAST
+    if resume_epoch is None:
+        for held in (last, out / PREVIOUS):
+            if held.exists():
+                raise ValueError(f"--out {out} already holds a run ({held}); continue it with "
+                                 f"--resume {last}, or give another --out (a new run never "
+                                 f"overwrites one)")
+    if not last.exists():
+        return
+    epoch, _ = verify_checkpoint(last)
+    if epoch > resume_epoch:
+        raise ValueError(f"--out {out} holds {last} of epoch {epoch}, later than the resumed "
+                         f"epoch {resume_epoch}; give another --out to continue from there "
+                         f"(the later epochs are never overwritten)")
+
+
+def _epoch_of(path):
+    """(epoch, None) of a sound checkpoint file, else (None, what is wrong)."""
+    try:
+        return verify_checkpoint(path)[0], None
+    except (FileNotFoundError, CheckpointError) as e:
+        return None, str(e)
+
+
+def _reconcile_run(out, history, source, epoch, d):
+    """After a resume at `epoch` (from the file `source`): metrics.jsonl is that checkpoint's
+    history, and best.pt holds its best epoch (restored from a checkpoint of that epoch where
+    it is missing, bad or another one)."""
+    _fileio.atomic_write(out / METRICS, _metrics_bytes(history))
+    wanted = _best_epoch(history)
+    if wanted is None:
+        return
+    best = out / BEST
+    held, problem = _epoch_of(best)
+    if held == wanted:
+        return
+    why = (f"{best} is missing" if not best.exists() else problem if problem else
+           f"{best} holds epoch {held}, not the resumed run's best epoch {wanted}")
+    candidates = [source.parent / BEST, out / f"epoch{wanted}.pt",
+                  source.parent / f"epoch{wanted}.pt", out / PREVIOUS, source.parent / PREVIOUS]
+    if epoch == wanted:
+        candidates.insert(0, source)
+    for candidate in candidates:
+        if candidate.exists() and best.exists() and candidate.samefile(best):
+            continue
+        if _epoch_of(candidate)[0] == wanted:
+            _fileio.atomic_write(best, candidate.read_bytes())
+            _warn(d, f"{why}: restored {best} from {candidate} (epoch {wanted})")
+            return
+    if problem and best.exists():
+        os.replace(best, best.with_name(BEST + ".bad"))
+    _warn(d, f"{why}, and no checkpoint of epoch {wanted} is left to restore it from; it is "
+             f"written again when an epoch beats test accuracy "
+             f"{max(h['test_acc'] for h in history):.4f}")
+
+
+def _commit_epoch(out, data, epoch, history, is_best, keep_epochs):
+    """Write epoch `epoch`'s files (`data`: its checkpoint's bytes) in the crash-safe order."""
+    if keep_epochs:
+        _fileio.atomic_write(out / f"epoch{epoch}.pt", data)
+    if (out / LAST).exists():
+        _fileio.replace(out / LAST, out / PREVIOUS)
+    _fileio.atomic_write(out / LAST, data)
+    if is_best:
+        _fileio.atomic_write(out / BEST, data)
+    _fileio.atomic_write(out / METRICS, _metrics_bytes(history))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,9 +707,13 @@ def _resumed_args(args, saved):
 
 
 def _run(args, d):
-    resume = load_checkpoint(args.resume) if args.resume else None
+    out = Path(args.out)
+    resume, source = _open_resume(args.resume, out, d) if args.resume else (None, None)
     if resume:                                # the run's options, and its model
         args = _resumed_args(args, resume["args"])
+    if d.main:                                # before any training, and before the data
+        _prepare_out(out)
+        _check_out_holds_no_later_run(out, resume["epoch"] if resume else None)
     config = _config_from(resume) if resume else models.get_config(args.config)
     if args.num_steps:
         config = config.replace(num_steps=args.num_steps)
@@ -507,7 +727,11 @@ def _run(args, d):
     torch.manual_seed(args.seed)              # identical initial weights on every process
     model = models.LipReadingNet(config).to(d.device)
     if args.init:
-        model.load_state_dict(load_checkpoint(args.init)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(args.init, keys=INIT_KEYS)["model"])
+        except RuntimeError as e:             # another configuration's weights
+            raise CheckpointError(f"checkpoint {args.init}: its weights do not fit the "
+                                  f"{args.config!r} model: {str(e)[:500]}") from None
     if d.world > 1 and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model
@@ -533,8 +757,8 @@ def _run(args, d):
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, global_step = resume["epoch"], resume["global_step"]
         history = list(resume["history"])
-
-    out = Path(args.out)
+        if d.main:
+            _reconcile_run(out, history, source, start_epoch, d)
     total_steps = args.epochs * steps_per_epoch
     _print(d, f"neurokern.train: config {args.config} ({models.count_parameters(raw) / 1e6:.3f} M "
               f"parameters), {len(train_set)} train samples, {len(train_set.classes)} classes, "
@@ -574,15 +798,11 @@ def _run(args, d):
                       f"{rate:.1f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
                       f"spike rates: {_format_rates(eff['spike_rates'])}")
         if d.main:
-            save_checkpoint(out / "last.pt", raw, optimizer, scheduler, epoch + 1, global_step,
-                            config, args, history)
-            if args.keep_epochs:
-                shutil.copyfile(out / "last.pt", out / f"epoch{epoch + 1}.pt")
-            if test_acc > best:
-                best = test_acc
-                shutil.copyfile(out / "last.pt", out / "best.pt")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            state = training_state(raw, optimizer, scheduler, epoch + 1, global_step, config,
+                                   args, history)
+            _commit_epoch(out, checkpoint_bytes(state), epoch + 1, history, test_acc > best,
+                          args.keep_epochs)
+        best = max(best, test_acc)
         d.barrier()
     _print(d, f"done: best test acc {max(best, 0.0):.3f}; checkpoints in {out}")
     return {"history": history, "out": out, "model": raw}
