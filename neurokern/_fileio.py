@@ -43,13 +43,10 @@ def replace(src, dst):
 
 
 def is_disk_full(error):
-    """True for an OSError meaning no space is left, and for the errors torch's writers raise
-    then (their zip writer says "unexpected pos" or "file write failed")."""
-    if isinstance(error, OSError):
-        return error.errno in _NO_SPACE
-    text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "unexpected pos" in text or "file write failed" in text or "No space left" in text)
+    """True for an OSError meaning no space is left. (Checkpoints are serialised in memory and
+    written here, so torch's zip writer, whose full-disk error reads "unexpected pos", never
+    writes to a disk.)"""
+    return isinstance(error, OSError) and error.errno in _NO_SPACE
 
 
 def disk_full_error(path, error):
@@ -82,8 +79,9 @@ def write_new(path, data):
         raise
 
 
-def atomic_write(path, data):
-    """Write `data` (bytes, or a list of bytes chunks) to `path` atomically and durably.
+def atomic_write(path, data, before_replace=None):
+    """Write `data` (bytes, or a list of bytes chunks) to `path` atomically and durably;
+    `before_replace()` runs once the new content is on disk, just before it replaces `path`.
 
     Raises OSError(ENOSPC) naming `path` when the disk is full; on any failure the temporary file
     is removed and a previous `path` is left untouched."""
@@ -97,6 +95,8 @@ def atomic_write(path, data):
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_replace is not None:
+            before_replace()
         replace(tmp, path)
     except BaseException as e:    # (a KeyboardInterrupt too: no temporary file left behind)
         try:

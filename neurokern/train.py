@@ -520,9 +520,10 @@ def _config_from(state):
 # ---------------------------------------------------------------------------------------------
 
 # The end of epoch N, in this order (every write atomic: temporary file, fsync, rename, folder
-# fsync): epoch<N>.pt (--keep-epochs); last.pt renamed to previous.pt; last.pt (the commit: epoch
-# N is complete once it is there); best.pt (when N is the best so far); metrics.jsonl, rewritten
-# whole from the checkpoint's history. A kill at any point leaves last.pt (or, between the two
+# fsync): epoch<N>.pt (--keep-epochs); the new last.pt's temporary file; last.pt renamed to
+# previous.pt; the new one renamed to last.pt (the commit: epoch N is complete once it is
+# there); best.pt (when N is the best so far); metrics.jsonl, rewritten whole from the
+# checkpoint's history. A kill at any point leaves last.pt (or, between the two
 # renames, previous.pt alone) holding the last complete epoch; --resume then rewrites
 # metrics.jsonl and restores best.pt from that checkpoint's history (_reconcile_run).
 LAST, PREVIOUS, BEST, METRICS = "last.pt", "previous.pt", "best.pt", "metrics.jsonl"
@@ -542,7 +543,7 @@ def _prepare_out(out):
         (out / ".write-test").unlink()
     except OSError as e:
         if _fileio.is_disk_full(e):
-            raise _fileio.disk_full_error(out / ".write-test", e) from None
+            raise
         raise type(e)(e.errno, f"--out {out} is not a writable folder ({e.strerror})",
                       str(out)) from None
     _fileio.remove_stale_temporaries(out)
@@ -651,9 +652,12 @@ def _commit_epoch(out, data, epoch, history, is_best, keep_epochs):
     """Write epoch `epoch`'s files (`data`: its checkpoint's bytes) in the crash-safe order."""
     if keep_epochs:
         _fileio.atomic_write(out / f"epoch{epoch}.pt", data)
-    if (out / LAST).exists():
-        _fileio.replace(out / LAST, out / PREVIOUS)
-    _fileio.atomic_write(out / LAST, data)
+
+    def keep_previous():          # (once the new one is on disk: a full disk keeps last.pt)
+        if (out / LAST).exists():
+            _fileio.replace(out / LAST, out / PREVIOUS)
+
+    _fileio.atomic_write(out / LAST, data, before_replace=keep_previous)
     if is_best:
         _fileio.atomic_write(out / BEST, data)
     _fileio.atomic_write(out / METRICS, _metrics_bytes(history))
@@ -686,6 +690,9 @@ def main(argv=None):
 # Options a resumed run may change: where and how it runs, not what it trains.
 RESUME_MAY_CHANGE = frozenset({"resume", "init", "out", "device", "num_workers", "threads",
                                "log_every", "keep_epochs", "eval_steps"})
+# Of those, the ones that shape what is recorded: the run's unless given anew, so that a resumed
+# run records what the uninterrupted one would have (test accuracy, hence best.pt).
+RESUME_KEEPS_UNLESS_GIVEN = frozenset({"keep_epochs", "eval_steps"})
 
 
 def _resumed_args(args, saved):
@@ -695,6 +702,8 @@ def _resumed_args(args, saved):
     continuation)."""
     defaults = vars(parse_args([]))
     for name, value in saved.items():
+        if name in RESUME_KEEPS_UNLESS_GIVEN and getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
         if name in RESUME_MAY_CHANGE or name not in defaults:
             continue
         given = getattr(args, name)
@@ -709,6 +718,7 @@ def _resumed_args(args, saved):
 def _run(args, d):
     out = Path(args.out)
     resume, source = _open_resume(args.resume, out, d) if args.resume else (None, None)
+    init = load_checkpoint(args.init, keys=INIT_KEYS) if args.init else None
     if resume:                                # the run's options, and its model
         args = _resumed_args(args, resume["args"])
     if d.main:                                # before any training, and before the data
@@ -728,7 +738,7 @@ def _run(args, d):
     model = models.LipReadingNet(config).to(d.device)
     if args.init:
         try:
-            model.load_state_dict(load_checkpoint(args.init, keys=INIT_KEYS)["model"])
+            model.load_state_dict(init["model"])
         except RuntimeError as e:             # another configuration's weights
             raise CheckpointError(f"checkpoint {args.init}: its weights do not fit the "
                                   f"{args.config!r} model: {str(e)[:500]}") from None
