@@ -9,9 +9,9 @@ failed write (a full disk) leaves the old file as it was.
 
 import errno
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".nk-tmp"
@@ -67,7 +67,7 @@ def write_new(path, data):
     """Create `path` (it must not exist) holding `data`, fsync'ed; for files of a folder that
     `build_folder` renames into place once complete. OSError(ENOSPC) names `path`."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             write_all(fd, data)
             os.fsync(fd)
@@ -79,6 +79,21 @@ def write_new(path, data):
         raise
 
 
+def _create_unique(folder, prefix, suffix, folder_mode=None):
+    """Create a new file (or, with `folder_mode`, a folder) `folder/<prefix><random><suffix>`
+    with the permissions a plain open() would give (tempfile's are private). Returns
+    (fd or None, path)."""
+    while True:
+        path = Path(folder) / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if folder_mode is not None:
+                path.mkdir(mode=folder_mode)
+                return None, path
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path, data, before_replace=None):
     """Write `data` (bytes, or a list of bytes chunks) to `path` atomically and durably;
     `before_replace()` runs once the new content is on disk, just before it replaces `path`.
@@ -87,7 +102,7 @@ def atomic_write(path, data, before_replace=None):
     is removed and a previous `path` is left untouched."""
     path = Path(path)
     chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _create_unique(path.parent, f".{path.name}.", TMP_SUFFIX)
     try:
         try:
             for chunk in chunks:
@@ -161,8 +176,8 @@ def build_folder(root, fill):
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch(root)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(root)}{os.getpid()}-",
-                                    dir=root.parent))
+    _, scratch = _create_unique(root.parent, f"{_scratch_prefix(root)}{os.getpid()}-", "",
+                                folder_mode=0o777)
     try:
         fill(scratch)
         for folder, _, _ in os.walk(scratch):

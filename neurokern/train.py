@@ -534,9 +534,8 @@ def _warn(d, message):
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def _prepare_out(out):
-    """Create `--out`, check that a file can be written there, and remove the temporary files
-    of a killed run, before any training."""
+def _check_writable(out):
+    """Create `--out` and check that a file can be written there, before any training."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         _fileio.atomic_write(out / ".write-test", b"neurokern")
@@ -546,7 +545,6 @@ def _prepare_out(out):
             raise
         raise type(e)(e.errno, f"--out {out} is not a writable folder ({e.strerror})",
                       str(out)) from None
-    _fileio.remove_stale_temporaries(out)
 
 
 def _best_epoch(history):
@@ -722,8 +720,9 @@ def _run(args, d):
     if resume:                                # the run's options, and its model
         args = _resumed_args(args, resume["args"])
     if d.main:                                # before any training, and before the data
-        _prepare_out(out)
+        _check_writable(out)
         _check_out_holds_no_later_run(out, resume["epoch"] if resume else None)
+        _fileio.remove_stale_temporaries(out)  # (a killed run's)
     config = _config_from(resume) if resume else models.get_config(args.config)
     if args.num_steps:
         config = config.replace(num_steps=args.num_steps)
