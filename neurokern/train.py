@@ -401,7 +401,7 @@ def evaluate(model, loader, args, d):
 CHECKPOINT_MAGIC = b"NEUROKERN-CHECKPOINT 1\n"
 RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "config", "args",
                "history")
-INIT_KEYS = ("model", "config")
+INIT_KEYS = ("model",)
 
 
 class CheckpointError(ValueError):
@@ -429,13 +429,6 @@ def training_state(model, optimizer, scheduler, epoch, global_step, config, args
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), epoch=epoch, global_step=global_step,
                 config=dataclasses.asdict(config), args=vars(args), history=history)
-
-
-def save_checkpoint(path, state):
-    """Write a checkpoint of `state` to `path` atomically; return the file's bytes."""
-    data = checkpoint_bytes(state)
-    _fileio.atomic_write(path, data)
-    return data
 
 
 def verify_checkpoint(path):
@@ -485,7 +478,8 @@ def verify_checkpoint(path):
 
 
 def load_checkpoint(path, device="cpu", keys=RESUME_KEYS):
-    """Load a checkpoint written by `save_checkpoint`, verifying its checksum first.
+    """Load a checkpoint written by the trainer (`checkpoint_bytes`), verifying its checksum
+    first.
 
     `keys`: the entries the caller needs (all of a resume's by default). Raises
     FileNotFoundError or CheckpointError (a ValueError naming the file and what is wrong)."""
