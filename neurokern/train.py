@@ -29,10 +29,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as torch_F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
 
 from neurokern import _fileio
 from neurokern import data as nkdata
 from neurokern import models
+from neurokern import report
 from neurokern import nn as snn
 
 __all__ = ["main", "parse_args", "build_optimizer", "lr_factor"]
@@ -106,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps")
     p.add_argument("--sync-bn", action="store_true",
                    help="synchronise batch-norm statistics across processes")
+    p.add_argument("--plot", default=None, metavar="RUN_DIR",
+                   help="train nothing: draw RUN_DIR/curves.png and RUN_DIR/spike_rates.png "
+                        "from a run's metrics.jsonl (needs matplotlib)")
     args = p.parse_args(argv)
     for name, least in (("epochs", 1), ("num_steps", 1), ("steps_per_epoch", 1),
                         ("eval_steps", 1), ("batch_size", 1), ("synthetic_classes", 1),
@@ -125,6 +130,8 @@ def parse_args(argv=None):
         p.error("--cosine-epochs must be in [0, --epochs]")
     if args.resume and args.init:
         p.error("give --resume or --init, not both")
+    if args.plot and (args.resume or args.init):
+        p.error("--plot draws a finished (or running) run; it trains nothing: give it alone")
     return args
 
 
@@ -296,6 +303,90 @@ def _bar(done, total, width=20):
     return "#" * filled + "-" * (width - filled)
 
 
+def _stdout_is_terminal():
+    return sys.stdout.isatty()
+
+
+def _mean_rate(rates):
+    """The mean of per-layer spike rates (`{layer: rate}`), None without spiking layers."""
+    return sum(rates.values()) / len(rates) if rates else None
+
+
+class _Progress:
+    """What rank 0 shows while training: tqdm bars (the run's epochs, the current epoch's steps)
+    when stdout is a terminal, else a plain line every --log-every steps (for logs and pipes).
+    Every step: the epoch's running loss and accuracy; every --log-every steps: the mean spike
+    rate over the layers of that step's batch ("spikes"); every epoch: the test accuracy, the
+    best so far, and the mean test spike rate over the layers ("test_spikes")."""
+
+    def __init__(self, d, args, start_epoch, steps_per_epoch):
+        self.shown, self.args, self.steps_per_epoch = d.main, args, steps_per_epoch
+        self.bars = d.main and _stdout_is_terminal()
+        self.total_steps = args.epochs * steps_per_epoch
+        self.started = time.perf_counter()
+        self.epochs = tqdm(total=args.epochs, initial=start_epoch, desc="epochs", unit="epoch",
+                           file=sys.stdout, dynamic_ncols=True) if self.bars else None
+        self.steps = None
+
+    def print(self, text):
+        if self.bars:
+            tqdm.write(text, file=sys.stdout)
+        elif self.shown:
+            print(text, flush=True)
+
+    def start_epoch(self, epoch):
+        self.epoch, self.window, self.window_steps = epoch, time.perf_counter(), 0
+        if self.bars:
+            self.steps = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}",
+                              unit="step", leave=False, file=sys.stdout, dynamic_ncols=True)
+
+    def wants_spike_rate(self, step):
+        """Whether step `step` (0-based) of the epoch reports a spike rate."""
+        return self.shown and ((step + 1) % self.args.log_every == 0
+                               or step + 1 == self.steps_per_epoch)
+
+    def step(self, step, global_step, loss, spike_loss, acc, lr, spike_rate):
+        """After step `step` (0-based) of the epoch; `spike_rate` None when not measured."""
+        self.window_steps += 1
+        if self.bars:
+            stats = dict(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            if spike_loss is not None:
+                stats["spike_loss"] = f"{spike_loss:.4f}"
+            if spike_rate is not None:
+                stats["spikes"] = f"{spike_rate:.3f}"
+            stats["lr"] = f"{lr:.2e}"
+            self.steps.set_postfix(stats, refresh=False)
+            self.steps.update(1)
+            return
+        if not self.shown or not (self.window_steps == self.args.log_every
+                                  or step + 1 == self.steps_per_epoch):
+            return
+        now = time.perf_counter()
+        rate = self.window_steps / (now - self.window)
+        self.window, self.window_steps = now, 0
+        print(f"epoch {self.epoch + 1}/{self.args.epochs} [{_bar(step + 1, self.steps_per_epoch)}] "
+              f"{step + 1}/{self.steps_per_epoch} loss {loss:.4f} "
+              + (f"spike loss {spike_loss:.4f} " if spike_loss is not None else "")
+              + f"acc {acc:.3f} "
+              + (f"spike rate {spike_rate:.3f} " if spike_rate is not None else "")
+              + f"lr {lr:.2e} {rate:.2f} steps/s "
+              f"ETA {_fmt_time((self.total_steps - global_step) / rate)} "
+              f"(elapsed {_fmt_time(time.perf_counter() - self.started)})", flush=True)
+
+    def end_epoch(self, test_acc, best, spike_rate):
+        if self.bars:
+            self.steps.close()
+            stats = dict(test_acc=f"{test_acc:.3f}", best=f"{best:.3f}")
+            if spike_rate is not None:
+                stats["test_spikes"] = f"{spike_rate:.3f}"
+            self.epochs.set_postfix(stats, refresh=False)
+            self.epochs.update(1)
+
+    def close(self):
+        if self.bars:
+            self.epochs.close()
+
+
 def _seed_epoch(seed, rank, epoch):
     # Dropout, augmentation and worker seeds of an epoch depend only on (seed, rank, epoch),
     # so a run resumed at an epoch boundary continues exactly as if never interrupted.
@@ -303,28 +394,28 @@ def _seed_epoch(seed, rank, epoch):
 
 
 def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step,
-                steps_per_epoch, total_steps, started):
+                steps_per_epoch, progress):
     model.train()
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     use_spikes = args.spike_loss > 0
     loss_sum = spike_sum = correct = seen = 0.0
     lr = optimizer.param_groups[0]["lr"]
-    window = time.perf_counter()
-    window_steps = 0
+    progress.start_epoch(epoch)
     for step, (x, y) in enumerate(loader):
         if step >= steps_per_epoch:
             break
         x = x.to(d.device, non_blocking=True)
         y = y.to(d.device, non_blocking=True)
-        if use_spikes:
+        measure = progress.wants_spike_rate(step)
+        if use_spikes or measure:             # (the same forward pass, plus the spike records)
             logits, records = model(x, return_spikes=True)
-            classification = torch_F.cross_entropy(logits, y)
+        else:
+            logits, records = model(x), None
+        loss = classification = torch_F.cross_entropy(logits, y)
+        if use_spikes:
             sparsity = models.spike_loss(records, args.spike_loss)
             loss = classification + sparsity
             spike_sum += sparsity.item() * y.shape[0]
-        else:
-            logits = model(x)
-            loss = classification = torch_F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]  # this step's (scheduler.step sets the next one's)
@@ -332,21 +423,12 @@ def train_epoch(model, loader, optimizer, scheduler, args, d, epoch, global_step
         scheduler.step()
         snn.clamp_leaks_(raw)
         global_step += 1
-        window_steps += 1
         loss_sum += classification.item() * y.shape[0]
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.shape[0]
-        if d.main and (window_steps == args.log_every or step + 1 == steps_per_epoch):
-            now = time.perf_counter()
-            rate = window_steps / (now - window)
-            window, window_steps = now, 0
-            left = total_steps - global_step
-            print(f"epoch {epoch + 1}/{args.epochs} [{_bar(step + 1, steps_per_epoch)}] "
-                  f"{step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
-                  + (f"spike loss {spike_sum / seen:.4f} " if use_spikes else "")
-                  + f"acc {correct / seen:.3f} lr {lr:.2e} "
-                  f"{rate:.2f} steps/s ETA {_fmt_time(left / rate)} "
-                  f"(elapsed {_fmt_time(time.perf_counter() - started)})", flush=True)
+        progress.step(step, global_step, loss_sum / seen,
+                      spike_sum / seen if use_spikes else None, correct / seen, lr,
+                      _mean_rate(models.spike_rates(records)) if measure else None)
     loss_sum, spike_sum, correct, seen = d.sum([loss_sum, spike_sum, correct, seen])
     seen = max(seen, 1)
     return global_step, loss_sum / seen, spike_sum / seen, correct / seen, lr
@@ -668,8 +750,12 @@ def main(argv=None):
     """Run training with command-line arguments `argv` (a list; default `sys.argv[1:]`).
 
     Returns `{"history": [per-epoch metrics], "out": folder, "model": the trained bare model}`
-    (this process's)."""
+    (this process's); with `--plot`, `{"plots": [the PNG files written]}`."""
     args = parse_args(argv)
+    if args.plot:
+        paths = report.plot_run(args.plot)
+        print("wrote " + ", ".join(str(path) for path in paths))
+        return {"plots": paths}
     if args.threads:
         torch.set_num_threads(args.threads)
     d = _Dist(args.device)
@@ -762,21 +848,34 @@ def _run(args, d):
         history = list(resume["history"])
         if d.main:
             _reconcile_run(out, history, source, start_epoch, d)
-    total_steps = args.epochs * steps_per_epoch
     _print(d, f"neurokern.train: config {args.config} ({models.count_parameters(raw) / 1e6:.3f} M "
               f"parameters), {len(train_set)} train samples, {len(train_set.classes)} classes, "
               f"T = {config.num_steps}, batch {args.batch_size} over {d.world} process(es) on "
               f"{d.device}, {args.epochs} epochs ({cosine_epochs} cosine) x {steps_per_epoch} "
               f"steps" + (f", resumed after epoch {start_epoch}" if resume else ""))
-    started = time.perf_counter()
     best = max((h["test_acc"] for h in history), default=-1.0)
+    progress = _Progress(d, args, start_epoch, steps_per_epoch)
+    try:
+        best = _epochs(args, d, config, out, model, raw, train_loader, sampler, test_loader,
+                       optimizer, scheduler, start_epoch, global_step, steps_per_epoch, history,
+                       best, progress)
+    finally:
+        progress.close()
+    _print(d, f"done: best test acc {max(best, 0.0):.3f}; checkpoints in {out}")
+    return {"history": history, "out": out, "model": raw}
+
+
+def _epochs(args, d, config, out, model, raw, train_loader, sampler, test_loader, optimizer,
+            scheduler, start_epoch, global_step, steps_per_epoch, history, best, progress):
+    """Train epochs start_epoch + 1 .. --epochs, appending to `history`; return the best test
+    accuracy."""
     for epoch in range(start_epoch, args.epochs):
         _seed_epoch(args.seed, d.rank, epoch)
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         global_step, train_loss, train_spike_loss, train_acc, lr = train_epoch(
             model, train_loader, optimizer, scheduler, args, d, epoch, global_step,
-            steps_per_epoch, total_steps, started)
+            steps_per_epoch, progress)
         train_time = time.perf_counter() - t0
         if d.world > 1:
             # DDP keeps parameters identical but each process updates its own batch-norm
@@ -792,23 +891,23 @@ def _run(args, d):
                       ann_gops=eff["ann_gops"], spike_rates=dict(eff["spike_rates"]))
         history.append(record)
         spikes = f" + spike loss {train_spike_loss:.4f}" if args.spike_loss > 0 else ""
-        _print(d, f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}{spikes} acc "
-                  f"{train_acc:.3f} | test acc {test_acc:.3f} | {train_time:.1f} s "
-                  f"({record['seconds_per_step']:.3f} s/step)")
+        progress.print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}{spikes} "
+                       f"acc {train_acc:.3f} | test acc {test_acc:.3f} | {train_time:.1f} s "
+                       f"({record['seconds_per_step']:.3f} s/step)")
         if not config.ann:
             rate = config.num_steps / models.SAMPLE_SECONDS
-            _print(d, f"  OPs/syn {eff['ops_per_synapse']:.4f}, {eff['gops']:.3f} GOPs/s at "
-                      f"{rate:.1f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
-                      f"spike rates: {_format_rates(eff['spike_rates'])}")
+            progress.print(f"  OPs/syn {eff['ops_per_synapse']:.4f}, {eff['gops']:.3f} GOPs/s "
+                           f"at {rate:.1f} steps/s (ANN twin {eff['ann_gops']:.3f}); "
+                           f"spike rates: {_format_rates(eff['spike_rates'])}")
         if d.main:
             state = training_state(raw, optimizer, scheduler, epoch + 1, global_step, config,
                                    args, history)
             _commit_epoch(out, checkpoint_bytes(state), epoch + 1, history, test_acc > best,
                           args.keep_epochs)
         best = max(best, test_acc)
+        progress.end_epoch(test_acc, best, _mean_rate(eff["spike_rates"]))
         d.barrier()
-    _print(d, f"done: best test acc {max(best, 0.0):.3f}; checkpoints in {out}")
-    return {"history": history, "out": out, "model": raw}
+    return best
 
 
 if __name__ == "__main__":

@@ -226,3 +226,49 @@ def test_two_processes_keep_identical_parameters(tmp_path):
     assert not torch.equal(initial["stem_conv.weight"], r0["stem_conv.weight"])
     saved = train.load_checkpoint(out / "last.pt")
     assert _states_equal(saved["model"], r0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and plots
+# ---------------------------------------------------------------------------------------------
+
+
+def test_progress_bars_on_a_terminal_plain_lines_otherwise(tmp_path, capsys, monkeypatch):
+    """stdout a terminal: tqdm bars for the epochs and the steps, with loss, accuracy and spike
+    rate, the epoch summaries above them; else (a log, a pipe) the plain progress lines, with
+    the spike rate too."""
+    data = ["--synthetic-dir", str(tmp_path / "data")]
+    run = QUICK + data + ["--epochs", "2", "--steps-per-epoch", "2", "--eval-steps", "1"]
+    train.main(run + ["--out", str(tmp_path / "lines")])
+    lines = capsys.readouterr().out
+    assert "spike rate" in lines and "steps/s ETA" in lines and "it/s" not in lines
+    monkeypatch.setattr(train, "_stdout_is_terminal", lambda: True)
+    train.main(run + ["--out", str(tmp_path / "bars")])
+    bars = capsys.readouterr().out
+    assert "epochs: 100%" in bars and "2/2 [" in bars
+    for field in ("loss=", "acc=", "spikes=", "lr=", "test_acc=", "best=", "test_spikes="):
+        assert field in bars, field
+    assert "epoch 2/2: train loss" in bars and "steps/s ETA" not in bars
+
+
+def test_plot_draws_the_runs_curves_and_spike_rates(tmp_path, monkeypatch, capsys):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "metrics.jsonl")):
+        train.main(["--plot", str(tmp_path)])
+    run = tmp_path / "run"
+    train.main(QUICK + ["--synthetic-dir", str(tmp_path / "data"), "--epochs", "2",
+                        "--steps-per-epoch", "1", "--eval-steps", "1", "--out", str(run)])
+    with monkeypatch.context() as m:  # matplotlib not installed
+        for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+            m.setitem(sys.modules, name, None)
+        with pytest.raises(ImportError, match="--plot needs matplotlib.*pip install matplotlib"):
+            train.main(["--plot", str(run)])
+    pytest.importorskip("matplotlib")
+    capsys.readouterr()
+    paths = train.main(["--plot", str(run)])["plots"]
+    assert [p.name for p in paths] == ["curves.png", "spike_rates.png"]
+    for path in paths:
+        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 20_000
+    assert f"wrote {paths[0]}" in capsys.readouterr().out
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "trunc')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2: not JSON"):
+        train.main(["--plot", str(run)])
