@@ -94,8 +94,11 @@ def parse_args(argv=None):
                    help="start from the model weights of a checkpoint (fine-tuning; fresh "
                         "optimiser and schedule)")
     p.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue an interrupted run from its checkpoint")
-    p.add_argument("--out", default="runs/train", help="folder for checkpoints and metrics")
+                   help="continue an interrupted run from its checkpoint (OUT/last.pt; when "
+                        "it is missing or bad, previous.pt beside it, with a warning)")
+    p.add_argument("--out", default="runs/train",
+                   help="folder for checkpoints and metrics (a new run refuses one holding a "
+                        "run)")
     p.add_argument("--keep-epochs", action="store_true",
                    help="also keep each epoch's checkpoint as epoch<N>.pt (beside last.pt and "
                         "best.pt)")
