@@ -115,17 +115,19 @@ def arch(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).major
 
 
+def _opt_in_names() -> set:
+    return {n.strip() for n in os.environ.get(ENV_OPT_IN, "").split(",")} - {""}
+
+
 def opted_in(k: str) -> bool:
     """Whether `NEUROKERN_OPT_IN` names key `k`: `all`, the variant's name (every dtype) or the
     key itself, comma-separated."""
-    names = {n.strip() for n in os.environ.get(ENV_OPT_IN, "").split(",")}
-    return bool(names & {"all", k, k.split("/")[0]})
+    return bool(_opt_in_names() & {"all", k, k.split("/")[0]})
 
 
 def check_opt_in() -> None:
     """Raise ValueError naming NEUROKERN_OPT_IN if it names something that is not a variant."""
-    names = {n.strip() for n in os.environ.get(ENV_OPT_IN, "").split(",")} - {""}
-    unknown = names - {"all", *VARIANTS, *all_keys()}
+    unknown = _opt_in_names() - {"all", *VARIANTS, *all_keys()}
     if unknown:
         raise ValueError(f"environment variable {ENV_OPT_IN} names {sorted(unknown)}, which are "
                          f"no variants; variants are {sorted(VARIANTS)} (or 'all', or a "
@@ -196,7 +198,8 @@ def why(k: str, architecture: Optional[int], table: Optional[dict] = None) -> Tu
     elsewhere = [a for a in runs if passed(k, a, table)]
     if elsewhere:
         other = "" if architecture is None else f", not on this GPU's sm {here}"
-        return "verified", f"on sm {elsewhere[0]}{other}: {_describe(runs[elsewhere[0]]['passed'])}"
+        described = _describe(runs[elsewhere[0]]["passed"])
+        return "verified", f"on sm {elsewhere[0]}{other}: {described}"
     failed = [f"sm {a}: {_describe(r['failed'])}" for a, r in runs.items() if "failed" in r]
     before = [f"sm {a}: {_describe(r['passed'])}" for a, r in runs.items() if "passed" in r]
     if before:  # choose's third rule: auto takes it where no alternative has passed

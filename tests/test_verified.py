@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import neurokern as nk
+from conftest import backend_device
 from neurokern import __main__ as nk_main
 from neurokern import dispatch, plif_ops, reference, spike_ops, verified
 
@@ -171,7 +172,7 @@ def test_an_unrecorded_variant_is_never_chosen(monkeypatch, record, keys, archit
 def test_launchers_run_the_baseline_until_the_optional_variant_passed(gpu, monkeypatch):
     """On a GPU `pick` gives the PACKED PLIF and the vector spike kernels only where recorded
     (else the strided path and the scalar kernels); the launchers follow its answer, and the
-    forced baseline (here under the interpreter) still equals the reference."""
+    forced baseline (on the GPU, or on the CPU under the interpreter) equals the reference."""
     gpu(table({"triton.plif.strided/float32": [(9, "passed", "2026-11-23")],
                "triton.spike.vector/float32": [(9, "passed", "2026-11-23")]}), 9)
     assert verified.pick(plif_ops.VARIANTS, torch.float32, CUDA) == "triton.plif.strided"
@@ -183,13 +184,14 @@ def test_launchers_run_the_baseline_until_the_optional_variant_passed(gpu, monke
 
     x = torch.randn(5, 2, 16, 4, 4)  # [T, B, C, H, W]: C*H*W = 256, a packed layout
     layout = plif_ops.step_strides(x, False)
-    assert plif_ops._launch(x, layout[0], layout[1])[2] > 0  # on the CPU: the first variant
+    assert plif_ops._launch(x, layout[0], layout[1])[2] > 0  # CPU tensors: the first variant
     picked = {}
     monkeypatch.setattr(verified, "pick", lambda names, dtype, device: picked.get(names[0],
                                                                                    names[-1]))
     assert plif_ops._launch(x, layout[0], layout[1])[2] == 0
     assert spike_ops._kernels(x)[0] is spike_ops.spike_fwd_scalar_kernel
-    alpha = torch.full((16,), 0.7, requires_grad=True)
+    x = x.to(backend_device("triton"))
+    alpha = torch.full((16,), 0.7, device=x.device, requires_grad=True)
     for variant in (None, "triton.plif.packed"):
         picked["triton.plif.packed"] = variant or "triton.plif.strided"
         xs = x.clone().requires_grad_()
@@ -281,7 +283,7 @@ def test_the_writer_reads_a_real_pytest_run(junit, tmp_path, monkeypatch):
 
     # `python -m neurokern record` on that file, on a faked H200
     path = tmp_path / "verified.json"
-    path.write_text(json.dumps(table({"triton.plif.packed/float32": [(9, "passed", "2026-11-01")]})))
+    path.write_text(json.dumps(table({packed: [(9, "passed", "2026-11-01")]})))
     run = verified.Run("NVIDIA H200", "9.0", "2.13.0", "3.7.0", "abc1234",
                        "2026-12-02T10:00:00+00:00", "tests")
     monkeypatch.setattr(verified.Run, "here", classmethod(lambda cls, commit: run))
