@@ -134,18 +134,12 @@ def check_opt_in() -> None:
                          "'<variant>/<dtype>' key)")
 
 
-def _latest(k: str, architecture: str, table: dict) -> Optional[dict]:
-    """The latest record of `k` on `architecture`: its "passed" or its "failed" entry."""
-    runs = table["variants"].get(k, {}).get(architecture, {})
-    entries = [runs[r] for r in ("passed", "failed") if r in runs]
-    return max(entries, key=lambda e: e["time"]) if entries else None
-
-
 def passed(k: str, architecture, table: Optional[dict] = None) -> bool:
     """Whether the latest result of `k` on `architecture` (major version) is a pass."""
     table = TABLE if table is None else table
-    latest = _latest(k, str(architecture), table)
-    return latest is not None and latest is table["variants"][k][str(architecture)].get("passed")
+    runs = table["variants"].get(k, {}).get(str(architecture), {})
+    return "passed" in runs and ("failed" not in runs
+                                 or runs["passed"]["time"] > runs["failed"]["time"])
 
 
 def choose(keys: Sequence[str], architecture: int, table: Optional[dict] = None

@@ -113,6 +113,31 @@ def test_auto_logs_the_variant_and_why_others_were_skipped(gpu, caplog):
     assert "triton.spikgru2plus.loops/float32 opt-in" in message
 
 
+def test_the_choice_is_the_same_under_torch_compile(gpu, monkeypatch):
+    """torch.compile(fullgraph=True) traces the choice (a module on `auto` resolves its backend
+    inside the graph): it gives eager's answers, for backends and for the launchers' variants."""
+    gpu(table({"triton.spikgru2plus.loops/float32": [(9, "passed", "2026-11-23")],
+               "cuda.spikgru2plus.simt/float32": [(9, "passed", "2026-11-23")],
+               "triton.plif.strided/float32": [(9, "passed", "2026-11-22"),
+                                               (9, "failed", "2026-11-23")]}), 9)
+    monkeypatch.setenv(verified.ENV_OPT_IN, "triton.spike.vector")
+
+    def choices(x):
+        codes = {"triton": 1, "cuda": 2, "reference": 3, "triton.spike.vector": 4,
+                 "triton.spike.scalar": 5}
+        return x + torch.tensor([codes[auto("spikgru2plus")], codes[auto("plif")],
+                                 codes[verified.pick(spike_ops.VARIANTS, torch.float32, CUDA)]])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(choices, fullgraph=True, backend="eager")
+    expected = torch.tensor([1.0, 1.0, 4.0])  # plif: strided failed since, the only one
+    torch.testing.assert_close(compiled(torch.zeros(3)), expected)
+    dispatch._resolved.clear()
+    verified._picked.clear()
+    torch.testing.assert_close(choices(torch.zeros(3)), expected)
+    torch._dynamo.reset()
+
+
 def test_the_choice_rules(gpu, monkeypatch):
     """Fastest first among those passed on this architecture; else the fastest passed on
     another; else the one that passed longest ago (failed since); else none. Opting in counts
