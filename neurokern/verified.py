@@ -431,13 +431,13 @@ def main(argv=None) -> int:
     record = sub.add_parser("record", help="write a GPU test run's results into the record")
     record.add_argument("junit", help="pytest --junitxml file of the GPU test run")
     record.add_argument("--commit", required=True, help="the commit the tests ran")
-    record.add_argument("--table", default=TABLE_PATH)
+    record.add_argument("--table", default=TABLE_PATH, help="the record (default: the package's)")
     legacy = sub.add_parser("import-benchmarks",
                             help="write the variants of earlier GPU benchmark rows")
     legacy.add_argument("csv", nargs="+")
     legacy.add_argument("--device", required=True, help="the CSVs' device column")
     legacy.add_argument("--capability", required=True, help="that GPU's, e.g. 9.0")
-    legacy.add_argument("--table", default=TABLE_PATH)
+    legacy.add_argument("--table", default=TABLE_PATH, help="the record (default: the package's)")
     args = parser.parse_args(argv)
     try:
         return _write(args)
