@@ -48,9 +48,8 @@ fi
 if [[ $STEPS == *tests* ]]; then
     # TEST_WORKERS (8) workers where pytest-xdist is installed (the device machine has it):
     # about 3 minutes; one line per test in tests.log, so a run cut short by TEST_TIMEOUT still
-    # names its failures
-    # every variant opted in, so that each runs and its tests decide its record; SIGINT at
-    # the time limit lets pytest write the JUnit XML of the tests that finished
+    # names its failures. Every variant opted in, so that each runs and its tests decide its
+    # record; SIGINT at the time limit lets pytest write the JUnit XML of the finished tests.
     parallel=()
     "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
     limit=$(left 60)
