@@ -16,6 +16,9 @@ from neurokern._kernels import (
 from neurokern.dispatch import register
 
 _BLOCK = 1024  # elements per program: 4 warps x 8 contiguous elements per thread
+# The Triton kernels' GPU variants, fastest first (neurokern/verified.py): n specialised (vector
+# accesses where n is a multiple of 16) where the record allows it, else n not specialised.
+VARIANTS = ("triton.spike.vector", "triton.spike.scalar")
 
 
 def _flat(t):
@@ -30,10 +33,6 @@ if triton_available():
 
     def _grid(n):
         return ((n + _BLOCK - 1) // _BLOCK,)
-
-    # The GPU variants, fastest first (neurokern/verified.py): n specialised (vector accesses
-    # where n is a multiple of 16) where the record allows it, else n not specialised.
-    VARIANTS = ("triton.spike.vector", "triton.spike.scalar")
 
     def _kernels(x):
         """`(forward, backward)` kernels of the variant the record allows on x's device, noted

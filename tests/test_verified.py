@@ -18,6 +18,7 @@ import neurokern as nk
 from conftest import backend_device
 from neurokern import __main__ as nk_main
 from neurokern import dispatch, plif_ops, reference, spike_ops, verified
+from neurokern.triton_kernels import triton_error
 
 CUDA = torch.device("cuda")  # never allocated on: only the dispatcher's and pick's argument
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,6 +195,7 @@ def test_an_unrecorded_variant_is_never_chosen(monkeypatch, record, keys, archit
         assert chosen == (here or [chosen])[0]
 
 
+@pytest.mark.skipif(triton_error is not None, reason=f"triton not importable: {triton_error}")
 def test_launchers_run_the_baseline_until_the_optional_variant_passed(gpu, monkeypatch):
     """On a GPU `pick` gives the PACKED PLIF and the vector spike kernels only where recorded
     (else the strided path and the scalar kernels); the launchers follow its answer, and the
