@@ -102,6 +102,7 @@ setup(
     python_requires=">=3.10",
     packages=["neurokern", "neurokern.triton_kernels"],
     package_dir={"neurokern": "neurokern", "neurokern.triton_kernels": "triton_kernels"},
+    package_data={"neurokern": ["verified.json"]},  # the record of verified GPU variants
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],

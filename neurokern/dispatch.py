@@ -10,8 +10,11 @@ Backends:
 
 The default is "auto", or the value of the environment variable `NEUROKERN_BACKEND`.
 An explicitly requested backend that cannot run raises `BackendUnavailableError` with the
-reason. "auto" logs its choice once per op and device (logger "neurokern"); when it has to use
-the reference although a fused backend exists for the op, it logs a warning saying why.
+reason. On a GPU "auto" takes a backend only where the GPU test suite passed its variant for the
+call (`neurokern.verified`: per dtype, GPU architecture, torch and Triton version; an unrecorded
+variant is opt-in). "auto" logs its choice once per op, device and dtype (logger "neurokern");
+when it has to use the reference although a fused backend exists for the op, it logs a warning
+saying why.
 """
 
 import dataclasses
@@ -20,6 +23,8 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from neurokern import verified
 
 __all__ = ["BACKENDS", "OPS", "BackendUnavailableError", "Availability", "backends", "resolve"]
 
@@ -31,7 +36,8 @@ DEVICES = ("cpu", "cuda")
 ENV_BACKEND = "NEUROKERN_BACKEND"
 
 # Preference of "auto" per device type, fastest first. "cuda" (the persistent SpikGRU2+ loops,
-# the only CUDA kernels so far) comes after "triton" until a GPU run has measured it faster.
+# the only CUDA kernels so far) comes after "triton" until a GPU run has measured it faster. On
+# a GPU the order ranks the backends' baseline variants for `verified.choose`.
 AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("triton", "cuda", "reference"),
@@ -141,13 +147,39 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]:
-    """The `(name, implementation)` that runs `op` on `device` for the requested `backend`."""
-    key = (op, backend, device.type, os.environ.get(ENV_BACKEND),
-           os.environ.get("TRITON_INTERPRET"))
+def variant_dtype(op: str, dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype of the GPU variant that runs `op` on an input of `dtype`: `dtype` itself, for
+    SpikGRU2+ that of its matrix products (autocast's where autocast runs them in 16 bits,
+    else the compute dtype; `spikgru2plus_ops.product_dtype`)."""
+    if not op.startswith("spikgru2plus"):
+        return dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if compute == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return compute
+
+
+def baseline_variant(op: str, backend: str, dtype: torch.dtype) -> Optional[str]:
+    """The name of the variant `backend` runs `op` with on a GPU for `variant_dtype` `dtype`
+    when none of its optional ones applies, or None if it has none (`verified.VARIANTS`)."""
+    for variant in verified.VARIANTS.values():
+        if (variant.baseline and variant.backend == backend and op in variant.ops
+                and str(dtype).removeprefix("torch.") in variant.dtypes):
+            return variant.name
+    return None
+
+
+def resolve(op: str, backend: str, device: torch.device,
+            dtype: torch.dtype = torch.float32) -> Tuple[str, Callable]:
+    """The `(name, implementation)` that runs `op` on `device` for the requested `backend`,
+    for an input `x` of `dtype` (on a GPU, `auto` depends on it and on autocast)."""
+    if device.type == "cuda":
+        dtype = variant_dtype(op, dtype, device.type)
+    key = (op, backend, device, dtype, os.environ.get(ENV_BACKEND),
+           os.environ.get("TRITON_INTERPRET"), os.environ.get(verified.ENV_OPT_IN))
     found = _resolved.get(key)
     if found is None:
-        found = _resolve(op, backend, device.type)
+        found = _resolve(op, backend, device, dtype)
         # while torch.compile traces, the choice is not logged (see _log_choice): left uncached,
         # the first eager call logs it
         if not torch.compiler.is_compiling():
@@ -155,8 +187,11 @@ def resolve(op: str, backend: str, device: torch.device) -> Tuple[str, Callable]
     return found
 
 
-def _resolve(op: str, backend: str, device_type: str) -> Tuple[str, Callable]:
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
+             ) -> Tuple[str, Callable]:
+    device_type = device.type
     check_backend_name(backend)
+    verified.check_opt_in()
     if backend == "auto":
         backend = default_backend()
     if backend != "auto":
@@ -169,13 +204,33 @@ def _resolve(op: str, backend: str, device_type: str) -> Tuple[str, Callable]:
 
     if device_type not in AUTO_ORDER:
         raise BackendUnavailableError(f"{op}: no backend supports {device_type} tensors")
-    skipped = []
+    # On a GPU the fused backends' variants for this call, fastest first, go to
+    # verified.choose; the first other available backend (the reference) is the fallback.
+    skipped, variants, fallback = [], {}, None
     for name in AUTO_ORDER[device_type]:
         status = availability(op, name, device_type)
-        if status.available:
-            _log_choice(op, device_type, name, skipped)
+        if not status.available:
+            skipped.append((name, status.reason))
+        elif device_type == "cuda" and name != "reference":
+            variant = baseline_variant(op, name, dtype)
+            if variant is None:
+                skipped.append((name, f"no {name} kernel for {dtype}"))
+            else:
+                variants[verified.key(variant, dtype)] = name
+        else:
+            fallback = name
+            break
+    architecture = verified.arch(device) if variants else None
+    chosen = verified.choose(list(variants), architecture) if variants else None
+    for variant_key, name in variants.items():
+        why = "{} {}".format(*verified.why(variant_key, architecture))
+        if variant_key == chosen:
+            _log_choice(op, device_type, dtype, name, skipped, f"{variant_key} {why}")
             return name, _implementation(op, name)
-        skipped.append((name, status.reason))
+        skipped.append((name, f"{variant_key} {why}"))
+    if fallback is not None:
+        _log_choice(op, device_type, dtype, fallback, skipped)
+        return fallback, _implementation(op, fallback)
     raise BackendUnavailableError(f"{op}: no backend can run on {device_type}: {skipped}")
 
 
@@ -187,16 +242,17 @@ def _implementation(op: str, backend: str) -> Callable:
     return _IMPLEMENTATIONS[(op, backend)]
 
 
-def _log_choice(op, device_type, name, skipped):
-    key = (op, device_type)
+def _log_choice(op, device_type, dtype, name, skipped, variant=""):
+    key = (op, device_type, dtype if device_type == "cuda" else None)
     # torch.compile cannot trace a logging call (fullgraph: an error); the first eager call logs
     if key in _logged_choices or torch.compiler.is_compiling():
         return
     _logged_choices.add(key)
     why = "; ".join(f"{b}: {reason}" for b, reason in skipped)
+    where = f"{device_type} ({str(dtype).removeprefix('torch.')})" if key[2] else device_type
     if name == "reference" and any((op, b) in _IMPLEMENTATIONS for b, _ in skipped):
         # A fused kernel exists for this op but cannot run here: say so loudly.
-        logger.warning("neurokern: %s on %s runs the slow reference backend (%s)", op, device_type, why)
+        logger.warning("neurokern: %s on %s runs the slow reference backend (%s)", op, where, why)
     else:
-        logger.info("neurokern: %s on %s uses the %s backend%s", op, device_type, name,
-                    f" ({why})" if why else "")
+        logger.info("neurokern: %s on %s uses the %s backend%s%s", op, where, name,
+                    f", {variant}" if variant else "", f" ({why})" if why else "")

@@ -64,7 +64,7 @@ def _check_time(x, time_dim):
 
 
 def _run(op, backend, x, *args, **kwargs):
-    _, impl = _dispatch.resolve(op, backend, x.device)
+    _, impl = _dispatch.resolve(op, backend, x.device, x.dtype)
     return impl(x, *args, **kwargs)
 
 

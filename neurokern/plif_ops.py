@@ -28,6 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from neurokern import verified
 from neurokern._kernels import (
     eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
@@ -116,14 +117,31 @@ def packed_align(block: int, itemsize: int, sizes, *strides) -> int:
     return align
 
 
-def launch_config(itemsize: int, sizes, *strides) -> Tuple[int, int, int]:
+def launch_config(itemsize: int, sizes, *strides, packed: bool = True) -> Tuple[int, int, int]:
     """`(BLOCK, num_warps, ALIGN)` of the Triton launches for tensors of these sizes and step
     strides: LAUNCH's entry on the PACKED path where its layout allows (ALIGN > 0, see
     `packed_align`); where LAUNCH's BLOCK does not divide C * S1 * S2 but a half or a quarter
     does, that block with as many fewer warps (the same neurons per thread), e.g. 128 x 2 for
-    the paper's [128, 11, 11] layers; else LAUNCH's entry on the strided path (ALIGN = 0)."""
+    the paper's [128, 11, 11] layers; else, or with `packed=False`, LAUNCH's entry on the
+    strided path (ALIGN = 0)."""
     launch = LAUNCH[itemsize]
+    if not packed:
+        return launch["BLOCK"], launch["num_warps"], 0
     return _launch_config(launch["BLOCK"], launch["num_warps"], itemsize, sizes, *strides)
+
+
+# The Triton PLIF's GPU variants, fastest first (neurokern/verified.py): PACKED where the
+# record allows it (it has not run on a GPU yet), else the strided path.
+VARIANTS = ("triton.plif.packed", "triton.plif.strided")
+
+
+def _launch(x, sizes, *strides) -> Tuple[int, int, int]:
+    """`launch_config` for x's dtype with the variant the record allows on x's device, noted
+    for the GPU test run's record."""
+    packed = verified.pick(VARIANTS, x.dtype, x.device) == VARIANTS[0]
+    block, warps, align = launch_config(x.dtype.itemsize, sizes, *strides, packed=packed)
+    verified.note(VARIANTS[0] if align else VARIANTS[1], x.dtype, x.device)
+    return block, warps, align
 
 
 @functools.lru_cache(maxsize=256)
@@ -176,8 +194,7 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            block, warps, align = launch_config(x.dtype.itemsize, (T, B, C, S1, S2), x_strides,
-                                                s_strides)
+            block, warps, align = _launch(x, (T, B, C, S1, S2), x_strides, s_strides)
             plif_fwd_kernel[(triton.cdiv(N, block),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
@@ -214,8 +231,8 @@ if triton_available():
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
-            block, warps, align = launch_config(x.dtype.itemsize, (T, B, C, S1, S2), g_strides,
-                                                x_strides, d_strides)
+            block, warps, align = _launch(x, (T, B, C, S1, S2), g_strides, x_strides,
+                                          d_strides)
             plif_bwd_kernel[(triton.cdiv(N, block),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,

@@ -9,12 +9,16 @@ Ops (same schema on both backends; the C++ ones are declared in csrc/register.cp
 
 import torch
 
+from neurokern import verified
 from neurokern._kernels import (
     eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
 
 _BLOCK = 1024  # elements per program: 4 warps x 8 contiguous elements per thread
+# The Triton kernels' GPU variants, fastest first (neurokern/verified.py): n specialised (vector
+# accesses where n is a multiple of 16) where the record allows it, else n not specialised.
+VARIANTS = ("triton.spike.vector", "triton.spike.scalar")
 
 
 def _flat(t):
@@ -23,10 +27,22 @@ def _flat(t):
 
 
 if triton_available():
-    from neurokern.triton_kernels.spike import spike_bwd_kernel, spike_fwd_kernel
+    from neurokern.triton_kernels.spike import (
+        spike_bwd_kernel, spike_bwd_scalar_kernel, spike_fwd_kernel, spike_fwd_scalar_kernel,
+    )
 
     def _grid(n):
         return ((n + _BLOCK - 1) // _BLOCK,)
+
+    def _kernels(x):
+        """`(forward, backward)` kernels of the variant the record allows on x's device, noted
+        for the GPU test run's record."""
+        vector = verified.pick(VARIANTS, x.dtype, x.device) == VARIANTS[0]
+        verified.note(VARIANTS[0] if vector and x.numel() % 16 == 0 else VARIANTS[1], x.dtype,
+                      x.device)
+        if vector:
+            return spike_fwd_kernel, spike_bwd_kernel
+        return spike_fwd_scalar_kernel, spike_bwd_scalar_kernel
 
     @triton_op("neurokern_triton::spike_fwd")
     def triton_spike_fwd(x: torch.Tensor, v_th: float, gamma: float, signed: bool,
@@ -34,7 +50,7 @@ if triton_available():
         x = _flat(x)
         s = torch.empty_like(x)
         if x.numel():
-            spike_fwd_kernel[_grid(x.numel())](
+            _kernels(x)[0][_grid(x.numel())](
                 x, scalar_params(v_th, gamma, x.dtype, x.device), s, x.numel(),
                 SIGNED=signed, SPIKING=spiking, BLOCK=_BLOCK)
         return s
@@ -45,7 +61,7 @@ if triton_available():
         x, grad_s = _flat(x), _flat(grad_s)
         dx = torch.empty_like(x)
         if x.numel():
-            spike_bwd_kernel[_grid(x.numel())](
+            _kernels(x)[1][_grid(x.numel())](
                 grad_s, x, scalar_params(v_th, gamma, x.dtype, x.device), dx, x.numel(),
                 SIGNED=signed, BLOCK=_BLOCK)
         return dx

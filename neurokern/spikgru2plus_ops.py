@@ -52,12 +52,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from neurokern import _extension, reference
+from neurokern import _extension, reference, verified
 from neurokern._kernels import (
     eager_or_op, first_order_only, graphed, register_fakes, scalar_params, triton_available,
     triton_op,
 )
-from neurokern.dispatch import register
+from neurokern.dispatch import baseline_variant, register
 from neurokern.reference import compute_dtype
 
 _OPS = ("spikgru2plus_fwd", "spikgru2plus_bwd")
@@ -326,6 +326,11 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         dtype = compute_dtype(x.dtype)
         mm_dtype = product_dtype(x.device.type, dtype, backend)
         split_x = spike_input and split_products(backend, mm_dtype)
+        if backend != "cpu":  # for the GPU test run's record (neurokern/verified.py)
+            verified.note(baseline_variant("spikgru2plus", backend, mm_dtype), mm_dtype,
+                          x.device)
+            if split_x:
+                verified.note(f"{backend}.spikgru2plus.split_products", mm_dtype, x.device)
         with torch.autocast(x.device.type, enabled=False):
             return SpikGRU2PlusFunction._forward(
                 ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import neurokern  # noqa: E402
-from neurokern import dispatch  # noqa: E402
+from neurokern import dispatch, verified  # noqa: E402
 
 # "ci" (default): deterministic draws so a CI run is reproducible; "dev": more, random examples.
 settings.register_profile(
@@ -28,6 +28,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def record_variants(record_property):
+    """The GPU kernel variants each test launched (on a GPU only), as the JUnit property that
+    `python -m neurokern record` turns into the record of verified variants."""
+    with verified.recording() as launched:
+        yield
+    if launched:
+        record_property(verified.PROPERTY, " ".join(sorted(launched)))
 
 
 def backend_device(backend):

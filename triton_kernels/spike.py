@@ -4,6 +4,9 @@ Both kernels treat their tensors as flat arrays of `n` elements (the launcher pa
 tensors); one program handles BLOCK consecutive elements. `n` is specialised (Triton compiles
 a variant for n a multiple of 16): then the bound mask is constant over 16 elements and
 loads and stores are 16-byte vectors; without that knowledge, one scalar access per element.
+`spike_fwd_scalar_kernel` / `spike_bwd_scalar_kernel` are the same kernels with `n` not
+specialised, scalar accesses for every n (the launcher runs them until the vector variant has
+passed the GPU tests, neurokern/verified.py).
 """
 
 import triton
@@ -49,3 +52,7 @@ def spike_bwd_kernel(
     g = tl.load(grad_ptr + offs, mask=mask, other=0).to(v_th.dtype)
     dx = g * spike_surrogate(v, v_th, gamma, SIGNED)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+spike_fwd_scalar_kernel = triton.jit(do_not_specialize=["n"])(spike_fwd_kernel.fn)
+spike_bwd_scalar_kernel = triton.jit(do_not_specialize=["n"])(spike_bwd_kernel.fn)
