@@ -1,7 +1,8 @@
 """Every fused op on every strided layout the reference accepts: random views (crops, strided
 slices, permuted dims such as channels-last and transposes, expanded dims, storage offsets) of
 random shapes for every tensor argument and every output gradient, forward and backward in
-float64, against the reference run on contiguous copies of the same values.
+float64, against the reference run on contiguous copies of the same values. Memory from
+torch.empty is filled with NaN (`poison_empty`), so an element a kernel does not write fails.
 
 The emulated CUDA backend runs `check_spikgru2plus_layouts` in test_persistent_spikgru2plus.py,
 which builds the emulation once for its own tests.
@@ -82,7 +83,7 @@ def spike_cases(draw):
 @pytest.mark.parametrize("op,backend", fused_backends("spike", with_op=True)
                          + fused_backends("signed_spike", with_op=True))
 @given(case=spike_cases())
-def test_spike_layouts(op, backend, case):
+def test_spike_layouts(poison_empty, op, backend, case):
     fn = getattr(nk.functional, op)
     x = leaf(case["x"])
     kw = dict(v_th=case["v_th"], gamma=case["gamma"], spiking=case["spiking"])
@@ -121,7 +122,7 @@ def plif_cases(draw):
 
 @pytest.mark.parametrize("backend", fused_backends("plif"))
 @given(case=plif_cases())
-def test_plif_layouts(backend, case):
+def test_plif_layouts(poison_empty, backend, case):
     x = leaf(case["x"])
     alpha = {"channel": leaf(case["alpha_view"]), "scalar": leaf(case["alpha_view"][0]),
              "float": 0.8}[case["alpha"]]
@@ -196,20 +197,20 @@ def check_spikgru2plus_layouts(backend, case):
 
 @pytest.mark.parametrize("backend", fused_backends("spikgru2plus"))
 @given(case=spikgru2plus_cases())
-def test_spikgru2plus_layouts(backend, case):
+def test_spikgru2plus_layouts(poison_empty, backend, case):
     check_spikgru2plus_layouts(backend, case)
 
 
 @pytest.mark.parametrize("backend", fused_backends("spikgru2plus_bidirectional"))
 @given(case=spikgru2plus_cases(directions=2))
-def test_spikgru2plus_bidirectional_layouts(backend, case):
+def test_spikgru2plus_bidirectional_layouts(poison_empty, backend, case):
     check_spikgru2plus_layouts(backend, case)
 
 
 @pytest.mark.parametrize("backend", fused_backends("spikgru2plus"))
 @pytest.mark.parametrize("directions", [1, 2])
 @pytest.mark.parametrize("inputs,hidden", [(0, 3), (3, 0), (0, 0)])
-def test_spikgru2plus_empty_sizes(backend, directions, inputs, hidden):
+def test_spikgru2plus_empty_sizes(poison_empty, backend, directions, inputs, hidden):
     """Input size 0 (gi = b_ih) and hidden size 0 (empty outputs) as the reference computes
     them, with a state and both batch layouts."""
     for batch_first in (False, True):
@@ -226,5 +227,6 @@ def test_spikgru2plus_empty_sizes(backend, directions, inputs, hidden):
             params=[(randn(3 * hidden, inputs), randn(3 * hidden, hidden), randn(3 * hidden),
                      randn(3 * hidden), randn(hidden)) for _ in range(directions)],
             state=tuple(randn(*state_shape) for _ in range(3)),
-            grads=(randn(*steps_batch, directions * hidden), *(randn(*state_shape) for _ in range(3))))
+            grads=(randn(*steps_batch, directions * hidden),
+                   *(randn(*state_shape) for _ in range(3))))
         check_spikgru2plus_layouts(backend, case)
