@@ -5,7 +5,7 @@ respect as well)."""
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import neurokern as nk
@@ -80,13 +80,17 @@ def test_plif_non_finite(backend, spiking, signed):
     assert_same(got, want, f"plif {backend}")
 
 
+GATE_VALUES = [float("inf"), -float("inf"), float("nan"), 1e300, -1e300, 800.0, -800.0, 100.0,
+               -100.0]
+
+
 @st.composite
 def gate_cases(draw):
-    """Which gate pre-activation is infinite, NaN or huge: one hidden unit's b_ih of one gate,
-    at every step (a special value in x would reach every gate through W x: 0 * inf)."""
-    return dict(gate=draw(st.sampled_from(["r", "z", "i"])),
-                value=draw(st.sampled_from([float("inf"), -float("inf"), float("nan"), 1e300,
-                                            -1e300, 800.0, -800.0, 100.0, -100.0])),
+    """Which gate pre-activations of one hidden unit are infinite, NaN or huge: that unit's b_ih
+    of one to three gates, at every step (a special value in x would reach every gate through
+    W x: 0 * inf)."""
+    return dict(values=draw(st.dictionaries(st.sampled_from("rzi"), st.sampled_from(GATE_VALUES),
+                                            min_size=1)),
                 signed=draw(st.booleans()), spiking=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float64, torch.float32])),
                 seed=draw(st.integers(0, 2**16)))
@@ -94,10 +98,13 @@ def gate_cases(draw):
 
 @pytest.mark.parametrize("backend", fused_backends("spikgru2plus"))
 @given(case=gate_cases())
+@example(case=dict(values={"z": -float("inf"), "i": float("inf")}, signed=True, spiking=True,
+                   dtype=torch.float64, seed=0))
 def test_spikgru2plus_non_finite_gates(backend, case):
     """sigmoid(-inf) = 0 exactly, as the reference's, so that 0 * inf is NaN where the
-    reference has it (the C++ exp clamped its argument: 1e-308 * inf = inf); a dense product
-    where zero spikes meet a non-finite gradient."""
+    reference has it (the C++ exp clamped its argument: with z's pre-activation -inf and i's
+    +inf, d(a_z) = dv (v_prev - i) z (1 - z) was 1e-308 * inf = inf, and so was dx); a dense
+    product where zero spikes meet a non-finite gradient."""
     steps, batch, inputs, hidden = 3, 2, 3, 4
     generator = torch.Generator().manual_seed(case["seed"])
 
@@ -105,7 +112,8 @@ def test_spikgru2plus_non_finite_gates(backend, case):
         return torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
 
     bias_ih = randn(3 * hidden)
-    bias_ih["rzi".index(case["gate"]) * hidden + 1] = case["value"]
+    for gate, value in case["values"].items():
+        bias_ih["rzi".index(gate) * hidden + 1] = value
     inputs_ = [randn(steps, batch, inputs, scale=2.0), randn(3 * hidden, inputs),
                randn(3 * hidden, hidden, scale=0.5), bias_ih, randn(3 * hidden),
                torch.rand(hidden, dtype=torch.float64, generator=generator)]
