@@ -74,12 +74,11 @@ def _check_real(name, value):
 
 
 def _check_positive(name, value):
-    if torch.compiler.is_compiling() and isinstance(value, torch.SymFloat):
-        torch._check(value > 0)  # symbolic (dynamic=True): no isfinite
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not (_check_real(name, value) > 0):
+    if torch.compiler.is_compiling():  # the value may be symbolic (dynamic=True): no isfinite
+        torch._check(value > 0)
+    elif not (_check_real(name, value) > 0):
         raise ValueError(f"{name} must be positive and finite, got {_shown(value)}")
 
 

@@ -101,6 +101,10 @@ def gate_cases(draw):
 @example(case=dict(values={"z": -float("inf"), "i": float("inf")}, signed=True, spiking=True,
                    dtype=torch.float64, seed=0))
 def test_spikgru2plus_non_finite_gates(backend, case):
+    check_non_finite_gates(backend, case)
+
+
+def check_non_finite_gates(backend, case):
     """sigmoid(-inf) = 0 exactly, as the reference's, so that 0 * inf is NaN where the
     reference has it (the C++ exp clamped its argument: with z's pre-activation -inf and i's
     +inf, d(a_z) = dv (v_prev - i) z (1 - z) was 1e-308 * inf = inf, and so was dx); a dense

@@ -21,6 +21,7 @@ import neurokern as nk
 import neurokern.spikgru2plus_ops as gru_ops
 import test_fused_spikgru2plus as fused_tests
 import test_layouts
+import test_nonfinite
 from neurokern import dispatch
 from test_fused_spikgru2plus import (
     EXAMPLES, check_float32, gru_cases, make_inputs, run, run_bidirectional,
@@ -135,6 +136,14 @@ def test_layouts_on_the_emulation(emulated_cuda, case):
     two, backend "cuda" emulated."""
     emulated_cuda(3, 8, 8, 256 * 1024)
     test_layouts.check_spikgru2plus_layouts("cuda", case)
+
+
+@given(case=test_nonfinite.gate_cases())
+def test_non_finite_gates_on_the_emulation(emulated_cuda, case):
+    """test_nonfinite.py's infinite, NaN and huge gate pre-activations, backend "cuda"
+    emulated."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    test_nonfinite.check_non_finite_gates("cuda", case)
 
 
 @pytest.mark.parametrize("name,args", [
