@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -112,13 +113,22 @@ NEUROKERN_INLINE VecT<T> splat(T x) {
 }
 
 // exp: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a polynomial (Cephes expf; Taylor to degree
-// 13 for double), times 2^n built in the exponent bits. Inputs are clamped to where 2^n is a
-// normal number; the sigmoid below needs no more.
+// 13 for double), times 2^n built in the exponent bits, for x where 2^n is a normal number;
+// beyond, inf or 0 (so that sigmoid(-inf) is 0, not the smallest normal number: the reference's
+// 0 * inf = NaN in the backward must not become inf). NaN stays NaN.
 #ifdef NEUROKERN_HAVE_VECTOR_EXT
+// exp's value e where x is in [lo, hi]; 0 below, inf above.
+template <typename V>
+NEUROKERN_INLINE V saturated(V x, V lo, V hi, V e) {
+  e = x < lo ? splat(decltype(x[0] + 0)(0)) : e;
+  return x > hi ? splat(std::numeric_limits<decltype(x[0] + 0)>::infinity()) : e;
+}
+
 NEUROKERN_INLINE Simd<float>::V vexp(Simd<float>::V x) {
   using V = Simd<float>::V;
   using I = Simd<float>::I;
   const V lo = splat(-87.0f), hi = splat(88.0f), magic = splat(12582912.0f);  // 1.5 * 2^23
+  const V x_in = x;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const V t = x * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
@@ -133,13 +143,14 @@ NEUROKERN_INLINE Simd<float>::V vexp(Simd<float>::V x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   const I scale = (((I)t - (I)magic) + 127) << 23;
-  return p * (V)scale;
+  return saturated(x_in, lo, hi, p * (V)scale);
 }
 
 NEUROKERN_INLINE Simd<double>::V vexp(Simd<double>::V x) {
   using V = Simd<double>::V;
   using I = Simd<double>::I;
   const V lo = splat(-708.0), hi = splat(709.0), magic = splat(6755399441055744.0);  // 1.5 * 2^52
+  const V x_in = x;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const V t = x * 1.4426950408889634074 + magic;
@@ -160,7 +171,7 @@ NEUROKERN_INLINE Simd<double>::V vexp(Simd<double>::V x) {
   p = p * r + 0.5;
   p = p * (r * r) + r + 1.0;
   const I scale = (((I)t - (I)magic) + 1023) << 52;
-  return p * (V)scale;
+  return saturated(x_in, lo, hi, p * (V)scale);
 }
 
 template <typename V>
@@ -890,7 +901,13 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
     const at::Tensor s_prev_t = s_prev_2d.t().contiguous();  // [H, T * B]
     at::Tensor dUt = at::empty({H, 3 * H}, gi.options());     // dU^T = S_prev^T dgh
     SpikeLists lists;
-    product_with_spikes<scalar_t>(s_prev_t, dgh_2d, dUt, lists);
+    // The row sums skip zero spikes; a non-finite dgh (from non-finite inputs) must give NaN
+    // there (0 * inf) as the reference's dense product does.
+    if (at::isfinite(dgh_2d).all().item<bool>()) {
+      product_with_spikes<scalar_t>(s_prev_t, dgh_2d, dUt, lists);
+    } else {
+      at::mm_out(dUt, s_prev_t, dgh_2d);
+    }
     dweight_hh = dUt.t().contiguous();
   });
   const bool has_bias = bias_hh.has_value() && bias_hh->defined();

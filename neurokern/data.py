@@ -52,6 +52,18 @@ SENSOR_SIZE = 128  # DVS-Lip sensor: 128 x 128 pixels
 EVENT_DTYPE = np.dtype([("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("p", "u1")])
 
 
+# The numpy kinds each column may have (b bool, i/u integers, f floats): no strings, bytes,
+# datetimes, complex numbers or objects, whose comparisons with numbers fail or mislead.
+_COLUMN_KINDS = {"t": "iuf", "x": "biuf", "y": "biuf", "p": "biuf"}
+
+
+def _check_column_kinds(columns):
+    for name, column in zip("txyp", columns):
+        if column.dtype.kind not in _COLUMN_KINDS[name]:
+            raise ValueError(f"events: {name} must be numeric, got dtype {column.dtype}")
+    return columns
+
+
 def _event_columns(events):
     """(t, x, y, p) numpy arrays from a structured array, a dict, or an `[N, 4]` array."""
     if isinstance(events, torch.Tensor):
@@ -63,7 +75,11 @@ def _event_columns(events):
                 f"events: structured array lacks field(s) {missing}; expected fields t, x, y, p, "
                 f"got {list(events.dtype.names)}"
             )
-        return tuple(np.asarray(events[f]).reshape(-1) for f in "txyp")
+        for f in "txyp":  # reshape(-1) below would flatten a sub-array into extra events
+            if events.dtype[f].shape:
+                raise ValueError(f"events: field {f} must hold one value per event, got a "
+                                 f"sub-array field of shape {events.dtype[f].shape}")
+        return _check_column_kinds(tuple(np.asarray(events[f]).reshape(-1) for f in "txyp"))
     if isinstance(events, dict):
         missing = [f for f in "txyp" if f not in events]
         if missing:
@@ -73,14 +89,14 @@ def _event_columns(events):
             raise ValueError(
                 f"events: columns t, x, y, p have different lengths {[c.shape[0] for c in cols]}"
             )
-        return cols
+        return _check_column_kinds(cols)
     arr = np.asarray(events)
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise ValueError(
             "events must be a structured array with fields t, x, y, p, a dict of those four "
             f"columns, or an [N, 4] array of rows (t, x, y, p); got an array of shape {arr.shape}"
         )
-    return tuple(arr[:, i] for i in range(4))
+    return _check_column_kinds(tuple(arr[:, i] for i in range(4)))
 
 
 def _as_index(name, v):
@@ -102,9 +118,7 @@ def _time_bins(t, num_steps):
     dt is not exact in float64 (T = 35, say) an exact tie can land one bin up, and we keep the
     public code's bin so frames match it bit for bit.
     """
-    if t.dtype.kind not in "iuf":
-        raise ValueError(f"events: t must be numeric, got dtype {t.dtype}")
-    t = t.astype(np.float64)
+    t = t.astype(np.float64)  # numeric: checked by _event_columns
     if not np.all(np.isfinite(t)):
         raise ValueError("events: t holds NaN or infinite timestamps")
     # clipped to T before the integer cast: a float beyond int64 would wrap into a bin
@@ -192,12 +206,10 @@ def load_events(path):
             f"{path}: expected a 1-D numpy structured array with fields t, x, y, p, got an "
             f"array of dtype {events.dtype} and shape {events.shape}"
         )
-    missing = [f for f in "txyp" if f not in events.dtype.names]
-    if missing:
-        raise ValueError(
-            f"{path}: event array lacks field(s) {missing}; expected fields t, x, y, p, got "
-            f"{list(events.dtype.names)}"
-        )
+    try:
+        _event_columns(events)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return events
 
 

@@ -26,6 +26,8 @@ _FLOAT_DTYPES = (*_HALF_DTYPES, torch.float32, torch.float64)  # float8: no arit
 def _check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # sparse, nested: the kernels address memory by strides
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                         f"float64), got dtype {t.dtype}")
@@ -49,13 +51,51 @@ def _check_shape(name, t, shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
+def _shown(value):
+    """`value` for an error message: an int too large for a float by its size (printing an int
+    of 4300+ digits raises)."""
+    if isinstance(value, numbers.Integral) and abs(int(value)).bit_length() > 64:
+        return f"an integer of {abs(int(value)).bit_length()} bits"
+    return repr(value)
+
+
+def _check_real(name, value):
+    """`value` as a finite float (TypeError unless a real number, bool excluded; ValueError if
+    NaN, infinite or beyond float's range, as a huge int is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {_shown(value)}")
+    return result
+
+
 def _check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if torch.compiler.is_compiling():  # the value may be symbolic (dynamic=True): no isfinite
         torch._check(value > 0)
-    elif not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
+    elif not (_check_real(name, value) > 0):
+        raise ValueError(f"{name} must be positive and finite, got {_shown(value)}")
+
+
+def _check_flag(name, value):
+    """`value` as a bool: True, False (also numpy's) or the ints 0 and 1; anything else, such
+    as the string "no" that bool() would take for True, is a TypeError."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy"
+                                   and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {_shown(value)}")
+
+
+def _check_flags(**flags):
+    """The values of `flags` (name=value) checked by `_check_flag`, in order."""
+    return tuple(_check_flag(name, value) for name, value in flags.items())
 
 
 def _check_time(x, time_dim):
@@ -84,8 +124,9 @@ def spike(x, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
     _check_tensor("x", x)
     _check_positive("v_th", v_th)
     _check_positive("gamma", gamma)
+    spiking = _check_flag("spiking", spiking)
     _dispatch.check_backend_name(backend)
-    return _run("spike", backend, x, float(v_th), float(gamma), spiking=bool(spiking))
+    return _run("spike", backend, x, float(v_th), float(gamma), spiking=spiking)
 
 
 def signed_spike(x, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
@@ -94,8 +135,9 @@ def signed_spike(x, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
     _check_tensor("x", x)
     _check_positive("v_th", v_th)
     _check_positive("gamma", gamma)
+    spiking = _check_flag("spiking", spiking)
     _dispatch.check_backend_name(backend)
-    return _run("signed_spike", backend, x, float(v_th), float(gamma), spiking=bool(spiking))
+    return _run("signed_spike", backend, x, float(v_th), float(gamma), spiking=spiking)
 
 
 def plif(
@@ -130,6 +172,9 @@ def plif(
     Returns:
         spikes `s` shaped like `x`, or `(s, (v_T, s_T))` if `return_state`.
     """
+    signed, batch_first, return_state, detach_reset, spiking = _check_flags(
+        signed=signed, batch_first=batch_first, return_state=return_state,
+        detach_reset=detach_reset, spiking=spiking)
     _check_tensor("x", x)
     if x.dim() < 3:
         layout = "[B, T, C, ...]" if batch_first else "[T, B, C, ...]"
@@ -147,9 +192,7 @@ def plif(
     elif isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a tensor or a real number, got {type(alpha).__name__}")
     else:
-        alpha = float(alpha)
-        if not torch.compiler.is_compiling() and not math.isfinite(alpha):
-            raise ValueError(f"alpha must be finite, got {alpha}")
+        alpha = float(alpha) if torch.compiler.is_compiling() else _check_real("alpha", alpha)
     _check_positive("v_th", v_th)
     _check_positive("gamma", gamma)
     if state is not None:
@@ -163,9 +206,8 @@ def plif(
     _dispatch.check_backend_name(backend)
     return _run(
         "plif", backend, x, alpha,
-        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), batch_first=bool(batch_first),
-        state=state, return_state=bool(return_state), detach_reset=bool(detach_reset),
-        spiking=bool(spiking),
+        v_th=float(v_th), gamma=float(gamma), signed=signed, batch_first=batch_first,
+        state=state, return_state=return_state, detach_reset=detach_reset, spiking=spiking,
     )
 
 
@@ -213,15 +255,17 @@ def spikgru2plus(
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, H]` (or `[B, T, H]`) and the final state.
     """
+    signed, reset_gate, batch_first, spiking, spike_input = _check_flags(
+        signed=signed, reset_gate=reset_gate, batch_first=batch_first, spiking=spiking,
+        spike_input=spike_input)
     hidden = _check_spikgru2plus_args(x, (weight_ih, weight_hh, bias_ih, bias_hh, alpha),
                                       batch_first, v_th, gamma)
     state = _check_spikgru2plus_state(state, x, batch_first, (), hidden)
     _dispatch.check_backend_name(backend)
     return _run(
         "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
-        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
-        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
-        spike_input=bool(spike_input),
+        v_th=float(v_th), gamma=float(gamma), signed=signed, reset_gate=reset_gate,
+        batch_first=batch_first, state=state, spiking=spiking, spike_input=spike_input,
     )
 
 
@@ -256,6 +300,9 @@ def spikgru2plus_bidirectional(
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, 2H]` (or `[B, T, 2H]`) and the final states, each
         `[2, B, H]`.
     """
+    signed, reset_gate, batch_first, spiking, spike_input = _check_flags(
+        signed=signed, reset_gate=reset_gate, batch_first=batch_first, spiking=spiking,
+        spike_input=spike_input)
     for name, p in (("params", params), ("reverse_params", reverse_params)):
         if not isinstance(p, (tuple, list)) or len(p) != 5:
             raise TypeError(f"{name} must be (weight_ih, weight_hh, bias_ih, bias_hh, alpha)")
@@ -270,9 +317,8 @@ def spikgru2plus_bidirectional(
     _dispatch.check_backend_name(backend)
     return _run(
         "spikgru2plus_bidirectional", backend, x, tuple(params), tuple(reverse_params),
-        v_th=float(v_th), gamma=float(gamma), signed=bool(signed), reset_gate=bool(reset_gate),
-        batch_first=bool(batch_first), state=state, spiking=bool(spiking),
-        spike_input=bool(spike_input),
+        v_th=float(v_th), gamma=float(gamma), signed=signed, reset_gate=reset_gate,
+        batch_first=batch_first, state=state, spiking=spiking, spike_input=spike_input,
     )
 
 

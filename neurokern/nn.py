@@ -13,9 +13,20 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_F
 
+from neurokern import dispatch
 from neurokern import functional as F
 
 __all__ = ["Spike", "SignedSpike", "PLIF", "IF", "SpikGRU2Plus", "clamp_leaks_"]
+
+
+def _check_options(v_th, gamma, backend, **flags):
+    """A module's options checked when it is built (a bad one raises there, not at the first
+    forward): v_th, gamma and backend as `neurokern.functional` checks them; returns the
+    `flags` (name=value) as bools."""
+    F._check_positive("v_th", v_th)
+    F._check_positive("gamma", gamma)
+    dispatch.check_backend_name(backend)
+    return F._check_flags(**flags)
 
 
 class _Activation(nn.Module):
@@ -23,6 +34,7 @@ class _Activation(nn.Module):
 
     def __init__(self, v_th=1.0, gamma=10.0, *, spiking=True, backend="auto"):
         super().__init__()
+        (spiking,) = _check_options(v_th, gamma, backend, spiking=spiking)
         self.v_th, self.gamma, self.spiking, self.backend = v_th, gamma, spiking, backend
 
     def forward(self, x):
@@ -87,6 +99,10 @@ class PLIF(nn.Module):
             isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1
         ):
             raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
+        learnable, signed, batch_first, detach_reset, spiking = _check_options(
+            v_th, gamma, backend, learnable=learnable, signed=signed, batch_first=batch_first,
+            detach_reset=detach_reset, spiking=spiking)
+        alpha_init = F._check_real("alpha_init", alpha_init)
         if leak == "sigmoid" and not 0.0 < alpha_init < 1.0:
             raise ValueError(f"leak='sigmoid' needs 0 < alpha_init < 1, got {alpha_init}")
         self.channels, self.leak, self.learnable = channels, leak, learnable
@@ -127,6 +143,9 @@ class IF(nn.Module):
     def __init__(self, *, v_th=1.0, gamma=10.0, signed=False, batch_first=False,
                  detach_reset=False, spiking=True, backend="auto"):
         super().__init__()
+        signed, batch_first, detach_reset, spiking = _check_options(
+            v_th, gamma, backend, signed=signed, batch_first=batch_first,
+            detach_reset=detach_reset, spiking=spiking)
         self.v_th, self.gamma, self.signed = v_th, gamma, signed
         self.batch_first, self.detach_reset, self.spiking, self.backend = (
             batch_first, detach_reset, spiking, backend)
@@ -214,6 +233,10 @@ class SpikGRU2Plus(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        bias, batch_first, bidirectional, signed, reset_gate, spiking = _check_options(
+            v_th, gamma, backend, bias=bias, batch_first=batch_first,
+            bidirectional=bidirectional, signed=signed, reset_gate=reset_gate, spiking=spiking)
+        alpha_init = F._check_real("alpha_init", alpha_init)
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout acts between layers; with num_layers=1 it has no effect "
                           "(as in torch.nn.GRU)", stacklevel=2)
@@ -364,6 +387,8 @@ def clamp_leaks_(module):
     after each optimiser step). Sigmoid-parametrised and fixed leaks are left alone. Any other
     submodule with leaks of its own takes part by defining a `clamp_leaks_()` method (e.g.
     `neurokern.models.LeakyIntegratorFC`). Returns `module`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     for m in module.modules():
         if isinstance(m, PLIF):
             if m.leak == "direct" and m.learnable:

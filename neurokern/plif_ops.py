@@ -58,37 +58,44 @@ def checkpoint_interval(backend: str, dtype: torch.dtype) -> int:
     return CHECKPOINT[backend] or LAUNCH[dtype.itemsize]["checkpoint"]
 
 
-def collapse_spatial(sizes, strides) -> Optional[List[Tuple[int, int]]]:
-    """The spatial dims `(size, stride)` merged where memory allows, as exactly two dims
-    (padded with size-1 dims), or None if they do not fit in two."""
-    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+def collapse_spatial(sizes, *strides) -> Optional[List[Tuple[int, Tuple[int, ...]]]]:
+    """The spatial dims `(size, (stride in each tensor))` of tensors of the same `sizes`, one
+    stride tuple per tensor, merged where the memory of every tensor allows, as exactly two
+    dims (padded with size-1 dims), or None if they do not fit in two. Merging per tensor would
+    give each tensor its own sizes (a crop merges less than its contiguous output)."""
+    dims = [(n, tuple(s[d] for s in strides)) for d, n in enumerate(sizes) if n != 1]
     merged = []
     for n, s in dims:
-        if merged and merged[-1][1] == n * s:
+        if merged and all(outer == n * inner for outer, inner in zip(merged[-1][1], s)):
             merged[-1] = (merged[-1][0] * n, s)
         else:
             merged.append((n, s))
     if len(merged) > 2:
         return None
-    return [(1, 0)] * (2 - len(merged)) + merged
+    return [(1, (0,) * len(strides))] * (2 - len(merged)) + merged
 
 
-def step_strides(t: torch.Tensor, batch_first: bool):
+def step_strides(t: torch.Tensor, batch_first: bool, *others: torch.Tensor):
     """`((T, B, C, S1, S2), (stride_t, stride_b, stride_c, stride_1, stride_2))` of a
     `[T, B, C, *S]` (or `[B, T, C, *S]`) tensor, or None if its spatial dims do not collapse
-    into two strided dims."""
-    return _step_strides(t.shape, t.stride(), batch_first)
+    into two strided dims. With `others` (tensors of t's shape), one strides tuple per tensor
+    after the sizes, all on the same collapsed dims."""
+    found = _step_strides(t.shape, tuple(u.stride() for u in (t, *others)), batch_first)
+    if found is None or others:
+        return found
+    return found[0], found[1][0]
 
 
 @functools.lru_cache(maxsize=256)  # a training run sees a few layouts, every step
-def _step_strides(shape, stride, batch_first):
-    spatial = collapse_spatial(shape[3:], stride[3:])
+def _step_strides(shape, strides, batch_first):
+    spatial = collapse_spatial(shape[3:], *(stride[3:] for stride in strides))
     if spatial is None:
         return None
     time_dim, batch_dim = (1, 0) if batch_first else (0, 1)
     sizes = (shape[time_dim], shape[batch_dim], shape[2], spatial[0][0], spatial[1][0])
-    strides = (stride[time_dim], stride[batch_dim], stride[2], spatial[0][1], spatial[1][1])
-    return sizes, strides
+    return sizes, tuple(
+        (stride[time_dim], stride[batch_dim], stride[2], spatial[0][1][k], spatial[1][1][k])
+        for k, stride in enumerate(strides))
 
 
 @functools.lru_cache(maxsize=256)
@@ -154,14 +161,19 @@ def _launch_config(block, warps, itemsize, sizes, *strides):
     return block, warps, align
 
 
-def _strided(t, batch_first):
-    """`t` and its step strides; a tensor whose spatial dims cannot be addressed with two
-    strides (a rare view) is copied once."""
-    layout = step_strides(t, batch_first)
+def _strided(batch_first, *tensors):
+    """`tensors` (all of one shape; outputs are allocated contiguous) and their step strides on
+    common collapsed dims, `(sizes, (strides of each tensor))`. Where the spatial dims of the
+    tensors together cannot be addressed with two strides (a rare view), the non-contiguous
+    ones are copied once."""
+    if any(t.shape != tensors[0].shape for t in tensors):
+        raise ValueError(f"neurokern_triton::plif: the sequences must have one shape, got "
+                         f"{[list(t.shape) for t in tensors]}")
+    layout = step_strides(tensors[0], batch_first, *tensors[1:])
     if layout is None:
-        t = t.contiguous()
-        layout = step_strides(t, batch_first)
-    return t, layout
+        tensors = tuple(t.contiguous() for t in tensors)
+        layout = step_strides(tensors[0], batch_first, *tensors[1:])
+    return tensors, layout
 
 
 def _saved_shape(steps, neurons, checkpoint):
@@ -185,10 +197,9 @@ if triton_available():
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, batch_first: bool,
         spiking: bool, checkpoint: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, ((T, B, C, S1, S2), x_strides) = _strided(x, batch_first)
-        N = B * C * S1 * S2
         s = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _, s_strides = step_strides(s, batch_first)
+        (x, s), ((T, B, C, S1, S2), (x_strides, s_strides)) = _strided(batch_first, x, s)
+        N = B * C * S1 * S2
         v_saved = x.new_empty(_saved_shape(T, N, checkpoint), dtype=compute_dtype(x.dtype))
         v_last = x.new_empty(_state_shape(x, batch_first))
         s_last = torch.empty_like(v_last)
@@ -217,15 +228,14 @@ if triton_available():
         v_th: float, gamma: float, signed: bool, batch_first: bool, spiking: bool,
         detach_reset: bool, checkpoint: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        grad_s, ((T, B, C, S1, S2), g_strides) = _strided(grad_s, batch_first)
-        x, (_, x_strides) = _strided(x, batch_first)
+        dx = torch.empty_like(grad_s, memory_format=torch.contiguous_format)
+        (grad_s, x, dx), ((T, B, C, S1, S2), (g_strides, x_strides, d_strides)) = _strided(
+            batch_first, grad_s, x, dx)
         N = B * C * S1 * S2
         if checkpoint < 1 or v_saved.shape != _saved_shape(T, N, checkpoint):
             raise ValueError(f"neurokern_triton::plif_bwd: v_saved of shape "
                              f"{tuple(v_saved.shape)} is not what plif_fwd saves with "
                              f"checkpoint={checkpoint} ({_saved_shape(T, N, checkpoint)})")
-        dx = torch.empty_like(grad_s, memory_format=torch.contiguous_format)
-        _, d_strides = step_strides(dx, batch_first)
         dalpha = v_saved.new_empty((N,))
         dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
         ds0 = torch.empty_like(dv0)

@@ -216,11 +216,13 @@ if triton_available():
             weight_hh.dtype)
         # dgh feeds the products, so it is kept in their dtype (weight_hh's)
         dgi, dgh = torch.empty_like(gi), torch.empty_like(gh_seq)
-        dv_next = zeros.clone() if grad_v_last is None else grad_v_last.clone()  # [D * B, H]
-        di_next = zeros.clone() if grad_i_last is None else grad_i_last.clone()
+        # the kernel's carries: [D * B, H], contiguous whatever the gradients' layout
+        dv_next, di_next = (zeros.clone() if g is None else
+                            g.clone(memory_format=torch.contiguous_format)
+                            for g in (grad_v_last, grad_i_last))
         # dL/ds_t = ds (output gradient and reset path, updated in place by the kernel) + ds_rec
         # (the product path dL/d(gh_{t+1}) U, in the products' dtype)
-        ds = grad_s[steps - 1] + (0 if grad_s_last is None else grad_s_last)
+        ds = (grad_s[steps - 1] + (0 if grad_s_last is None else grad_s_last)).contiguous()
         ds_rec, dalpha = torch.empty_like(zeros, dtype=weight_hh.dtype), torch.zeros_like(zeros)
         params = scalar_params(v_th, gamma, gi.dtype, gi.device)
         grid = (triton.cdiv(hidden, _BLOCK), rows)
@@ -284,9 +286,10 @@ def split_product(a: torch.Tensor, b: torch.Tensor, exact: str) -> torch.Tensor:
     tests) the same bf16 values are multiplied as float32."""
     if exact == "a":
         a3 = a.to(torch.bfloat16).repeat(1, 3)  # [M, 3K]
-        b3 = bf16_split(b).reshape(-1, b.shape[1])  # [3K, N]
+        b3 = bf16_split(b).reshape(3 * b.shape[0], b.shape[1])  # [3K, N]
     else:
-        a3 = bf16_split(a).permute(1, 0, 2).reshape(a.shape[0], -1)  # [M, 3K]: hi | mid | lo
+        # [M, 3K]: hi | mid | lo
+        a3 = bf16_split(a).permute(1, 0, 2).reshape(a.shape[0], 3 * a.shape[1])
         b3 = b.to(torch.bfloat16).repeat(3, 1)  # [3K, N]
     if a3.is_cuda:
         return torch.mm(a3, b3, out_dtype=torch.float32)
@@ -349,11 +352,15 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         steps, batch, inputs = x_tm.shape
         weight_ih_c, weight_hh_c = weight_ih.to(mm_dtype), weight_hh.to(mm_dtype)
         bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
-        v0_c, i0_c, s0_c = (None if t is None else t.to(dtype).reshape(-1, t.shape[-1])
-                            for t in (v0, i0, s0))  # [D * B, H]
+        # [D * B, H] (every size explicit here and below: -1 is ambiguous for I, H or B = 0)
+        v0_c, i0_c, s0_c = (None if t is None else
+                            t.to(dtype).reshape(directions * batch, t.shape[-1])
+                            for t in (v0, i0, s0))
 
         # all directions' input projections in one product: [T * B, D * 3H]
-        x_2d, weight_ih_t = x_tm.view(steps * batch, inputs), weight_ih_c.reshape(-1, inputs).t()
+        gi_width = directions * weight_ih.shape[-2]
+        x_2d = x_tm.view(steps * batch, inputs)
+        weight_ih_t = weight_ih_c.reshape(gi_width, inputs).t()
         # b_ih after the product, as the reference rounds it: on a GPU without autocast in the
         # product's epilogue (to the float32 or float64 sum: the same rounding, one pass less)
         epilogue = bias_ih is not None and mm_dtype == dtype and x.is_cuda and not split_x
@@ -366,7 +373,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         gi = gi.to(dtype)
         if bias_ih is not None and not epilogue:
             gi = gi + bias_ih.to(dtype).reshape(-1)
-        # [T, D * B, 3H] (every size explicit here and below: -1 is ambiguous for B = 0)
+        # [T, D * B, 3H]
         gi = _to_processing_order(gi.view(steps, batch, gi.shape[-1]), directions)
         # [T, D * B, H] each, and gh_seq = U s_{t-1} [T, D * B, 3H]
         s_seq, v_seq, i_seq, gh_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c,
@@ -418,21 +425,23 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
             grad_s = _to_processing_order(grad_s.transpose(0, 1) if batch_first else grad_s,
                                           directions)
 
+        steps, batch, inputs = x_tm.shape
+
         def last(g):  # [D, B, H] or [B, H] -> [D * B, H] in the compute dtype
-            return None if g is None else g.to(dtype).reshape(-1, g.shape[-1])
+            return None if g is None else g.to(dtype).reshape(directions * batch, g.shape[-1])
 
         dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
             grad_s.to(dtype), last(grad_v_last), last(grad_i_last), last(grad_s_last), gi,
             weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma,
             signed, reset_gate)
 
-        steps, batch, inputs = x_tm.shape
         # [T * B, D * 3H]
         dgi_2d = _to_time_order(dgi, directions).reshape(steps * batch, directions * dgi.shape[-1])
         dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand (float32 when split)
         grads = [None] * 9
         if needs[0]:  # both directions' paths summed by the one product
-            dx = torch.mm(dgi_mm, weight_ih.reshape(-1, inputs)).view(steps, batch, inputs)
+            dx = torch.mm(dgi_mm, weight_ih.reshape(dgi_mm.shape[1], inputs))
+            dx = dx.view(steps, batch, inputs)
             grads[0] = dx.transpose(0, 1) if batch_first else dx
         if needs[1]:  # [D * 3H, I]
             x_2d = x_tm.view(steps * batch, inputs)

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 import neurokern as nk
 import neurokern.spikgru2plus_ops as gru_ops
 import test_fused_spikgru2plus as fused_tests
+import test_layouts
+import test_nonfinite
 from neurokern import dispatch
 from test_fused_spikgru2plus import (
     EXAMPLES, check_float32, gru_cases, make_inputs, run, run_bidirectional,
@@ -125,6 +127,23 @@ def test_float32_against_float64_reference(emulated_cuda, case, device):
     emulated_cuda(*device)
     leaves, cot = make_inputs(case)
     check_float32(case, leaves, cot, "cuda", "cpu")
+
+
+@given(case=st.sampled_from([1, 2]).flatmap(
+    lambda directions: test_layouts.spikgru2plus_cases(directions=directions)))
+def test_layouts_on_the_emulation(emulated_cuda, case):
+    """test_layouts.py's random views of every argument and output gradient, one direction or
+    two, backend "cuda" emulated."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    test_layouts.check_spikgru2plus_layouts("cuda", case)
+
+
+@given(case=test_nonfinite.gate_cases())
+def test_non_finite_gates_on_the_emulation(emulated_cuda, case):
+    """test_nonfinite.py's infinite, NaN and huge gate pre-activations, backend "cuda"
+    emulated."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    test_nonfinite.check_non_finite_gates("cuda", case)
 
 
 @pytest.mark.parametrize("name,args", [

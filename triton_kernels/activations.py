@@ -18,7 +18,7 @@ def atan(x):
     |y| <= 0.05, where the odd Taylor series to y^13 is exact to float64 rounding. Only smooth
     mode (gradient checks) uses it, so its cost does not matter.
     """
-    one = x * 0 + 1
+    one = tl.full(x.shape, 1, x.dtype)  # not x * 0 + 1: NaN for x = +-inf
     y = x
     for _ in tl.static_range(5):
         big = tl.abs(y) > 1

@@ -7,9 +7,10 @@ registers, with the forward's own code. Traffic per neuron and step: forward x +
 x + dL/ds + dx, plus 2/CHUNK for the checkpoints, against 3 + 3 when every v is saved.
 
 Neurons are numbered n = ((b * C + c) * S1 + i) * S2 + j over the `[B, C, S1, S2]` view of one
-step (the launcher collapses the spatial dims into at most two), and every tensor indexed by
-(t, b, c, i, j) is read or written through its own strides, so time-major, batch-major and
-transposed views need no copy. T is a run-time value (no recompilation per T); offsets are int64.
+step (the launcher collapses the spatial dims of all the tensors together into at most two),
+and every tensor indexed by (t, b, c, i, j) is read or written through its own strides, so
+time-major, batch-major and transposed views, crops and channels-last tensors need no copy.
+T is a run-time value (no recompilation per T); offsets are int64.
 On the PACKED path (chosen by the launcher, `plif_ops.packed_align`) a program's neurons are
 BLOCK consecutive elements of one batch row of every tensor, addressed from one aligned base
 offset per step, so loads and stores are vectors.

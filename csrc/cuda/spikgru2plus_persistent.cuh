@@ -1184,7 +1184,9 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
   const auto v0 = contiguous(v0_in), i0 = contiguous(i0_in);
   auto zeros = [&] { return at::zeros({rows, hidden}, gi.options()); };
   auto state_or_zeros = [&](const std::optional<at::Tensor>& t) {
-    return t ? t->reshape({rows, hidden}).to(gi.options(), false, true) : zeros();
+    return t ? t->reshape({rows, hidden})
+                   .to(gi.options(), false, true, at::MemoryFormat::Contiguous)
+             : zeros();
   };
   // S_prev = [s_0, s_1 .. s_{T-1}], the right factor of dU after the loop (in weight_hh's
   // dtype, as on the Triton backend)
