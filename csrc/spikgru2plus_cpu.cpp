@@ -735,6 +735,14 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
   // S_prev = [s_0, s_1 .. s_{T-1}], the right factor of dU after the loop
   s_prev.select(0, 0).copy_(s0);
   if (steps > 1) s_prev.narrow(0, 1, steps - 1).copy_(s_seq.narrow(0, 0, steps - 1));
+  if (lengths != nullptr) {  // zeros at frozen steps (their dgh is 0): the row sums skip them
+    T* sp = s_prev.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = std::max<int64_t>(lengths[b], 0); t < steps; ++t) {
+        std::memset(sp + (t * B + b) * H, 0, H * sizeof(T));
+      }
+    }
+  }
 
   BwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();

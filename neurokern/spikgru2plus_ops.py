@@ -371,25 +371,30 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         bias_hh_c, alpha_c = _cast(bias_hh, dtype), alpha.to(dtype)
         v0_c, i0_c, s0_c = (None if t is None else t.to(dtype).reshape(-1, t.shape[-1])
                             for t in (v0, i0, s0))  # [D * B, H]
+        valid = _valid_rows(lengths, steps, batch, x.device)  # [N] or None
         if lengths is not None:
             lengths = lengths.to(x.device, torch.int64)  # [B]
         # [D * B]: each row's length, for the ops
         row_lengths = None if lengths is None else lengths.repeat(directions)
 
-        # all directions' input projections in one product: [T * B, D * 3H]
+        # all directions' input projections in one product: [T * B, D * 3H] (with lengths known
+        # on the host, of the valid steps' rows only)
         x_2d, weight_ih_t = x_tm.view(steps * batch, inputs), weight_ih_c.reshape(-1, inputs).t()
+        x_rows = x_2d if valid is None else x_2d.index_select(0, valid)
         # b_ih after the product, as the reference rounds it: on a GPU without autocast in the
         # product's epilogue (to the float32 or float64 sum: the same rounding, one pass less)
         epilogue = bias_ih is not None and mm_dtype == dtype and x.is_cuda and not split_x
         if split_x:
-            gi = split_product(x_2d, weight_ih_t, "a")
+            gi = split_product(x_rows, weight_ih_t, "a")
         elif epilogue:
-            gi = torch.addmm(bias_ih.to(dtype).reshape(-1), x_2d, weight_ih_t)
+            gi = torch.addmm(bias_ih.to(dtype).reshape(-1), x_rows, weight_ih_t)
         else:
-            gi = torch.mm(x_2d, weight_ih_t)
+            gi = torch.mm(x_rows, weight_ih_t)
         gi = gi.to(dtype)
         if bias_ih is not None and not epilogue:
             gi = gi + bias_ih.to(dtype).reshape(-1)
+        if valid is not None:  # zeros at the padded steps, which the ops do not use
+            gi = gi.new_zeros((steps * batch, gi.shape[1])).index_copy_(0, valid, gi)
         # [T, D * B, 3H] (every size explicit here and below: -1 is ambiguous for B = 0)
         gi = _to_processing_order(gi.view(steps, batch, gi.shape[-1]), directions, lengths)
         # [T, D * B, H] each, and gh_seq = U s_{t-1} [T, D * B, 3H]
@@ -397,7 +402,8 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                                           v_th, gamma, signed, reset_gate, spiking, row_lengths)
 
         ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
-                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c, lengths, row_lengths)
+                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c, lengths, row_lengths,
+                              valid)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x)
         ctx.device_type = x.device.type
@@ -430,7 +436,7 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
         (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, gh_seq, v0, i0,
-         s0, lengths, row_lengths) = ctx.saved_tensors
+         s0, lengths, row_lengths, valid) = ctx.saved_tensors
         v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x = ctx.args
         needs = ctx.needs_input_grad
         if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
@@ -458,16 +464,24 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
 
         steps, batch, inputs = x_tm.shape
         # [T * B, D * 3H]
-        dgi_2d = _to_time_order(dgi, directions, lengths).reshape(steps * batch, directions * dgi.shape[-1])
-        dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand (float32 when split)
+        dgi_2d = _to_time_order(dgi, directions, lengths).reshape(
+            steps * batch, directions * dgi.shape[-1])
+        # the products' operand (float32 when split); with `valid`, its rows at the valid steps
+        # only (dgi is 0 at the others)
+        dgi_mm = (dgi_2d if valid is None else dgi_2d.index_select(0, valid)).to(
+            weight_ih.dtype)
         grads = [None] * 9
         if needs[0]:  # both directions' paths summed by the one product
-            dx = torch.mm(dgi_mm, weight_ih.reshape(-1, inputs)).view(steps, batch, inputs)
+            dx = torch.mm(dgi_mm, weight_ih.reshape(-1, inputs))
+            if valid is not None:
+                dx = dx.new_zeros((steps * batch, inputs)).index_copy_(0, valid, dx)
+            dx = dx.view(steps, batch, inputs)
             grads[0] = dx.transpose(0, 1) if batch_first else dx
         if needs[1]:  # [D * 3H, I]
             x_2d = x_tm.view(steps * batch, inputs)
-            grads[1] = (split_product(dgi_mm.t(), x_2d, "b") if split_x
-                        else torch.mm(dgi_mm.t(), x_2d))
+            x_rows = x_2d if valid is None else x_2d.index_select(0, valid)
+            grads[1] = (split_product(dgi_mm.t(), x_rows, "b") if split_x
+                        else torch.mm(dgi_mm.t(), x_rows))
         if needs[3]:
             grads[3] = dgi_2d.sum(0)
         for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):
@@ -476,6 +490,22 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         grads = [None if g is None else g.reshape(shape).to(dt)
                  for g, (dt, shape) in zip(grads, (i or (None, None) for i in ctx.inputs))]
         return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+def _valid_rows(lengths: Optional[torch.Tensor], steps: int, batch: int,
+                device) -> Optional[torch.Tensor]:
+    """The rows `t * B + b` with `t < lengths[b]` of a time-major `[T * B, .]` matrix (`[N]`
+    int64 on `device`), so that the products over all steps (gi = x W^T, dx, dW) skip the
+    padded steps; None without padded steps, and where the lengths are not known on the host
+    (a device tensor: finding the rows would wait for the device) or a graph is being recorded
+    (torch.compile, torch.jit.trace: N would depend on the data)."""
+    if (lengths is None or lengths.device.type != "cpu" or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return None
+    mask = reference.step_mask(lengths, steps, "cpu").reshape(-1)  # [T * B]
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1).to(device)
 
 
 def _to_processing_order(seq: torch.Tensor, directions: int,
