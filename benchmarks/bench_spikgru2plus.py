@@ -7,6 +7,10 @@ Providers, one layer one direction: the reference (careful PyTorch: the input pr
 one stacked recurrent product per step), the paper-style loop (per-step nn.Linear calls),
 torch.nn.GRU of the same size (cuDNN on a GPU), and neurokern's fused backends available on the
 device. On a GPU also the paper's backend: 3 layers, bidirectional, hidden 1024, as modules.
+Variable lengths ("varlen" rows; `--lengths` runs only them): one layer of neurokern's fused
+backends on a padded batch (every row T steps) against the same batch with row lengths drawn
+uniformly in [T/2, T] (`lengths=`), unsorted and sorted longest first (a PackedSequence's
+order), and torch.nn.GRU on it padded and packed.
 fp32 with TF32 off; on a GPU also bf16: every provider under autocast (the products in bf16;
 neurokern's Triton backend keeps its state and gate arithmetic in float32).
 """
@@ -16,6 +20,7 @@ import os
 
 import torch
 from torch.nn import functional as torch_F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import neurokern as nk
 from neurokern import reference
@@ -73,6 +78,28 @@ def stack_providers(device, inputs, hidden, layers):
     return out, leaves
 
 
+def varlen_providers(device, inputs, hidden, steps, batch):
+    layer = nk.nn.SpikGRU2Plus(inputs, hidden).to(device)
+    params = [p.detach().requires_grad_() for p in layer.layer_parameters(0, 0)]
+    gru = torch.nn.GRU(inputs, hidden).to(device)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(steps // 2, steps + 1, (batch,), generator=gen)  # [B] on the CPU
+    ordered = lengths.sort(descending=True).values
+    print(f"  lengths {lengths.tolist()}: {lengths.sum().item() / (steps * batch):.0%} of the "
+          f"padded batch's steps", flush=True)
+    out = {}
+    for backend in common.fused_backends("spikgru2plus", device):
+        for tag, rows in (("padded", None), ("lengths in [T/2, T]", lengths),
+                          ("lengths in [T/2, T] sorted", ordered)):
+            out[f"neurokern {backend}, {tag}"] = (
+                lambda x, b=backend, rows=rows: nk.spikgru2plus(x, *params, lengths=rows,
+                                                                backend=b)[0])
+    out["torch.nn.GRU, padded"] = lambda x: gru(x)[0]
+    out["torch.nn.GRU, packed"] = lambda x: pad_packed_sequence(
+        gru(pack_padded_sequence(x, lengths, enforce_sorted=False))[0], total_length=steps)[0]
+    return out, params + list(gru.parameters())
+
+
 def directions_in_turn(model, x):
     """`model`'s forward (training mode, dropout between layers) with each bidirectional layer
     run as two one-direction calls of its backend."""
@@ -98,6 +125,9 @@ def main(argv=None):
                         help="only the 3-layer stack on neurokern's GPU backends, with the "
                              "products of the spike inputs as split bf16 products "
                              "(NEUROKERN_SPLIT_PRODUCTS=1)")
+    parser.add_argument("--lengths", action="store_true",
+                        help="only the variable-length case (padded against lengths in "
+                             "[T/2, T], unsorted and sorted)")
     args = parser.parse_args(argv)
     previous = os.environ.get("NEUROKERN_SPLIT_PRODUCTS")
     if args.split_products:
@@ -121,10 +151,13 @@ def run(args):
         cases = [("layer", 32, 90, 512, 1024, 1), ("stack", 32, 90, 512, 1024, 3)]
         if not args.quick:
             cases += [("layer", b, 90, 512, h, 1) for b, h in ((8, 1024), (64, 1024), (32, 512))]
+        cases.append(("varlen", 32, 90, 512, 1024, 1))
         dtypes = [torch.float32, torch.bfloat16]
     else:
-        cases = [("layer", 8, 90, 256, 256, 1)]
+        cases = [("layer", 8, 90, 256, 256, 1), ("varlen", 16, 90, 256, 256, 1)]
         dtypes = [torch.float32]
+    if args.lengths:
+        cases, dtypes = [c for c in cases if c[0] == "varlen"], [torch.float32]
     if args.split_products:  # the switch acts on the stack's float32 products only
         cases, dtypes = [c for c in cases if c[0] == "stack"], [torch.float32]
     results = common.Results("spikgru2plus", device)
@@ -134,6 +167,8 @@ def run(args):
             print(f"{label} {str(dtype)[6:]}", flush=True)
             if kind == "layer":
                 providers, leaves = layer_providers(device, inputs, hidden)
+            elif kind == "varlen":
+                providers, leaves = varlen_providers(device, inputs, hidden, steps, batch)
             else:
                 providers, leaves = stack_providers(device, inputs, hidden, layers)
             x = torch.randn(steps, batch, inputs, device=device, requires_grad=True)

@@ -35,20 +35,28 @@ TORCH_LIBRARY(neurokern, m) {
   // product for all steps. Returns s_seq, v_seq, i_seq ([T, B, H]; s in gi's dtype, v and i in
   // the compute dtype) and gh_seq ([T, B, 3H], s_{t-1} U^T of every step without b_hh, in
   // weight_hh's dtype): everything the backward needs besides gi and the weights.
+  // lengths: [B] int64 on gi's device, or None (all T): row b runs steps t < lengths[b] and is
+  // frozen after them (its state of step t - 1 written again as that of step t; gh_seq's rows
+  // at those steps are not read by the backward).
   m.def(
       "spikgru2plus_fwd(Tensor gi, Tensor weight_hh, Tensor? bias_hh, Tensor alpha, "
       "Tensor? v0, Tensor? i0, Tensor? s0, float v_th, float gamma, bool signed, "
-      "bool reset_gate, bool spiking) -> (Tensor s_seq, Tensor v_seq, Tensor i_seq, "
-      "Tensor gh_seq)");
+      "bool reset_gate, bool spiking, Tensor? lengths=None) -> (Tensor s_seq, Tensor v_seq, "
+      "Tensor i_seq, Tensor gh_seq)");
   // Backward of spikgru2plus_fwd, from its outputs. Gradients of the final state may be None
   // (zero). Returns dgi ([T, B, 3H]; the caller turns it into dx, dW, db_ih with products over
   // all steps), dweight_hh, dbias_hh ([3H], zeros if bias_hh is None), dalpha, dv0, di0, ds0.
+  // With lengths (as the forward's), a frozen step of a row passes the carries and dL/ds_t on
+  // to step t - 1 unchanged (dL/ds_t = grad_s_t + the carry from step t + 1, as a step that
+  // runs; the caller passes grad_s = 0 there, where the layer's spikes are constant zeros) and
+  // writes zeros to dgi.
   m.def(
       "spikgru2plus_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_i_last, "
       "Tensor? grad_s_last, Tensor gi, Tensor weight_hh, Tensor? bias_hh, Tensor alpha, "
       "Tensor s_seq, Tensor v_seq, Tensor i_seq, Tensor gh_seq, Tensor? v0, Tensor? i0, "
-      "Tensor? s0, float v_th, float gamma, bool signed, bool reset_gate) -> (Tensor dgi, "
-      "Tensor dweight_hh, Tensor dbias_hh, Tensor dalpha, Tensor dv0, Tensor di0, Tensor ds0)");
+      "Tensor? s0, float v_th, float gamma, bool signed, bool reset_gate, "
+      "Tensor? lengths=None) -> (Tensor dgi, Tensor dweight_hh, Tensor dbias_hh, "
+      "Tensor dalpha, Tensor dv0, Tensor di0, Tensor ds0)");
 }
 
 namespace {

@@ -27,6 +27,12 @@
 // exp is a Cephes-style polynomial (about 1 ulp, as libm's), and the smooth-mode atan is libm's.
 // float32 and float64 only: the caller passes float16/bfloat16 data in float32, which is how the
 // reference computes it.
+//
+// Variable lengths (lengths [B]): at step t only the rows with t < lengths[b] run. A row that
+// ended is frozen: the forward copies its state, the backward passes its carries on and writes
+// zero gate gradients. Its recurrent product is skipped: its spike list is empty, and the dense
+// products (at::mm) cover the rows up to the last running one only, so a batch sorted longest
+// first (a PackedSequence's order) multiplies only the rows still running at each step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -272,8 +278,13 @@ struct SpikeLists {
 // never overwrites a kept back entry, and vice versa.
 template <typename T>
 NEUROKERN_INLINE void build_spike_rows(const T* s, int64_t m0, int64_t m1, int64_t K,
-                                       SpikeLists& lists) {
+                                       SpikeLists& lists, const uint8_t* active) {
   for (int64_t m = m0; m < m1; ++m) {
+    if (active != nullptr && !active[m]) {  // a row that ended: an empty list
+      lists.general[m] = 0;
+      lists.n_plus[m] = lists.n_minus[m] = lists.n_nonzero[m] = 0;
+      continue;
+    }
     const T* sm = s + m * K;
     int32_t* idx = lists.idx.data() + m * K;
     int32_t np = 0, nm = 0, other = 0;
@@ -294,14 +305,15 @@ NEUROKERN_INLINE void build_spike_rows(const T* s, int64_t m0, int64_t m1, int64
 }
 
 template <typename T>
-void build_spike_lists(const T* s, int64_t M, int64_t K, SpikeLists& lists) {
+void build_spike_lists(const T* s, int64_t M, int64_t K, SpikeLists& lists,
+                       const uint8_t* active) {
   lists.idx.resize(M * K);
   lists.n_plus.resize(M);
   lists.n_minus.resize(M);
   lists.n_nonzero.resize(M);
   lists.general.resize(M);
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, K)),
-                   [&](int64_t m0, int64_t m1) { build_spike_rows(s, m0, m1, K, lists); });
+                   [&](int64_t m0, int64_t m1) { build_spike_rows(s, m0, m1, K, lists, active); });
   lists.nonzeros = 0;
   for (int64_t m = 0; m < M; ++m) lists.nonzeros += lists.n_nonzero[m];
 }
@@ -419,20 +431,40 @@ void spike_product(const at::Tensor& s, const SpikeLists& lists, const at::Tenso
   });
 }
 
+// The rows up to the last active one of M (all M without flags): [0, m_run) holds every active
+// row.
+int64_t running_prefix(const uint8_t* active, int64_t M) {
+  int64_t m_run = M;
+  while (active != nullptr && m_run > 0 && !active[m_run - 1]) --m_run;
+  return m_run;
+}
+
 // out [M, N] = s [M, K] @ b (b [K, N] in any strides, as at::mm takes it): signed row sums when
 // at most kSparseMaxDensity of s is nonzero, at::mm otherwise. The row sums read b as a
 // contiguous tensor: b_rows if given (a copy the caller keeps over many calls), else b itself or
-// a contiguous copy of it.
+// a contiguous copy of it. With `active` ([M] flags, or null for all), the rows m with
+// !active[m] get zeros and cost no products (at::mm runs on the rows up to the last active one).
 template <typename T>
 void product_with_spikes(const at::Tensor& s, const at::Tensor& b, at::Tensor& out,
-                         SpikeLists& lists, const at::Tensor& b_rows = at::Tensor()) {
+                         SpikeLists& lists, const at::Tensor& b_rows = at::Tensor(),
+                         const uint8_t* active = nullptr) {
   const int64_t M = s.size(0), K = s.size(1);
-  build_spike_lists(s.const_data_ptr<T>(), M, K, lists);
-  if (lists.nonzeros <= kSparseMaxDensity * static_cast<double>(M * K)) {
-    spike_product<T>(s, lists, b_rows.defined() ? b_rows : b.contiguous(), out);
+  build_spike_lists(s.const_data_ptr<T>(), M, K, lists, active);
+  const int64_t m_run = running_prefix(active, M);
+  if (m_run < M) out.narrow(0, m_run, M - m_run).zero_();
+  at::Tensor out_run = out.narrow(0, 0, m_run);
+  if (lists.nonzeros <= kSparseMaxDensity * static_cast<double>(m_run * K)) {
+    spike_product<T>(s.narrow(0, 0, m_run), lists, b_rows.defined() ? b_rows : b.contiguous(),
+                     out_run);
   } else {
-    at::mm_out(out, s, b);
+    at::mm_out(out_run, s.narrow(0, 0, m_run), b);
   }
+}
+
+// Per row b, whether it runs at step t (t < lengths[b]).
+void active_rows(const int64_t* lengths, int64_t B, int64_t t, std::vector<uint8_t>& active) {
+  active.resize(B);
+  for (int64_t b = 0; b < B; ++b) active[b] = t < lengths[b];
 }
 
 // Calls body(b, h, std::true_type{}, L) for every full vector of neurons [n0, n1) (n = b H + h)
@@ -465,6 +497,7 @@ struct FwdStep {
   T* v;             // [B, H] v_t
   T* i;             // [B, H] i_t
   T* s;             // [B, H] s_t
+  const uint8_t* active;  // [B] whether each row runs at this step; null: all
   int64_t H;
   T v_th;
 };
@@ -478,10 +511,16 @@ NEUROKERN_INLINE void fwd_lanes(const FwdStep<T>& p, const Act& act, int64_t b, 
   using V = VecT<T>;
   const int64_t H = p.H;
   const int64_t o = b * H + h;
+  auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
+  if (p.active != nullptr && !p.active[b]) {  // the row ended: its state stays
+    store<T, FULL>(p.i + o, ld(p.i_prev + o), n);
+    store<T, FULL>(p.v + o, ld(p.v_prev + o), n);
+    store<T, FULL>(p.s + o, ld(p.s_prev + o), n);
+    return;
+  }
   const T* gi = p.gi + b * 3 * H + h;
   const T* gh = p.gh + b * 3 * H + h;
   const T* bias = p.b_hh + h;
-  auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
   const V z = sigmoid(ld(gi + H) + (ld(gh + H) + ld(bias + H)));
   const V gh_i = ld(gh + 2 * H) + ld(bias + 2 * H);
   V cur = ld(p.alpha + h) * ld(p.i_prev + o) + ld(gi + 2 * H);
@@ -523,6 +562,7 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
                 const at::Tensor& v0,     // [B, H] contiguous (zeros without state)
                 const at::Tensor& i0,     // [B, H]
                 const at::Tensor& s0,     // [B, H]
+                const int64_t* lengths,   // [B] or null (every row runs all T steps)
                 bool has_s0, double v_th, double gamma,
                 at::Tensor& s_seq,     // [T, B, H]
                 at::Tensor& v_seq,     // [T, B, H]
@@ -536,21 +576,30 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
   // [H, 3H] contiguous, for the spike sums of every step
   const at::Tensor Ut_rows = SPIKING ? Ut.contiguous() : at::Tensor();
   SpikeLists lists;
+  std::vector<uint8_t> active;
 
   FwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();
   p.alpha = alpha.const_data_ptr<T>();
   p.H = H;
   p.v_th = static_cast<T>(v_th);
+  p.active = nullptr;
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor s_prev = t == 0 ? s0 : s_seq.select(0, t - 1);  // [B, H]
     at::Tensor gh = gh_seq.select(0, t);                                // [B, 3H]
+    if (lengths != nullptr) {
+      active_rows(lengths, B, t, active);
+      p.active = active.data();
+    }
     if (t == 0 && !has_s0) {
       gh.zero_();
     } else if (SPIKING) {
-      product_with_spikes<T>(s_prev, Ut, gh, lists, Ut_rows);
-    } else {
-      at::mm_out(gh, s_prev, Ut);
+      product_with_spikes<T>(s_prev, Ut, gh, lists, Ut_rows, p.active);
+    } else {  // the rows up to the last running one
+      const int64_t m_run = running_prefix(p.active, B);
+      if (m_run < B) gh.narrow(0, m_run, B - m_run).zero_();
+      at::Tensor gh_run = gh.narrow(0, 0, m_run);
+      at::mm_out(gh_run, s_prev.narrow(0, 0, m_run), Ut);
     }
     p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
     p.gh = gh.const_data_ptr<T>();
@@ -595,6 +644,7 @@ struct BwdStep {
   T* di_carry;      // [B, H] in: alpha di_{t+1} (or grad_i_last); out: alpha di_t
   T* ds_carry;      // [B, H] in: dL/ds_t from step t+1 (or grad_s_last); out: -v_th dv_t
   T* dalpha;        // [B, H] running sum of di_t i_{t-1}
+  const uint8_t* active;  // [B] whether each row ran at this step; null: all
   int64_t H;
   T neg_v_th;
 };
@@ -618,6 +668,14 @@ NEUROKERN_INLINE void bwd_lanes(const BwdStep<T>& p, const Sur& sur, int64_t b, 
   const T* bias = p.b_hh + h;
   auto ld = [n](const T* q) { return load<T, FULL>(q, n); };
   auto st = [n](T* q, const V& v) { store<T, FULL>(q, v, n); };
+  if (p.active != nullptr && !p.active[b]) {  // a frozen step: every gradient passes through
+    for (int64_t g = 0; g < 3; ++g) {
+      st(dgi + g * H, splat(T(0)));
+      st(dgh + g * H, splat(T(0)));
+    }
+    st(p.ds_carry + o, ld(p.grad_s + b * p.grad_s_stride_b + h) + ld(p.ds_carry + o));
+    return;
+  }
   const V gh_i = ld(gh + 2 * H) + ld(bias + 2 * H);
   const V z = sigmoid(ld(gi + H) + (ld(gh + H) + ld(bias + H)));
   const V ds = ld(p.grad_s + b * p.grad_s_stride_b + h) + ld(p.ds_carry + o);
@@ -671,6 +729,7 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
                 const at::Tensor& v_seq, const at::Tensor& i_seq,
                 const at::Tensor& gh_seq,  // [T, B, 3H] contiguous, the forward's s_{t-1} U^T
                 const at::Tensor& v0, const at::Tensor& i0, const at::Tensor& s0,  // [B, H]
+                const int64_t* lengths,  // [B] or null (every row ran all T steps)
                 double v_th, double gamma,
                 at::Tensor& dgi,        // [T, B, 3H]
                 at::Tensor& dv_carry,   // [B, H] grad_v_last on entry, dv0 on return
@@ -687,6 +746,14 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
   // S_prev = [s_0, s_1 .. s_{T-1}], the right factor of dU after the loop
   s_prev.select(0, 0).copy_(s0);
   if (steps > 1) s_prev.narrow(0, 1, steps - 1).copy_(s_seq.narrow(0, 0, steps - 1));
+  if (lengths != nullptr) {  // zeros at frozen steps (their dgh is 0): the row sums skip them
+    T* sp = s_prev.mutable_data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = std::max<int64_t>(lengths[b], 0); t < steps; ++t) {
+        std::memset(sp + (t * B + b) * H, 0, H * sizeof(T));
+      }
+    }
+  }
 
   BwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();
@@ -698,7 +765,13 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
   p.dalpha = dalpha_bh.mutable_data_ptr<T>();
   p.H = H;
   p.neg_v_th = -static_cast<T>(v_th);
+  p.active = nullptr;
+  std::vector<uint8_t> active;
   for (int64_t t = steps - 1; t >= 0; --t) {
+    if (lengths != nullptr) {
+      active_rows(lengths, B, t, active);
+      p.active = active.data();
+    }
     p.gi = gi.const_data_ptr<T>() + t * B * 3 * H;
     p.gh = gh_seq.const_data_ptr<T>() + t * B * 3 * H;
     p.dgh = dgh.mutable_data_ptr<T>() + t * B * 3 * H;
@@ -717,7 +790,10 @@ void bwd_kernel(const at::Tensor& grad_s,  // [T, B, H], stride 1 over H
 #endif
       bwd_range_default<T, Sur, RESET>(p, sur, n0, n1);
     });
-    ds_carry.addmm_(dgh.select(0, t), U);  // += dgh_t U: [B, 3H] x [3H, H]
+    // += dgh_t U: [B, 3H] x [3H, H], over the rows up to the last that ran (the others' dgh_t
+    // are zeros)
+    const int64_t m_run = running_prefix(p.active, B);
+    ds_carry.narrow(0, 0, m_run).addmm_(dgh.select(0, t).narrow(0, 0, m_run), U);
   }
 }
 
@@ -784,6 +860,21 @@ std::tuple<at::Tensor, at::Tensor> checked_weights(const at::Tensor& weight_hh,
   return {bias, alpha.contiguous()};
 }
 
+// lengths [B] int64 on the CPU, contiguous; undefined if absent.
+at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const char* op, int64_t B) {
+  if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
+  TORCH_CHECK(lengths->device().is_cpu(), op, ": lengths must be a CPU tensor, got device ",
+              lengths->device());
+  TORCH_CHECK(lengths->scalar_type() == at::kLong, op, ": lengths must be int64, got ",
+              lengths->scalar_type());
+  check_shape(*lengths, op, "lengths", {B}, "[B]");
+  return lengths->contiguous();
+}
+
+const int64_t* lengths_ptr(const at::Tensor& lengths) {
+  return lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+}
+
 void check_scalars(double v_th, double gamma, const char* op) {
   TORCH_CHECK(std::isfinite(v_th) && v_th > 0, op, ": v_th must be positive and finite, got ",
               v_th);
@@ -807,7 +898,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
     const at::Tensor& gi_in, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0_in, double v_th,
-    double gamma, bool is_signed, bool reset_gate, bool spiking) {
+    double gamma, bool is_signed, bool reset_gate, bool spiking,
+    const std::optional<at::Tensor>& lengths_in) {
   const char* op = kFwd;
   const at::Tensor gi = checked_gi(gi_in, op);
   const at::ScalarType dtype = gi.scalar_type();
@@ -819,6 +911,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
   const at::Tensor s0 = checked_state(s0_in, op, "s0", B, H, gi.options(), false);
   const bool has_s0 = s0_in.has_value() && s0_in->defined();
   check_scalars(v_th, gamma, op);
+  const at::Tensor lengths = checked_lengths(lengths_in, op, B);
 
   at::Tensor s_seq = at::empty({steps, B, H}, gi.options());
   at::Tensor v_seq = at::empty({steps, B, H}, gi.options());
@@ -830,8 +923,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd_cpu(
     dispatch_bools3(is_signed, spiking, reset_gate, [&](auto signed_c, auto spiking_c,
                                                        auto reset_c) {
       fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value,
-                 decltype(reset_c)::value>(gi, weight_hh, bias, alpha, v0, i0, s0, has_s0, v_th,
-                                           gamma, s_seq, v_seq, i_seq, gh_seq);
+                 decltype(reset_c)::value>(gi, weight_hh, bias, alpha, v0, i0, s0,
+                                           lengths_ptr(lengths), has_s0, v_th, gamma, s_seq,
+                                           v_seq, i_seq, gh_seq);
     });
   });
   return {s_seq, v_seq, i_seq, gh_seq};
@@ -847,7 +941,8 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
                      const at::Tensor& gh_seq_in, const std::optional<at::Tensor>& v0_in,
                      const std::optional<at::Tensor>& i0_in,
                      const std::optional<at::Tensor>& s0_in, double v_th, double gamma,
-                     bool is_signed, bool reset_gate) {
+                     bool is_signed, bool reset_gate,
+                     const std::optional<at::Tensor>& lengths_in) {
   const char* op = kBwd;
   const at::Tensor gi = checked_gi(gi_in, op);
   const at::ScalarType dtype = gi.scalar_type();
@@ -878,6 +973,7 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
   at::Tensor di0 = checked_state(grad_i_last, op, "grad_i_last", B, H, gi.options(), true);
   at::Tensor ds0 = checked_state(grad_s_last, op, "grad_s_last", B, H, gi.options(), true);
   check_scalars(v_th, gamma, op);
+  const at::Tensor lengths = checked_lengths(lengths_in, op, B);
 
   at::Tensor dgi = at::empty({steps, B, 3 * H}, gi.options());
   at::Tensor dalpha_bh = at::zeros({B, H}, gi.options());
@@ -887,8 +983,8 @@ spikgru2plus_bwd_cpu(const at::Tensor& grad_s_in, const std::optional<at::Tensor
     AT_DISPATCH_FLOATING_TYPES(dtype, "spikgru2plus_bwd_cpu", [&] {
       neurokern::dispatch_bools(is_signed, reset_gate, [&](auto signed_c, auto reset_c) {
         bwd_kernel<scalar_t, decltype(signed_c)::value, decltype(reset_c)::value>(
-            grad_s, gi, weight_hh, bias, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th,
-            gamma, dgi, dv0, di0, ds0, dalpha_bh, dgh, s_prev);
+            grad_s, gi, weight_hh, bias, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0,
+            lengths_ptr(lengths), v_th, gamma, dgi, dv0, di0, ds0, dalpha_bh, dgh, s_prev);
       });
     });
   }

@@ -227,6 +227,7 @@ def spikgru2plus(
     state=None,
     spiking=True,
     spike_input=False,
+    lengths=None,
     backend="auto",
 ):
     """One SpikGRU2+ layer in one direction over a whole sequence (SPEC.md 3, paper eqs. 10-14).
@@ -251,6 +252,13 @@ def spikgru2plus(
             (docs/kernels.md). It is a promise: those products use x rounded to bfloat16. The
             reference and the C++ CPU backend ignore it. `nn.SpikGRU2Plus` sets it for its
             layers after the first in spiking mode.
+        lengths: the valid steps of each row for a batch of sequences of different lengths
+            padded to T, an integer tensor `[B]` (on the CPU or x's device) with values in
+            [0, T]; None: all T. Row b runs steps t < lengths[b] only, inside every backend's
+            time loop: after its last step its state stays unchanged (the final state returned
+            is the state after its own last step) and its spikes are 0, as `nn.GRU`'s padded
+            output of a packed batch. Values are checked only for a CPU tensor (reading a
+            device tensor would wait for the device).
 
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, H]` (or `[B, T, H]`) and the final state.
@@ -261,11 +269,13 @@ def spikgru2plus(
     hidden = _check_spikgru2plus_args(x, (weight_ih, weight_hh, bias_ih, bias_hh, alpha),
                                       batch_first, v_th, gamma)
     state = _check_spikgru2plus_state(state, x, batch_first, (), hidden)
+    _check_lengths(lengths, x, batch_first)
     _dispatch.check_backend_name(backend)
     return _run(
         "spikgru2plus", backend, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha,
         v_th=float(v_th), gamma=float(gamma), signed=signed, reset_gate=reset_gate,
         batch_first=batch_first, state=state, spiking=spiking, spike_input=spike_input,
+        lengths=lengths,
     )
 
 
@@ -282,6 +292,7 @@ def spikgru2plus_bidirectional(
     state=None,
     spiking=True,
     spike_input=False,
+    lengths=None,
     backend="auto",
 ):
     """One bidirectional SpikGRU2+ layer (`nn.GRU`'s convention): `spikgru2plus` over x with
@@ -295,6 +306,8 @@ def spikgru2plus_bidirectional(
             direction, shaped as for `spikgru2plus` (the same H for both).
         state: initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse); zeros if None.
         spike_input: as for `spikgru2plus`.
+        lengths: `[B]` valid steps per row, as for `spikgru2plus`; the reverse direction
+            starts at each row's own last step (`nn.GRU` with a packed batch).
 
     Returns:
         `(s, (v_T, i_T, s_T))`: spikes `[T, B, 2H]` (or `[B, T, 2H]`) and the final states, each
@@ -314,11 +327,13 @@ def spikgru2plus_bidirectional(
             (params[3] is None) != (reverse_params[3] is None):
         raise ValueError("both directions must have biases, or neither")
     state = _check_spikgru2plus_state(state, x, batch_first, (2,), hidden)
+    _check_lengths(lengths, x, batch_first)
     _dispatch.check_backend_name(backend)
     return _run(
         "spikgru2plus_bidirectional", backend, x, tuple(params), tuple(reverse_params),
         v_th=float(v_th), gamma=float(gamma), signed=signed, reset_gate=reset_gate,
         batch_first=batch_first, state=state, spiking=spiking, spike_input=spike_input,
+        lengths=lengths,
     )
 
 
@@ -369,3 +384,29 @@ def _check_spikgru2plus_state(state, x, batch_first, leading, hidden):
         _check_like(name, t, x)
         _check_shape(name, t, (*leading, batch, hidden))
     return tuple(state)
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_lengths(lengths, x, batch_first):
+    """`lengths` is None or an integer tensor `[B]` on the CPU or x's device; on the CPU, its
+    values are in [0, T]."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor of integers or None, got "
+                        f"{type(lengths).__name__}")
+    if lengths.dtype not in _INT_DTYPES:
+        raise TypeError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+    time_dim = 1 if batch_first else 0
+    steps, batch = x.shape[time_dim], x.shape[1 - time_dim]
+    _check_shape("lengths", lengths, (batch,))
+    if lengths.device.type != "cpu" and lengths.device != x.device:
+        raise ValueError(f"lengths is on {lengths.device}; it must be on the CPU or on x's "
+                         f"device {x.device}")
+    if lengths.device.type == "cpu" and batch and not torch.compiler.is_compiling():
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > steps:
+            raise ValueError(f"lengths must be in [0, T] = [0, {steps}], got values from {low} "
+                             f"to {high}")

@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import nn
 from torch.nn import functional as torch_F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from neurokern import dispatch
 from neurokern import functional as F
@@ -192,10 +193,16 @@ class SpikGRU2Plus(nn.Module):
     Variants (paper Table 5): `reset_gate=False` drops r (SpikGRU / SpikGRU+); `signed=False`
     uses binary spikes (SpikGRU / SpikGRU2).
 
-    forward(input, state=None, *, spike_input=False) -> (output, state)
-        input: `[T, B, I]` (`[B, T, I]` with `batch_first`), or unbatched `[T, I]`.
-        state: `(v, i, s)`, each `[num_layers * directions, B, H]` (`[L * D, H]` unbatched);
-            zeros if None.
+    forward(input, state=None, *, hx=None, spike_input=False) -> (output, state)
+        input: `[T, B, I]` (`[B, T, I]` with `batch_first`), unbatched `[T, I]`, or a
+            `PackedSequence` of sequences of different lengths (sorted or not, as
+            `nn.utils.rnn.pack_padded_sequence` / `pack_sequence` make it): each runs its own
+            steps only, inside the fused time loops (`lengths` of
+            `neurokern.functional.spikgru2plus`), and the output is a `PackedSequence` too.
+        state (or `hx=`, `nn.GRU`'s name): `(v, i, s)`, each `[num_layers * directions, B, H]`
+            (`[L * D, H]` unbatched); zeros if None. With a PackedSequence, rows in the
+            original batch order (as `nn.GRU`'s `h_0`), and the final state is returned in it,
+            each row's after its own last step.
         spike_input: the input holds spikes (see `neurokern.functional.spikgru2plus`); the
             layers after the first are given their input as spikes in spiking mode anyway
             (when dropout between layers keeps them exact in bf16, as p = 0.2 does).
@@ -227,12 +234,19 @@ class SpikGRU2Plus(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        # nn.GRU's checks, with its exception classes and messages
+        for name, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+            raise ValueError(f"dropout should be a number in range [0, 1] representing the "
+                             f"probability of an element being zeroed, got {dropout!r}")
         bias, batch_first, bidirectional, signed, reset_gate, spiking = _check_options(
             v_th, gamma, backend, bias=bias, batch_first=batch_first,
             bidirectional=bidirectional, signed=signed, reset_gate=reset_gate, spiking=spiking)
@@ -281,6 +295,22 @@ class SpikGRU2Plus(nn.Module):
     def flatten_parameters(self):
         """No-op, for scripts written for `nn.GRU` (which compacts weights for cuDNN)."""
 
+    @property
+    def all_weights(self):
+        """`nn.GRU`'s: per layer and direction (forward, then reverse) `[weight_ih, weight_hh,
+        bias_ih, bias_hh]` (the biases only with `bias=True`). The leaks `alpha_l{k}` are not
+        in it, as in `nn.GRU`'s list; `layer_parameters` has them."""
+        return [[p for p in self.layer_parameters(layer, direction)[:4] if p is not None]
+                for layer in range(self.num_layers) for direction in range(self.num_directions)]
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: the fused backends
+        # are Python autograd Functions around custom ops, which TorchScript cannot compile.
+        raise RuntimeError(
+            "neurokern.nn.SpikGRU2Plus does not support torch.jit.script (its fused kernels "
+            "run through Python autograd Functions, which TorchScript cannot compile); use "
+            "torch.compile or torch.export, or torch.jit.trace for a TorchScript module")
+
     def layer_parameters(self, layer, direction):
         """`(weight_ih, weight_hh, bias_ih, bias_hh, alpha)` of one layer and direction."""
         k = f"l{layer}{'_reverse' if direction else ''}"
@@ -292,9 +322,16 @@ class SpikGRU2Plus(nn.Module):
             getattr(self, f"alpha_{k}"),
         )
 
-    def forward(self, input, state=None, *, spike_input=False):
+    def forward(self, input, state=None, *, hx=None, spike_input=False):
+        if hx is not None:
+            if state is not None:
+                raise TypeError("pass the initial state as state or as hx, not both")
+            state = hx
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, state, spike_input)
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        self._check_dtype(input)
         if input.dim() not in (2, 3):
             raise ValueError(f"input must be [T, B, I], [B, T, I] (batch_first) or unbatched "
                              f"[T, I], got {list(input.shape)}")
@@ -302,7 +339,48 @@ class SpikGRU2Plus(nn.Module):
         if unbatched:
             input = input.unsqueeze(0 if self.batch_first else 1)
         time_dim = 1 if self.batch_first else 0
-        batch = input.shape[1 - time_dim]
+        state = self._checked_state(state, input.shape[1 - time_dim], unbatched)
+        x, final_state = self._layers(input, state, spike_input, self.batch_first, None)
+        if unbatched:
+            x = x.squeeze(0 if self.batch_first else 1)
+            final_state = tuple(t.squeeze(1) for t in final_state)
+        return x, final_state
+
+    def _forward_packed(self, input, state, spike_input):
+        """`nn.GRU`'s handling of a PackedSequence: the layers run on the padded batch sorted
+        longest first (`lengths` per row; a sorted batch spares the C++ CPU products the rows
+        that ended), the state is permuted to that order and back."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        self._check_dtype(data)
+        if data.dim() != 2:
+            raise ValueError(f"a PackedSequence's data must be [N, I], got {list(data.shape)}")
+        # [T, B, I] time-major in the sorted order, lengths [B] int64 on the CPU
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        state = self._checked_state(state, padded.shape[1], False)
+        if state is not None and sorted_indices is not None:
+            state = tuple(t.index_select(1, sorted_indices) for t in state)
+        x, final_state = self._layers(padded, state, spike_input, False, lengths)
+        output = pack_padded_sequence(x, lengths)
+        if unsorted_indices is not None:
+            final_state = tuple(t.index_select(1, unsorted_indices) for t in final_state)
+        return PackedSequence(output.data, batch_sizes, sorted_indices,
+                              unsorted_indices), final_state
+
+    def _check_dtype(self, input):
+        """nn.GRU's ValueError for an input whose dtype the parameters do not match (float32
+        parameters with a float16/bfloat16 input are mixed precision, accepted)."""
+        weight = self.weight_ih_l0
+        if (input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type)
+                and not (weight.dtype == torch.float32
+                         and input.dtype in (torch.float16, torch.bfloat16))):
+            raise ValueError(
+                f"SpikGRU2Plus: RNN input dtype ({input.dtype}) does not match weight dtype "
+                f"({weight.dtype}). Convert input: input.to({weight.dtype}), or convert model: "
+                f"model.to({input.dtype})")
+
+    def _checked_state(self, state, batch, unbatched):
+        """`state` checked to be None or `(v, i, s)` of `[L * D, B, H]` (`[L * D, H]` when
+        unbatched, then returned with the batch dim)."""
         layers_dirs = self.num_layers * self.num_directions
         if state is not None:
             if not isinstance(state, (tuple, list)) or len(state) != 3:
@@ -316,12 +394,16 @@ class SpikGRU2Plus(nn.Module):
                                      f"(num_layers * directions, B, H), got {got}")
             if unbatched:
                 state = tuple(t.unsqueeze(1) for t in state)
+        return state
 
-        x = input
+    def _layers(self, x, state, spike_input, batch_first, lengths):
+        """The stack over x (`[T, B, I]`, or `[B, T, I]` if batch_first) from `state` (None or
+        `(v, i, s)` of `[L * D, B, H]`), rows of `lengths` steps if given: `(output, final
+        state)`."""
         finals = []  # (v, i, s) per layer, each [D, B, H]: nn.GRU's order once concatenated
         options = dict(v_th=self.v_th, gamma=self.gamma, signed=self.signed,
-                       reset_gate=self.reset_gate, batch_first=self.batch_first,
-                       spiking=self.spiking, backend=self.backend)
+                       reset_gate=self.reset_gate, batch_first=batch_first,
+                       spiking=self.spiking, backend=self.backend, lengths=lengths)
         directions = self.num_directions
         for layer in range(self.num_layers):
             first = layer * directions  # this layer's rows of the state, nn.GRU's order
@@ -342,11 +424,7 @@ class SpikGRU2Plus(nn.Module):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = torch_F.dropout(x, self.dropout, training=True)
 
-        final_state = tuple(torch.cat([f[n] for f in finals]) for n in range(3))
-        if unbatched:
-            x = x.squeeze(0 if self.batch_first else 1)
-            final_state = tuple(t.squeeze(1) for t in final_state)
-        return x, final_state
+        return x, tuple(torch.cat([f[n] for f in finals]) for n in range(3))
 
     @classmethod
     def from_gru(cls, gru, **kwargs):

@@ -20,6 +20,8 @@ __all__ = [
     "plif",
     "spikgru2plus",
     "spikgru2plus_bidirectional",
+    "step_mask",
+    "reverse_within_lengths",
 ]
 
 
@@ -205,6 +207,7 @@ def spikgru2plus(
     state=None,
     spiking: bool = True,
     spike_input: bool = False,
+    lengths=None,
 ):
     """One SpikGRU2+ layer in one direction over a whole sequence (paper eqs. 10-14).
 
@@ -225,9 +228,13 @@ def spikgru2plus(
         state: optional initial `(v_0, i_0, s_0)`, each `[B, H]`; zeros if omitted.
         spike_input: a hint for the fused backends (`neurokern.functional.spikgru2plus`);
             the reference computes every product in the compute dtype and ignores it.
+        lengths: optional `[B]` integer tensor, the number of valid steps of each row: row b
+            computes steps t < lengths[b] only; after them its state stays unchanged and its
+            spikes are 0 (`nn.GRU`'s padded output of a packed batch).
 
     Returns:
-        `(s, (v_T, i_T, s_T))` with `s` `[T, B, H]` (or `[B, T, H]`).
+        `(s, (v_T, i_T, s_T))` with `s` `[T, B, H]` (or `[B, T, H]`); the final state of each
+        row is its state after its own last step.
     """
     act = activation(signed)
     dtype = compute_dtype(x.dtype)
@@ -246,8 +253,11 @@ def spikgru2plus(
     else:
         v, i, s = (t.to(dtype) for t in state)
 
+    # [T, B, 1] per step, whether the row is still running (None: every row, every step)
+    active = None if lengths is None else step_mask(lengths, len(gis), x.device).unsqueeze(-1)
     spikes = []
-    for gi_t in gis:
+    for t, gi_t in enumerate(gis):
+        v_prev, i_prev, s_prev = v, i, s
         gh_t = torch.matmul(s, U.t())  # [B, 3H]
         if bias_hh is not None:
             gh_t = gh_t + bias_hh.to(dtype)
@@ -260,7 +270,12 @@ def spikgru2plus(
             i = alpha * i + gi_i + gh_i
         v = z * v + (1.0 - z) * i - v_th * s
         s = act(v, v_th, gamma, spiking)
-        spikes.append(s)
+        if active is None:
+            spikes.append(s)
+        else:  # a row past its length keeps its state and outputs 0
+            spikes.append(torch.where(active[t], s, torch.zeros_like(s)))
+            v, i, s = (torch.where(active[t], new, old)
+                       for new, old in ((v, v_prev), (i, i_prev), (s, s_prev)))
     out = torch.stack(spikes, time_dim).to(x.dtype)
     return out, (v.to(x.dtype), i.to(x.dtype), s.to(x.dtype))
 
@@ -278,6 +293,7 @@ def spikgru2plus_bidirectional(
     state=None,
     spiking: bool = True,
     spike_input: bool = False,
+    lengths=None,
     layer=None,
 ):
     """One bidirectional SpikGRU2+ layer, `nn.GRU`'s convention: the forward direction runs
@@ -289,6 +305,9 @@ def spikgru2plus_bidirectional(
             direction, as for `spikgru2plus`.
         state: optional initial `(v_0, i_0, s_0)`, each `[2, B, H]` (forward, reverse).
         spike_input: passed on to `layer`.
+        lengths: optional `[B]` valid steps per row, as for `spikgru2plus`; the reverse
+            direction then reads each row from its own last step back to its first
+            (`reverse_within_lengths`), as `nn.GRU` does with a packed batch.
         layer: the one-direction layer to compose (default `spikgru2plus`; a fused backend
             without a two-direction kernel passes its own).
 
@@ -300,11 +319,33 @@ def spikgru2plus_bidirectional(
     time_dim = 1 if batch_first else 0
     outputs, finals = [], []
     for direction, p in enumerate((params, reverse_params)):
-        x_dir = x.flip(time_dim) if direction else x
+        x_dir = reverse_within_lengths(x, lengths, time_dim) if direction else x
         out, final = layer(x_dir, *p, v_th=v_th, gamma=gamma, signed=signed,
                            reset_gate=reset_gate, batch_first=batch_first, spiking=spiking,
-                           spike_input=spike_input,
+                           spike_input=spike_input, lengths=lengths,
                            state=None if state is None else tuple(t[direction] for t in state))
-        outputs.append(out.flip(time_dim) if direction else out)
+        outputs.append(reverse_within_lengths(out, lengths, time_dim) if direction else out)
         finals.append(final)
     return torch.cat(outputs, 2), tuple(torch.stack(f) for f in zip(*finals))
+
+
+def step_mask(lengths: torch.Tensor, steps: int, device) -> torch.Tensor:
+    """`[T, B]` bool: whether step t is within row b's length (`t < lengths[b]`)."""
+    return torch.arange(steps, device=device).unsqueeze(1) < lengths.to(device).unsqueeze(0)
+
+
+def reverse_within_lengths(seq: torch.Tensor, lengths, time_dim: int = 0) -> torch.Tensor:
+    """`seq` (`[T, B, ...]`, or `[B, T, ...]` with time_dim 1) with the first `lengths[b]` steps
+    of each row b in reverse order and the steps after them in place: the order in which the
+    reverse direction reads a padded batch of sequences. Its own inverse; `flip` without
+    lengths."""
+    if lengths is None:
+        return seq.flip(time_dim)
+    steps = seq.shape[time_dim]
+    t = torch.arange(steps, device=seq.device).unsqueeze(1)  # [T, 1]
+    length = lengths.to(seq.device).unsqueeze(0)  # [1, B]
+    index = torch.where(t < length, length - 1 - t, t)  # [T, B]
+    if time_dim == 1:
+        index = index.t()
+    index = index.reshape(index.shape + (1,) * (seq.dim() - 2)).expand(seq.shape)
+    return seq.gather(time_dim, index)

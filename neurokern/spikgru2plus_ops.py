@@ -6,13 +6,19 @@ Ops (schemas in csrc/register.cpp, CPU kernels in csrc/spikgru2plus_cpu.cpp, CUD
 persistent loops, in csrc/cuda/; the same schemas as `neurokern_triton::*` on the Triton step
 kernels of triton_kernels/spikgru2plus.py):
     spikgru2plus_fwd(gi, weight_hh, bias_hh?, alpha, v0?, i0?, s0?, v_th, gamma, signed,
-                     reset_gate, spiking) -> (s_seq, v_seq, i_seq, gh_seq)
+                     reset_gate, spiking, lengths?) -> (s_seq, v_seq, i_seq, gh_seq)
         s, v, i: [T, B, H]; gh_seq: [T, B, 3H], U s_{t-1} of every step (without b_hh) as the
         loop computed it, in weight_hh's dtype: the backward reads the gates' recurrent terms
         from it instead of recomputing them
     spikgru2plus_bwd(grad_s, grad_v_last?, grad_i_last?, grad_s_last?, gi, weight_hh,
                      bias_hh?, alpha, s_seq, v_seq, i_seq, gh_seq, v0?, i0?, s0?, v_th, gamma,
-                     signed, reset_gate) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0)
+                     signed, reset_gate, lengths?) -> (dgi, dweight_hh, dbias_hh, dalpha, dv0,
+                     di0, ds0)
+    lengths: [D * B] int64 on gi's device, or None (every row runs all T steps). Row b runs the
+        steps t < lengths[b] of its processing order; at the steps after them it is frozen:
+        the forward writes its state of step t - 1 again as its state of step t (so the last
+        step holds each row's final state; gh_seq's rows there are not read), and the backward
+        passes the carries and dL/ds through unchanged and writes zeros to dgi and dgh.
 
 The ops run the time loop only; work that is parallel over time is done here, one matrix product
 over all steps each: gi = x W^T + b_ih before the loop; dx = dgi W, dW = dgi^T x and db_ih =
@@ -74,7 +80,7 @@ def _cpu_kernels_present() -> bool:
 
 
 def _fwd_fake(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
-              spiking):
+              spiking, lengths=None):
     steps, batch, gates = gi.shape
     shape = (steps, batch, gates // 3)
     return (gi.new_empty(shape), gi.new_empty(shape), gi.new_empty(shape),
@@ -82,7 +88,8 @@ def _fwd_fake(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, re
 
 
 def _bwd_fake(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
-              s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
+              s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate,
+              lengths=None):
     steps, rows, gates = gi.shape  # rows = D * B
     hidden = gates // 3
     return (gi.new_empty((steps, rows, gates)), gi.new_empty(weight_hh.shape),
@@ -147,13 +154,19 @@ if triton_available():
         gi: torch.Tensor, weight_hh: torch.Tensor, bias_hh: Optional[torch.Tensor],
         alpha: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
-        spiking: bool,
+        spiking: bool, lengths: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return graphed("spikgru2plus_fwd", _fwd_loop, gi, weight_hh, bias_hh, alpha, v0, i0, s0,
-                       v_th, gamma, signed, reset_gate, spiking)
+                       v_th, gamma, signed, reset_gate, spiking, lengths)
+
+    def _active_steps(lengths, steps):
+        """`[T, D * B]` int8: whether each row runs at each step; None without lengths."""
+        if lengths is None:
+            return None
+        return reference.step_mask(lengths, steps, lengths.device).to(torch.int8)
 
     def _fwd_loop(gi, weight_hh, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed, reset_gate,
-                  spiking):
+                  spiking, lengths):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
@@ -172,6 +185,7 @@ if triton_available():
         s_mm = s.to(weight_hh.dtype, copy=True) if mixed else s
         weight_t = weight_hh.transpose(-1, -2)  # [D, H, 3H] (or [H, 3H])
         bias = gi if bias_hh is None else bias_hh.contiguous()
+        active = _active_steps(lengths, steps)  # [T, D * B]
         for t in range(steps):
             if t == 0 and s0 is None:  # U s_{-1} = U 0
                 gh_seq[0].zero_()
@@ -179,9 +193,11 @@ if triton_available():
                 _product(s_mm, weight_t, gh_seq[t], directions)
             spikgru2plus_step_fwd_kernel[grid](
                 gi[t], gh_seq[t], bias, alpha, v, i, s, params,
-                s_seq[t], v_seq[t], i_seq[t], s_mm, hidden, rows // directions, gi.stride(1),
+                s_seq[t], v_seq[t], i_seq[t], s_mm, gi if active is None else active[t],
+                hidden, rows // directions, gi.stride(1),
                 RESET_GATE=reset_gate, HAS_BIAS=bias_hh is not None, SIGNED=signed,
-                SPIKING=spiking, STORE_S_MM=mixed, BLOCK=_BLOCK)
+                SPIKING=spiking, STORE_S_MM=mixed, HAS_LENGTHS=lengths is not None,
+                BLOCK=_BLOCK)
             v, i, s = v_seq[t], i_seq[t], s_seq[t]
             if not mixed:
                 s_mm = s
@@ -195,14 +211,16 @@ if triton_available():
         alpha: torch.Tensor, s_seq: torch.Tensor, v_seq: torch.Tensor, i_seq: torch.Tensor,
         gh_seq: torch.Tensor, v0: Optional[torch.Tensor], i0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, reset_gate: bool,
+        lengths: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                torch.Tensor, torch.Tensor]:
         return graphed("spikgru2plus_bwd", _bwd_loop, grad_s, grad_v_last, grad_i_last,
                        grad_s_last, gi, weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, gh_seq,
-                       v0, i0, s0, v_th, gamma, signed, reset_gate)
+                       v0, i0, s0, v_th, gamma, signed, reset_gate, lengths)
 
     def _bwd_loop(grad_s, grad_v_last, grad_i_last, grad_s_last, gi, weight_hh, bias_hh, alpha,
-                  s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate):
+                  s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma, signed, reset_gate,
+                  lengths):
         steps, rows, gates = gi.shape  # rows = D * B
         hidden = gates // 3
         directions = _directions(weight_hh)
@@ -228,15 +246,17 @@ if triton_available():
         grid = (triton.cdiv(hidden, _BLOCK), rows)
         alpha = alpha.contiguous()
         bias = gi if bias_hh is None else bias_hh.contiguous()
+        active = _active_steps(lengths, steps)  # [T, D * B]
         for t in range(steps - 1, -1, -1):
             grad_prev = grad_s[t - 1] if t > 0 else ds  # the output gradient of s_{t-1}
             spikgru2plus_step_bwd_kernel[grid](
                 gi[t], gh_seq[t], bias, alpha, v_seq[t - 1] if t > 0 else v0,
                 i_seq[t - 1] if t > 0 else i0, v_seq[t], i_seq[t], ds, ds_rec, dv_next,
-                di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha, hidden, batch,
+                di_next, params, dgi[t], dgh[t], ds, grad_prev, dalpha,
+                gi if active is None else active[t], hidden, batch,
                 gi.stride(1), dgi.stride(1), grad_prev.stride(0), RESET_GATE=reset_gate,
                 HAS_BIAS=bias_hh is not None, SIGNED=signed, HAS_DS_REC=t < steps - 1,
-                HAS_GRAD_PREV=t > 0, BLOCK=_BLOCK)
+                HAS_GRAD_PREV=t > 0, HAS_LENGTHS=lengths is not None, BLOCK=_BLOCK)
             _product(dgh[t], weight_hh, ds_rec, directions)  # product path of dL/ds_{t-1}
         # all steps at once, per direction: dU = dgh^T s_prev, db_hh and dalpha summed over T, B
         dgh4 = dgh.view(steps, directions, batch, gates)
@@ -313,8 +333,11 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     state `[B, H]`), or D directions at once (each parameter stacked `[D, ...]`, state
     `[D, B, H]`; direction 1 runs backwards in time and `s` is `[T, B, D * H]`, as `nn.GRU`).
 
-    Inputs `(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0)` (biases and state
-    may be None), outputs `(s, v_T, i_T, s_T)`. The forward computes gi in one product and runs
+    Inputs `(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, lengths)` (biases,
+    state and lengths may be None), outputs `(s, v_T, i_T, s_T)`. With `lengths` (`[B]`), the
+    reverse direction's rows are reversed within their lengths (`reverse_within_lengths`), the
+    ops freeze each row after its length, and `s` is zeroed past it (its incoming gradient
+    there is ignored). The forward computes gi in one product and runs
     the forward op; the backward runs the backward op from the saved gi, s, v, i and turns dgi
     into dx, dW and db_ih with one product each. The products run in `product_dtype` (bf16/fp16
     under autocast on the Triton and CUDA backends), everything else in the compute dtype;
@@ -324,8 +347,8 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                signed, reset_gate, batch_first, spiking, spike_input, backend):
+    def forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, lengths, v_th,
+                gamma, signed, reset_gate, batch_first, spiking, spike_input, backend):
         dtype = compute_dtype(x.dtype)
         mm_dtype = product_dtype(x.device.type, dtype, backend)
         split_x = spike_input and split_products(backend, mm_dtype)
@@ -336,12 +359,14 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                 verified.note(f"{backend}.spikgru2plus.split_products", mm_dtype, x.device)
         with torch.autocast(x.device.type, enabled=False):
             return SpikGRU2PlusFunction._forward(
-                ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x)
+                ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, lengths, v_th,
+                gamma, signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype,
+                split_x)
 
     @staticmethod
-    def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma,
-                 signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype, split_x):
+    def _forward(ctx, x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, lengths, v_th,
+                 gamma, signed, reset_gate, batch_first, spiking, backend, dtype, mm_dtype,
+                 split_x):
         fwd = eager_or_op(spikgru2plus_ops(backend)[0])
         directions = weight_hh.shape[0] if weight_hh.dim() == 3 else 1
         # [T, B, I] contiguous: a batch-major x is copied once, which costs less than the
@@ -356,31 +381,41 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         v0_c, i0_c, s0_c = (None if t is None else
                             t.to(dtype).reshape(directions * batch, t.shape[-1])
                             for t in (v0, i0, s0))
+        valid = _valid_rows(lengths, steps, batch, x.device)  # [N] or None
+        if lengths is not None:
+            lengths = lengths.to(x.device, torch.int64)  # [B]
+        # [D * B]: each row's length, for the ops
+        row_lengths = None if lengths is None else lengths.repeat(directions)
 
-        # all directions' input projections in one product: [T * B, D * 3H]
+        # all directions' input projections in one product: [T * B, D * 3H] (with lengths known
+        # on the host, of the valid steps' rows only)
         gi_width = directions * weight_ih.shape[-2]
         x_2d = x_tm.view(steps * batch, inputs)
         weight_ih_t = weight_ih_c.reshape(gi_width, inputs).t()
+        x_rows = x_2d if valid is None else x_2d.index_select(0, valid)
         # b_ih after the product, as the reference rounds it: on a GPU without autocast in the
         # product's epilogue (to the float32 or float64 sum: the same rounding, one pass less)
         epilogue = bias_ih is not None and mm_dtype == dtype and x.is_cuda and not split_x
         if split_x:
-            gi = split_product(x_2d, weight_ih_t, "a")
+            gi = split_product(x_rows, weight_ih_t, "a")
         elif epilogue:
-            gi = torch.addmm(bias_ih.to(dtype).reshape(-1), x_2d, weight_ih_t)
+            gi = torch.addmm(bias_ih.to(dtype).reshape(-1), x_rows, weight_ih_t)
         else:
-            gi = torch.mm(x_2d, weight_ih_t)
+            gi = torch.mm(x_rows, weight_ih_t)
         gi = gi.to(dtype)
         if bias_ih is not None and not epilogue:
             gi = gi + bias_ih.to(dtype).reshape(-1)
+        if valid is not None:  # zeros at the padded steps, which the ops do not use
+            gi = gi.new_zeros((steps * batch, gi.shape[1])).index_copy_(0, valid, gi)
         # [T, D * B, 3H]
-        gi = _to_processing_order(gi.view(steps, batch, gi.shape[-1]), directions)
+        gi = _to_processing_order(gi.view(steps, batch, gi.shape[-1]), directions, lengths)
         # [T, D * B, H] each, and gh_seq = U s_{t-1} [T, D * B, 3H]
         s_seq, v_seq, i_seq, gh_seq = fwd(gi, weight_hh_c, bias_hh_c, alpha_c, v0_c, i0_c, s0_c,
-                                          v_th, gamma, signed, reset_gate, spiking)
+                                          v_th, gamma, signed, reset_gate, spiking, row_lengths)
 
         ctx.save_for_backward(x_tm, weight_ih_c, weight_hh_c, bias_hh_c, alpha_c, gi, s_seq,
-                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c)
+                              v_seq, i_seq, gh_seq, v0_c, i0_c, s0_c, lengths, row_lengths,
+                              valid)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x)
         ctx.device_type = x.device.type
@@ -392,7 +427,9 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         # autograd.Function's forward as an extra output, and autograd gives a tensor returned
         # twice the gradient slot of the later copy: the backward then got zeros for grad_s
         # (pytorch/pytorch#180642; torch 2.13 gives the right gradients either way).
-        s = _to_time_order(s_seq, directions)  # [T, B, D * H]
+        s = _to_time_order(s_seq, directions, lengths)  # [T, B, D * H]
+        if lengths is not None:  # the ops froze the rows that ended: their spikes are 0
+            s = torch.where(reference.step_mask(lengths, steps, x.device).unsqueeze(-1), s, 0)
         if batch_first:  # a copy also where the transposed view is contiguous (T or B = 1)
             s = s.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         s = s if s.dtype == x.dtype else s.to(x.dtype)
@@ -411,19 +448,23 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_s, grad_v_last, grad_i_last, grad_s_last):
         (x_tm, weight_ih, weight_hh, bias_hh, alpha, gi, s_seq, v_seq, i_seq, gh_seq, v0, i0,
-         s0) = ctx.saved_tensors
+         s0, lengths, row_lengths, valid) = ctx.saved_tensors
         v_th, gamma, signed, reset_gate, batch_first, backend, directions, split_x = ctx.args
         needs = ctx.needs_input_grad
         if grad_s is None and grad_v_last is None and grad_i_last is None and grad_s_last is None:
-            return (None,) * 17
+            return (None,) * 18
         bwd = eager_or_op(spikgru2plus_ops(backend)[1])
         dtype = gi.dtype
         if grad_s is None:  # only the final state was used
             grad_s = gi.new_zeros(s_seq.shape)
         else:  # [T, B, D * H] -> [T, D * B, H]: a view for one direction (the op reads any
             # (t, b) strides), a copy for two
-            grad_s = _to_processing_order(grad_s.transpose(0, 1) if batch_first else grad_s,
-                                          directions)
+            grad_s = grad_s.transpose(0, 1) if batch_first else grad_s
+            if lengths is not None:  # the spikes past a row's length are constant zeros
+                grad_s = torch.where(
+                    reference.step_mask(lengths, grad_s.shape[0], grad_s.device).unsqueeze(-1),
+                    grad_s, 0)
+            grad_s = _to_processing_order(grad_s, directions, lengths)
 
         steps, batch, inputs = x_tm.shape
 
@@ -433,20 +474,27 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
         dgi, dweight_hh, dbias_hh, dalpha, dv0, di0, ds0 = bwd(
             grad_s.to(dtype), last(grad_v_last), last(grad_i_last), last(grad_s_last), gi,
             weight_hh, bias_hh, alpha, s_seq, v_seq, i_seq, gh_seq, v0, i0, s0, v_th, gamma,
-            signed, reset_gate)
+            signed, reset_gate, row_lengths)
 
         # [T * B, D * 3H]
-        dgi_2d = _to_time_order(dgi, directions).reshape(steps * batch, directions * dgi.shape[-1])
-        dgi_mm = dgi_2d.to(weight_ih.dtype)  # the products' operand (float32 when split)
+        dgi_2d = _to_time_order(dgi, directions, lengths).reshape(
+            steps * batch, directions * dgi.shape[-1])
+        # the products' operand (float32 when split); with `valid`, its rows at the valid steps
+        # only (dgi is 0 at the others)
+        dgi_mm = (dgi_2d if valid is None else dgi_2d.index_select(0, valid)).to(
+            weight_ih.dtype)
         grads = [None] * 9
         if needs[0]:  # both directions' paths summed by the one product
             dx = torch.mm(dgi_mm, weight_ih.reshape(dgi_mm.shape[1], inputs))
+            if valid is not None:
+                dx = dx.new_zeros((steps * batch, inputs)).index_copy_(0, valid, dx)
             dx = dx.view(steps, batch, inputs)
             grads[0] = dx.transpose(0, 1) if batch_first else dx
         if needs[1]:  # [D * 3H, I]
             x_2d = x_tm.view(steps * batch, inputs)
-            grads[1] = (split_product(dgi_mm.t(), x_2d, "b") if split_x
-                        else torch.mm(dgi_mm.t(), x_2d))
+            x_rows = x_2d if valid is None else x_2d.index_select(0, valid)
+            grads[1] = (split_product(dgi_mm.t(), x_rows, "b") if split_x
+                        else torch.mm(dgi_mm.t(), x_rows))
         if needs[3]:
             grads[3] = dgi_2d.sum(0)
         for k, g in ((2, dweight_hh), (4, dbias_hh), (5, dalpha), (6, dv0), (7, di0), (8, ds0)):
@@ -454,39 +502,78 @@ class SpikGRU2PlusFunction(torch.autograd.Function):
                 grads[k] = g
         grads = [None if g is None else g.reshape(shape).to(dt)
                  for g, (dt, shape) in zip(grads, (i or (None, None) for i in ctx.inputs))]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
-def _to_processing_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
+def _valid_rows(lengths: Optional[torch.Tensor], steps: int, batch: int,
+                device) -> Optional[torch.Tensor]:
+    """The rows `t * B + b` with `t < lengths[b]` of a time-major `[T * B, .]` matrix (`[N]`
+    int64 on `device`), so that the products over all steps (gi = x W^T, dx, dW) skip the
+    padded steps; None without padded steps, and where the lengths are not known on the host
+    (a device tensor: finding the rows would wait for the device) or a graph is being recorded
+    (torch.compile, torch.jit.trace: N would depend on the data)."""
+    if (lengths is None or lengths.device.type != "cpu" or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return None
+    mask = reference.step_mask(lengths, steps, "cpu").reshape(-1)  # [T * B]
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1).to(device)
+
+
+def _to_processing_order(seq: torch.Tensor, directions: int,
+                         lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`[T, B, D * X]` in time order -> `[T, D * B, X]`, rows direction-major, each direction
-    in its processing order (the reverse direction's time flipped). Itself for D = 1."""
+    in its processing order (the reverse direction's time flipped, within each row's length
+    with `lengths` [B]). Itself for D = 1."""
     if directions == 1:
         return seq
     steps, batch, width = seq.shape
     forward, reverse = seq.view(steps, batch, directions, width // directions).unbind(2)
-    return torch.stack([forward, reverse.flip(0)], 1).view(steps, directions * batch,
-                                                           width // directions)
+    return torch.stack([forward, reference.reverse_within_lengths(reverse, lengths)], 1).view(
+        steps, directions * batch, width // directions)
 
 
-def _to_time_order(seq: torch.Tensor, directions: int) -> torch.Tensor:
+def _to_time_order(seq: torch.Tensor, directions: int,
+                   lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The inverse of `_to_processing_order`: `[T, D * B, X]` -> `[T, B, D * X]`."""
     if directions == 1:
         return seq
     steps, rows, width = seq.shape
     forward, reverse = seq.view(steps, directions, rows // directions, width).unbind(1)
-    return torch.cat([forward, reverse.flip(0)], -1)
+    return torch.cat([forward, reference.reverse_within_lengths(reverse, lengths)], -1)
+
+
+class _TraceContext:
+    """The autograd context's part that `SpikGRU2PlusFunction.forward` uses, for `_apply`."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def _apply(*args):
+    """`SpikGRU2PlusFunction.apply(*args)`; under `torch.jit.trace`, its forward alone, so that
+    the trace records the ops it runs (the `neurokern` ops and ATen ops), which `torch.jit.save`
+    can serialise; an autograd.Function it records as a Python call it cannot save. A traced
+    module therefore runs inference; training uses eager mode or torch.compile."""
+    if torch.jit.is_tracing():
+        return SpikGRU2PlusFunction.forward(_TraceContext(), *args)
+    return SpikGRU2PlusFunction.apply(*args)
 
 
 def _impl(backend):
     def spikgru2plus(x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, *, v_th=1.0, gamma=10.0,
                      signed=True, reset_gate=True, batch_first=False, state=None, spiking=True,
-                     spike_input=False):
+                     spike_input=False, lengths=None):
         """`neurokern.reference.spikgru2plus` on the fused kernels: returns
         `(s, (v_T, i_T, s_T))`. Arguments are validated by `neurokern.functional`."""
         v0, i0, s0 = state if state is not None else (None, None, None)
-        s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
-            x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, v_th, gamma, signed,
-            reset_gate, batch_first, spiking, spike_input, backend)
+        s, v_last, i_last, s_last = _apply(
+            x, weight_ih, weight_hh, bias_ih, bias_hh, alpha, v0, i0, s0, lengths, v_th, gamma,
+            signed, reset_gate, batch_first, spiking, spike_input, backend)
         return s, (v_last, i_last, s_last)
 
     spikgru2plus.__qualname__ = spikgru2plus.__name__ = f"spikgru2plus_{backend}"
@@ -498,7 +585,7 @@ def _bidirectional_impl(backend):
 
     def spikgru2plus_bidirectional(x, params, reverse_params, *, v_th=1.0, gamma=10.0,
                                    signed=True, reset_gate=True, batch_first=False, state=None,
-                                   spiking=True, spike_input=False):
+                                   spiking=True, spike_input=False, lengths=None):
         """`neurokern.reference.spikgru2plus_bidirectional` on the fused kernels. The Triton
         and CUDA backends run both directions in one launch (per step on Triton, for the whole
         loop on CUDA; the parameters stacked to [2, ...], rows of the loop direction-major); the
@@ -507,13 +594,13 @@ def _bidirectional_impl(backend):
             return reference.spikgru2plus_bidirectional(
                 x, params, reverse_params, v_th=v_th, gamma=gamma, signed=signed,
                 reset_gate=reset_gate, batch_first=batch_first, state=state, spiking=spiking,
-                spike_input=spike_input, layer=one_direction)
+                spike_input=spike_input, lengths=lengths, layer=one_direction)
         stacked = [None if p is None else torch.stack([p, q])
                    for p, q in zip(params, reverse_params)]
         v0, i0, s0 = state if state is not None else (None, None, None)
-        s, v_last, i_last, s_last = SpikGRU2PlusFunction.apply(
-            x, *stacked, v0, i0, s0, v_th, gamma, signed, reset_gate, batch_first, spiking,
-            spike_input, backend)
+        s, v_last, i_last, s_last = _apply(
+            x, *stacked, v0, i0, s0, lengths, v_th, gamma, signed, reset_gate, batch_first,
+            spiking, spike_input, backend)
         return s, (v_last, i_last, s_last)
 
     spikgru2plus_bidirectional.__qualname__ = spikgru2plus_bidirectional.__name__ = (

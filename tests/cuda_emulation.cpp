@@ -218,6 +218,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("multiprocessors"), pybind11::arg("batch_chunk"), pybind11::arg("k_chunk"),
         pybind11::arg("max_shared_bytes"), pybind11::arg("k_split") = 4);
   m.def("mma_plan", &mma_plan);
-  m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>);
-  m.def("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<emulated_launch>);
+  // The ops' schemas (csrc/register.cpp) with lengths=None as their default, as torch.ops has it
+  using pybind11::arg;
+  m.def("spikgru2plus_fwd", &neurokern::persistent::spikgru2plus_fwd<emulated_launch>, arg("gi"),
+        arg("weight_hh"), arg("bias_hh"), arg("alpha"), arg("v0"), arg("i0"), arg("s0"),
+        arg("v_th"), arg("gamma"), arg("signed"), arg("reset_gate"), arg("spiking"),
+        arg("lengths") = pybind11::none());
+  m.def("spikgru2plus_bwd", &neurokern::persistent::spikgru2plus_bwd<emulated_launch>,
+        arg("grad_s"), arg("grad_v_last"), arg("grad_i_last"), arg("grad_s_last"), arg("gi"),
+        arg("weight_hh"), arg("bias_hh"), arg("alpha"), arg("s_seq"), arg("v_seq"), arg("i_seq"),
+        arg("gh_seq"), arg("v0"), arg("i0"), arg("s0"), arg("v_th"), arg("gamma"), arg("signed"),
+        arg("reset_gate"), arg("lengths") = pybind11::none());
 }

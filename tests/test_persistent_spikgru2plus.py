@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import neurokern as nk
@@ -22,6 +22,7 @@ import neurokern.spikgru2plus_ops as gru_ops
 import test_fused_spikgru2plus as fused_tests
 import test_layouts
 import test_nonfinite
+import test_spikgru2plus_lengths as lengths_tests
 from neurokern import dispatch
 from test_fused_spikgru2plus import (
     EXAMPLES, check_float32, gru_cases, make_inputs, run, run_bidirectional,
@@ -195,6 +196,7 @@ def mma_cases(draw):
         bias=draw(st.booleans()),
         state=draw(st.sampled_from([None, "ternary", "quantized"])),
         weight=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        varlen=draw(st.booleans()),  # rows of lengths in [0, T] (frozen cells after them)
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -228,7 +230,9 @@ def mma_inputs(case):
     s0 = None if state is None else (
         quantized(rows, hidden, scale=1.0, low=-1) if state == "ternary"
         else quantized(rows, hidden, scale=2.0 ** -3, low=-8))
-    return gi, weight, bias, alpha, v0, i0, s0
+    lengths = (torch.randint(0, steps + 1, (rows,), generator=gen) if case.get("varlen")
+               else None)
+    return gi, weight, bias, alpha, v0, i0, s0, lengths
 
 
 def check_tensor_core_loops(case, fwd16, fwd32, bwd16, bwd32, device="cpu"):
@@ -236,13 +240,13 @@ def check_tensor_core_loops(case, fwd16, fwd32, bwd16, bwd32, device="cpu"):
     the float32 loop's bit for bit (exact sums). Backward, from the same saved forward: every
     gradient within the bf16 rounding of the staged gate gradients dgh of the float32 loop's
     (which keeps dgh in float32), far below what a wrong unit, gate, row or step would give."""
-    gi, weight, bias, alpha, v0, i0, s0 = (None if t is None else t.to(device)
-                                           for t in mma_inputs(case))
+    gi, weight, bias, alpha, v0, i0, s0, lengths = (None if t is None else t.to(device)
+                                                    for t in mma_inputs(case))
     w16 = weight.to(case["weight"])
     assert torch.equal(w16.float(), weight)
     flags = (1.0, 4.0, case["signed"], case["reset_gate"])
-    out16 = fwd16(gi, w16, bias, alpha, v0, i0, s0, *flags, True)
-    out32 = fwd32(gi, weight, bias, alpha, v0, i0, s0, *flags, True)
+    out16 = fwd16(gi, w16, bias, alpha, v0, i0, s0, *flags, True, lengths)
+    out32 = fwd32(gi, weight, bias, alpha, v0, i0, s0, *flags, True, lengths)
     for name, a, b in zip(("s", "v", "i"), out16[:3], out32[:3]):
         assert torch.equal(a, b), f"{name} differs from the float32 loop's"
     assert out16[3].dtype == case["weight"]
@@ -253,9 +257,10 @@ def check_tensor_core_loops(case, fwd16, fwd32, bwd16, bwd32, device="cpu"):
     grad_s = torch.randn(gi.shape[0], rows, hidden, generator=gen).to(device)
     lasts = [torch.randn(rows, hidden, generator=gen).to(device) for _ in range(3)]
     saved = (*out16[:3],)
-    grads16 = bwd16(grad_s, *lasts, gi, w16, bias, alpha, *saved, out16[3], v0, i0, s0, *flags)
+    grads16 = bwd16(grad_s, *lasts, gi, w16, bias, alpha, *saved, out16[3], v0, i0, s0, *flags,
+                    lengths)
     grads32 = bwd32(grad_s, *lasts, gi, weight, bias, alpha, *saved, out16[3].float(), v0, i0,
-                    s0, *flags)
+                    s0, *flags, lengths)
     names = ("dgi", "dweight_hh", "dbias_hh", "dalpha", "dv0", "di0", "ds0")
     for name, a, b in zip(names, grads16, grads32):
         if b is None:
@@ -268,7 +273,7 @@ def check_tensor_core_loops(case, fwd16, fwd32, bwd16, bwd32, device="cpu"):
 
 @given(case=mma_cases(), device=mma_devices)
 @example(case=dict(steps=3, batch=33, hidden=70, directions=2, signed=True, reset_gate=True,
-                   bias=True, state="quantized", weight=torch.bfloat16, seed=1),
+                   bias=True, state="quantized", weight=torch.bfloat16, varlen=True, seed=1),
          device=(6, 8, 16, 40 * 1024, 3))
 @example(case=dict(steps=4, batch=5, hidden=37, directions=1, signed=False, reset_gate=False,
                    bias=False, state="ternary", weight=torch.float16, seed=2),
@@ -303,7 +308,7 @@ def test_tensor_core_loops_equal_the_float32_loops(emulation, case, device):
     dict(steps=4, batch=32, hidden=1024, directions=1, signed=True, reset_gate=True, bias=True,
          state="ternary", weight=torch.bfloat16, seed=3),
     dict(steps=5, batch=33, hidden=70, directions=2, signed=False, reset_gate=True, bias=True,
-         state="quantized", weight=torch.bfloat16, seed=4),
+         state="quantized", weight=torch.bfloat16, varlen=True, seed=4),
     dict(steps=3, batch=5, hidden=37, directions=1, signed=True, reset_gate=False, bias=False,
          state=None, weight=torch.float16, seed=5),
 ])
@@ -342,7 +347,7 @@ def test_tensor_core_loop_needs_a_recent_device(emulation):
                                            r"tensor-core persistent kernel"):
         emulation.spikgru2plus_fwd(torch.randn(2, 2, 120), torch.randn(1, 120, 40).bfloat16(),
                                    None, torch.rand(1, 40), None, None, None, 1.0, 4.0, True,
-                                   True, True)
+                                   True, True, None)
 
 
 def test_layer_too_large_for_shared_memory_raises(emulated_cuda):
@@ -369,15 +374,19 @@ def test_op_checks_its_arguments(emulation):
     gi, w = torch.randn(3, 4, 15), torch.randn(15, 5)
     fwd = emulation.spikgru2plus_fwd
     with pytest.raises(RuntimeError, match=r"alpha must be \[1, 5\]"):
-        fwd(gi, w, None, torch.rand(4), None, None, None, 1.0, 10.0, True, True, True)
+        fwd(gi, w, None, torch.rand(4), None, None, None, 1.0, 10.0, True, True, True, None)
     with pytest.raises(RuntimeError, match="weight_hh is Double but gi is Float"):
-        fwd(gi, w.double(), None, torch.rand(5), None, None, None, 1.0, 10.0, True, True, True)
+        fwd(gi, w.double(), None, torch.rand(5), None, None, None, 1.0, 10.0, True, True, True,
+            None)
     with pytest.raises(RuntimeError, match=r"the 4 rows of gi are not 3 directions"):
         fwd(gi, torch.randn(3, 15, 5), None, torch.rand(3, 5), None, None, None, 1.0, 10.0,
-            True, True, True)
+            True, True, True, None)
     with pytest.raises(RuntimeError, match=r"s0 must be \[4, 5\]"):
         fwd(gi, w, None, torch.rand(5), None, None, torch.zeros(2, 5), 1.0, 10.0, True, True,
-            True)
+            True, None)
+    with pytest.raises(RuntimeError, match=r"lengths must be \[D \* B\] = \[4\]"):
+        fwd(gi, w, None, torch.rand(5), None, None, None, 1.0, 10.0, True, True, True,
+            torch.ones(3, dtype=torch.int64))
 
 
 def _nvcc_command(tmp_path):
@@ -427,3 +436,25 @@ def test_cuda_source_compiles_for_sm90_without_spills(tmp_path):
                                            report).groups())
         allowed = 48 if "_kernelIdd" in name else 0  # template arguments <double, double, ..>
         assert stores <= allowed and loads <= allowed, report
+
+
+@settings(max_examples=8)
+@given(case=lengths_tests.packed_cases(), device=devices)
+@example(case=lengths_tests.EXAMPLES[0], device=(3, 8, 8, 256 * 1024, 4))
+@example(case=lengths_tests.EXAMPLES[1], device=(5, 16, 3, 256 * 1024, 2))
+def test_packed_batch_equals_each_sequence_alone_on_the_emulation(emulated_cuda, monkeypatch,
+                                                                  case, device):
+    """test_spikgru2plus_lengths.py's property with backend "cuda" emulated: variable lengths in
+    the persistent loops' cells, stacked, bidirectional, packed sorted or not."""
+    emulated_cuda(*device)
+    lengths_tests.check_packed_equals_alone(case, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_functional_lengths_on_the_emulation(emulated_cuda, monkeypatch, bidirectional,
+                                             batch_first):
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    monkeypatch.setattr(lengths_tests, "backend_device", lambda backend: "cpu")
+    lengths_tests.test_functional_lengths_zero_outputs_and_match_reference(
+        "cuda", bidirectional, batch_first)

@@ -37,6 +37,8 @@ SCRIPT = textwrap.dedent('''
         for name in fn.arg_names:
             if name in consts:
                 sig[name] = "constexpr"
+            elif name == "active_ptr":  # SpikGRU2+'s per-row flags of variable lengths
+                sig[name] = "*i8"
             elif name.endswith("_ptr"):
                 sig[name] = "*" + (dtype if low(name) else compute)
             else:
@@ -82,10 +84,10 @@ SCRIPT = textwrap.dedent('''
     for dtype in ("fp32", "bf16", "fp64"):
         compile_for_h100(spikgru2plus_step_fwd_kernel, dtype, dict(
             RESET_GATE=True, HAS_BIAS=True, SIGNED=True, SPIKING=dtype != "fp64",
-            STORE_S_MM=dtype == "bf16", BLOCK=128))
+            STORE_S_MM=dtype == "bf16", HAS_LENGTHS=dtype == "fp32", BLOCK=128))
         compile_for_h100(spikgru2plus_step_bwd_kernel, dtype, dict(
             RESET_GATE=True, HAS_BIAS=True, SIGNED=True, HAS_DS_REC=True, HAS_GRAD_PREV=True,
-            BLOCK=128))
+            HAS_LENGTHS=dtype == "fp32", BLOCK=128))
 ''')
 
 

@@ -23,6 +23,11 @@ caller adds) and the carries dv_next = z_{t+1} dL/dv_{t+1}, di_next = alpha dL/d
     dv = ds f'(v_t) + dv_next,   di = (1 - z) dv + di_next
     d(gi_i) = di,  d(gh_i) = di r,  d(a_r) = di gh_i r (1 - r),  d(a_z) = dv (v_{t-1} - i_t) z (1 - z)
     carries for step t-1: z dv and alpha di; reset path: -v_th dv onto ds_{t-1}.
+
+Variable lengths (HAS_LENGTHS): `active_ptr` holds one int8 per row, whether the row still runs
+at this step. A row that ended is frozen: the forward writes its state of step t-1 again, the
+backward writes zeros to dgi and dgh and passes the carries and dL/ds_t on to step t-1
+unchanged (dalpha gets nothing).
 """
 
 import triton
@@ -67,12 +72,14 @@ def spikgru2plus_step_fwd_kernel(
     params_ptr,  # [2]: v_th, gamma in the compute dtype
     s_ptr, v_ptr, i_ptr,  # [D * B, H] out: state after step t
     s_mm_ptr,  # [D * B, H] out if STORE_S_MM: s_t again, in the dtype of the next product
+    active_ptr,  # [D * B] int8, read if HAS_LENGTHS: whether the row runs at this step
     H, B, gi_stride,
     RESET_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
     SPIKING: tl.constexpr,
     STORE_S_MM: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # row of [D * B]
@@ -92,6 +99,11 @@ def spikgru2plus_step_fwd_kernel(
     i = alpha * i_prev + gi_i + gh_i * r
     v = z * v_prev + (1 - z) * i - v_th * s_prev
     s = spike_act(v, v_th, gamma, SIGNED, SPIKING)
+    if HAS_LENGTHS:  # a row that ended keeps its state
+        active = tl.load(active_ptr + b) != 0
+        i = tl.where(active, i, i_prev)
+        v = tl.where(active, v, v_prev)
+        s = tl.where(active, s, s_prev)
     tl.store(s_ptr + row, s.to(s_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + row, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(i_ptr + row, i.to(i_ptr.dtype.element_ty), mask=mask)
@@ -116,12 +128,14 @@ def spikgru2plus_step_bwd_kernel(
     ds_prev_ptr,  # [D * B, H] out (may be ds_ptr): the reset path -v_th dv_t plus grad_prev (the
     grad_prev_ptr,  # output gradient of s_{t-1}, row stride grad_prev_stride, if HAS_GRAD_PREV)
     dalpha_ptr,  # [D * B, H] in/out: running sum of dL/di_t * i_{t-1}
+    active_ptr,  # [D * B] int8, read if HAS_LENGTHS: whether the row ran at this step
     H, B, gi_stride, dgi_stride, grad_prev_stride,
     RESET_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SIGNED: tl.constexpr,
     HAS_DS_REC: tl.constexpr,
     HAS_GRAD_PREV: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # row of [D * B]
@@ -142,14 +156,26 @@ def spikgru2plus_step_bwd_kernel(
     i_prev = tl.load(i_prev_ptr + row, mask=mask, other=0).to(dtype)
     v = tl.load(v_ptr + row, mask=mask, other=0).to(dtype)
     i = tl.load(i_ptr + row, mask=mask, other=0).to(dtype)
-    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + tl.load(dv_next_ptr + row, mask=mask,
-                                                                 other=0).to(dtype)
-    di = (1 - z) * dv + tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
+    dv_next = tl.load(dv_next_ptr + row, mask=mask, other=0).to(dtype)
+    di_next = tl.load(di_next_ptr + row, mask=mask, other=0).to(dtype)
+    dv = ds * spike_surrogate(v, v_th, gamma, SIGNED) + dv_next
+    di = (1 - z) * dv + di_next
     da_z = dv * (v_prev - i) * z * (1 - z)
     if RESET_GATE:
         da_r = di * gh_i * r * (1 - r)
     else:
         da_r = tl.zeros_like(di)
+    dv_carry, di_carry, ds_prev = z * dv, alpha * di, -v_th * dv
+    dalpha_t = di * i_prev
+    if HAS_LENGTHS:  # a row that had ended: nothing computed, every gradient passed on
+        active = tl.load(active_ptr + b) != 0
+        da_r = tl.where(active, da_r, 0)
+        da_z = tl.where(active, da_z, 0)
+        di = tl.where(active, di, 0)
+        dv_carry = tl.where(active, dv_carry, dv_next)
+        di_carry = tl.where(active, di_carry, di_next)
+        ds_prev = tl.where(active, ds_prev, ds)
+        dalpha_t = tl.where(active, dalpha_t, 0)
     dgi_row, dgh_row = dgi_ptr + b * dgi_stride, dgh_ptr + b * 3 * H
     tl.store(dgi_row + h, da_r.to(dgi_ptr.dtype.element_ty), mask=mask)
     tl.store(dgh_row + h, da_r.to(dgh_ptr.dtype.element_ty), mask=mask)
@@ -157,12 +183,11 @@ def spikgru2plus_step_bwd_kernel(
     tl.store(dgh_row + H + h, da_z.to(dgh_ptr.dtype.element_ty), mask=mask)
     tl.store(dgi_row + 2 * H + h, di.to(dgi_ptr.dtype.element_ty), mask=mask)
     tl.store(dgh_row + 2 * H + h, (di * r).to(dgh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_next_ptr + row, (z * dv).to(dv_next_ptr.dtype.element_ty), mask=mask)
-    tl.store(di_next_ptr + row, (alpha * di).to(di_next_ptr.dtype.element_ty), mask=mask)
-    ds_prev = -v_th * dv
+    tl.store(dv_next_ptr + row, dv_carry.to(dv_next_ptr.dtype.element_ty), mask=mask)
+    tl.store(di_next_ptr + row, di_carry.to(di_next_ptr.dtype.element_ty), mask=mask)
     if HAS_GRAD_PREV:
         ds_prev += tl.load(grad_prev_ptr + b * grad_prev_stride + h, mask=mask,
                            other=0).to(dtype)
     tl.store(ds_prev_ptr + row, ds_prev.to(ds_prev_ptr.dtype.element_ty), mask=mask)
-    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + di * i_prev
+    dalpha = tl.load(dalpha_ptr + row, mask=mask, other=0) + dalpha_t
     tl.store(dalpha_ptr + row, dalpha, mask=mask)

@@ -36,6 +36,9 @@
 //   sums rounded to W: the backward's gates then see gh within W's rounding of the forward's).
 // The products of the gate gradients over all steps (dU, db_hh) are single ATen products after
 // the loop, as on the other backends. The state, gi and all cell arithmetic are in T.
+// Variable lengths (lengths [D * B], or null): a row at a step t >= lengths[row] is frozen in
+// the cells (forward_cell writes its state of step t - 1 again; backward_cell writes zero gate
+// gradients and passes the carries and dL/ds_t on); the products still run for every row.
 //
 // The same source runs on the CPU in tests (tests/cuda_emulation.cpp): compiled without nvcc it
 // takes its thread, block, barrier and shared-memory primitives from the includer, which runs each
@@ -404,6 +407,7 @@ struct FwdArgs {
   // t writing slot t % 2 (slot 1 holds s_0 before the loop when s0 is given)
   W* s_mm;
   int64_t s_mm_row;
+  const int64_t* lengths;  // [D * B] steps each row runs, or null (all)
 };
 
 // The cell of hidden unit j of row `row` at step t, in two parts: what it reads from memory
@@ -446,8 +450,14 @@ NEUROKERN_DEVICE T forward_cell(const FwdArgs<T, W, P>& a, const Act& act,
   const CellGates<T> g = cell_gates<T, RESET_GATE>(in.g, gh_r, gh_z, gh_i);
   const T i = in.g.alpha * in.ip + in.gi_i + g.gh_i * g.r;
   const T v = g.z * in.vp + (T(1) - g.z) * i - a.v_th * in.sp;
-  const T s = act(v);
   const int64_t out = t * rows * hidden + n;
+  if (a.lengths != nullptr && t >= a.lengths[row]) {  // the row ended: its state stays
+    a.i_seq[out] = in.ip;
+    a.v_seq[out] = in.vp;
+    a.s_seq[out] = in.sp;
+    return in.sp;
+  }
+  const T s = act(v);
   a.i_seq[out] = i;
   a.v_seq[out] = v;
   a.s_seq[out] = s;
@@ -512,6 +522,7 @@ struct BwdArgs {
   T* dalpha;  // [D * B, H] zeros in; out: sum over t of dL/di_t i_{t-1}
   T v_th;
   int64_t dgh_row;  // 3H, or 3H rounded up to 8 values for the tensor-core loops' 16-byte copies
+  const int64_t* lengths;  // [D * B] steps each row ran, or null (all)
 };
 
 // The cell backward of hidden unit j of row `row` at step t >= 0, in two parts as the forward's:
@@ -563,12 +574,20 @@ NEUROKERN_DEVICE void backward_cell(const BwdArgs<T, W, P>& a, const Surr& surro
   const CellGates<T> g = cell_gates<T, RESET_GATE>(in.g, in.gh_r, in.gh_z, in.gh_i);
   const T z = g.z, r = g.r;
   const T ds = in.ds + ds_product;
+  T* dgi = a.dgi + (t * rows + row) * gates;
+  W* dgh = a.dgh + (t * rows + row) * a.dgh_row;
+  if (a.lengths != nullptr && t >= a.lengths[row]) {  // a frozen step: the gradients pass on
+    for (int g3 = 0; g3 < 3; ++g3) {
+      dgi[g3 * hidden + j] = T(0);
+      dgh[g3 * hidden + j] = W(0);
+    }
+    a.ds[n] = t > 0 ? ds + in.grad_prev : ds;
+    return;
+  }
   const T dv = ds * surrogate(in.v) + in.dv;
   const T di = (T(1) - z) * dv + in.di;
   const T da_z = dv * (in.vp - in.i) * z * (T(1) - z);
   const T da_r = RESET_GATE ? di * g.gh_i * r * (T(1) - r) : T(0);
-  T* dgi = a.dgi + (t * rows + row) * gates;
-  W* dgh = a.dgh + (t * rows + row) * a.dgh_row;
   dgi[j] = da_r;
   dgh[j] = static_cast<W>(da_r);
   dgi[hidden + j] = da_z;
@@ -1059,6 +1078,21 @@ void dispatch_weight(at::ScalarType weight_type, Fn&& fn) {
   fn(T{});
 }
 
+// lengths [D * B] int64 on gi's device, contiguous (rows = gi.size(1)); undefined if absent.
+inline at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& gi,
+                                  const char* op) {
+  if (!lengths || !lengths->defined()) return at::Tensor();
+  TORCH_CHECK(lengths->device() == gi.device() && lengths->scalar_type() == at::kLong, op,
+              ": lengths must be int64 on gi's device");
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == gi.size(1), op,
+              ": lengths must be [D * B] = [", gi.size(1), "], got ", lengths->sizes());
+  return lengths->contiguous();
+}
+
+inline const int64_t* lengths_ptr(const at::Tensor& lengths) {
+  return lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+}
+
 template <typename T>
 const T* optional_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
@@ -1074,7 +1108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
     const std::optional<at::Tensor>& bias_hh_in, const at::Tensor& alpha_in,
     const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& i0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool signed_,
-    bool reset_gate, bool spiking) {
+    bool reset_gate, bool spiking, const std::optional<at::Tensor>& lengths_in) {
   constexpr const char* op = "neurokern::spikgru2plus_fwd (CUDA)";
   const auto launch = make_launch(gi_in);
   check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
@@ -1088,6 +1122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
   at::Tensor s_seq = at::empty({steps, rows, hidden}, gi.options());
   at::Tensor v_seq = at::empty_like(s_seq), i_seq = at::empty_like(s_seq);
   at::Tensor gh_seq = at::empty({steps, rows, 3 * hidden}, weight_hh.options());
+  const at::Tensor lengths = checked_lengths(lengths_in, gi, op);
   if (steps == 0 || rows == 0 || hidden == 0) return {s_seq, v_seq, i_seq, gh_seq};
   AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "spikgru2plus_persistent_fwd", [&] {
     using T = scalar_t;
@@ -1100,7 +1135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spikgru2plus_fwd(
                             alpha.data_ptr<T>(), optional_ptr<T>(v0), optional_ptr<T>(i0),
                             optional_ptr<T>(s0), s_seq.data_ptr<T>(), v_seq.data_ptr<T>(),
                             i_seq.data_ptr<T>(), gh_seq.data_ptr<W>(), static_cast<T>(v_th),
-                            nullptr, 0};
+                            nullptr, 0, lengths_ptr(lengths)};
       at::Tensor s_mm;  // the tensor-core loop's factor: [2, D * B, H rounded up to 8], in W
       if constexpr (tensor_cores) {
         const int64_t row = round_up(hidden, 8);  // 16-byte rows; the padding stays zero
@@ -1149,7 +1184,8 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
                  const at::Tensor& i_seq_in, const at::Tensor& gh_seq_in,
                  const std::optional<at::Tensor>& v0_in,
                  const std::optional<at::Tensor>& i0_in, const std::optional<at::Tensor>& s0,
-                 double v_th, double gamma, bool signed_, bool reset_gate) {
+                 double v_th, double gamma, bool signed_, bool reset_gate,
+                 const std::optional<at::Tensor>& lengths_in) {
   constexpr const char* op = "neurokern::spikgru2plus_bwd (CUDA)";
   const auto launch = make_launch(gi_in);
   check_layer(gi_in, weight_hh_in, bias_hh_in, alpha_in,
@@ -1182,6 +1218,7 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
   const at::Tensor alpha = alpha_in.contiguous(), v_seq = v_seq_in.contiguous(),
                    i_seq = i_seq_in.contiguous();
   const auto v0 = contiguous(v0_in), i0 = contiguous(i0_in);
+  const at::Tensor lengths = checked_lengths(lengths_in, gi, op);
   auto zeros = [&] { return at::zeros({rows, hidden}, gi.options()); };
   auto state_or_zeros = [&](const std::optional<at::Tensor>& t) {
     return t ? t->reshape({rows, hidden})
@@ -1218,7 +1255,7 @@ spikgru2plus_bwd(const at::Tensor& grad_s_in,
                             v_seq.data_ptr<T>(), i_seq.data_ptr<T>(), ds.data_ptr<T>(),
                             dv.data_ptr<T>(), di.data_ptr<T>(), dgi.data_ptr<T>(),
                             dgh_rows.data_ptr<W>(), dalpha.data_ptr<T>(), static_cast<T>(v_th),
-                            dgh_row};
+                            dgh_row, lengths_ptr(lengths)};
       auto go = [&](auto kernel, const auto& surrogate) {
         if constexpr (tensor_cores) {
           args.p = plan_mma<W>(launch, kernel, steps, rows, hidden, directions, false, op);
