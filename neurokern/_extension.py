@@ -78,7 +78,7 @@ def built_with_cuda() -> bool:
 def build_info() -> dict:
     """What `neurokern._C` was built with (`{}` if it did not load): its own report and the
     build record (torch, ABI, CUDA architectures)."""
-    return dict(record or {}, **_C.build_info()) if _C is not None else {}
+    return dict(_C.build_info(), **(record or {})) if _C is not None else {}
 
 
 def cuda_arch_problem(capability) -> "str | None":
