@@ -22,6 +22,7 @@ Environment variables (all documented in docs/environment.md and docs/install.md
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 
 import setuptools
@@ -67,6 +68,11 @@ def _has_bdist_wheel():
 def check_tools(cpp_extension):
     """Say every missing build tool in one line each, before anything compiles; stop if the
     build cannot succeed."""
+    # pip's ninja lies beside the venv's python, on PATH only if the venv is activated, and torch
+    # runs `ninja` from PATH
+    venv_bin = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.isfile(os.path.join(venv_bin, "ninja")):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     fatal = toolchain.build_tool_problems(setuptools.__version__, _has_bdist_wheel())
     compiler = toolchain.compiler_problem(cpp_extension.get_cxx_compiler())
     if compiler:
