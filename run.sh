@@ -43,7 +43,7 @@ setup() {
         echo "[setup] triton $("$PY" -c 'import triton; print(triton.__version__)') < 3.7: numpy<2.4"
         "$PY" -m pip install -q 'numpy<2.4'
     fi
-    echo "[setup] building neurokern (C++ extension; about 6 minutes on 2 cores, docs/install.md)"
+    echo "[setup] building neurokern (C++ extension; about 4 CPU-minutes, docs/install.md)"
     "$PY" -m pip install -q --no-build-isolation -e .
     "$PY" -m neurokern --summary
 }
