@@ -174,7 +174,7 @@ def build_ext_class(record):
 
 ext_modules, record = extensions()
 metadata_license = ({"license_expression": LICENSE}
-                    if toolchain._version_tuple(setuptools.__version__) >= (77,)
+                    if toolchain.version_tuple(setuptools.__version__) >= (77,)
                     else {"license": LICENSE})
 
 setup(

@@ -48,7 +48,7 @@ def shared_libstdcxx_link_args(cxx: str) -> list:
 SETUPTOOLS_MIN = (64, 0)
 
 
-def _version_tuple(version: str) -> tuple:
+def version_tuple(version: str) -> tuple:
     parts = []
     for piece in version.split("+")[0].split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -65,7 +65,7 @@ def build_tool_problems(setuptools_version: str, has_bdist_wheel: bool) -> list:
     `bdist_wheel` command (setuptools < 70.1 takes it from the `wheel` package) pip's build
     fails with "invalid command 'bdist_wheel'" after the whole compilation."""
     problems = []
-    if _version_tuple(setuptools_version) < SETUPTOOLS_MIN:
+    if version_tuple(setuptools_version) < SETUPTOOLS_MIN:
         problems.append(f"setuptools {setuptools_version} is older than "
                         f"{'.'.join(map(str, SETUPTOOLS_MIN))}: "
                         "pip install -U 'setuptools>=64' wheel")
@@ -215,7 +215,7 @@ def parse_arch_list(arch_list: str) -> list:
         ptx = word.endswith("+PTX")
         word = word[:-4] if ptx else word
         for arch in named.get(word, word).split(";"):
-            digits = _version_tuple(arch.rstrip("af"))
+            digits = version_tuple(arch.rstrip("af"))
             if len(digits) >= 2:
                 entries.append((digits[0], digits[1], ptx))
     return entries
