@@ -53,7 +53,7 @@ setup() {
 sdist_check() {
     local work
     work=$(mktemp -d)
-    PYTHON=${PYTHON} make_venv "$work/venv"
+    make_venv "$work/venv"
     local py="$work/venv/bin/python"
     "$py" -m pip install -q -r requirements-build.txt
     echo "[sdist] building the sdist"
