@@ -39,8 +39,9 @@ setup() {
     "$PY" -m pip install -q -r requirements-dev.txt
     # triton before 3.7 (torch 2.11 and 2.12 pin 3.6) converts arrays to Python scalars in its
     # interpreter, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted")
-    if "$PY" -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))" 2>/dev/null; then
-        echo "[setup] triton $("$PY" -c 'import triton; print(triton.__version__)') < 3.7: numpy<2.4"
+    local old_triton="import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))"
+    if "$PY" -c "$old_triton" 2>/dev/null; then
+        echo "[setup] triton before 3.7: numpy<2.4"
         "$PY" -m pip install -q 'numpy<2.4'
     fi
     echo "[setup] building neurokern (C++ extension; about 4 CPU-minutes, docs/install.md)"
@@ -58,7 +59,7 @@ sdist_check() {
     "$py" -m pip install -q -r requirements-build.txt
     echo "[sdist] building the sdist"
     "$py" setup.py -q sdist --dist-dir "$work/dist" >/dev/null
-    echo "[sdist] installing $(basename "$work"/dist/*.tar.gz) in a fresh venv (compiles neurokern._C)"
+    echo "[sdist] installing $(basename "$work"/dist/*.tar.gz) in the fresh venv (compiles _C)"
     local start=$SECONDS
     "$py" -m pip install -q --no-build-isolation "$work"/dist/*.tar.gz
     echo "[sdist] built and installed in $((SECONDS - start)) s"

@@ -42,7 +42,6 @@ def shared_libstdcxx_link_args(cxx: str) -> list:
     return loaded[:1]
 
 
-# ---------------------------------------------------------------------------------------------
 # Checks setup.py runs before building, each returning one line that says what to do (or None).
 
 SETUPTOOLS_MIN = (64, 0)
@@ -124,7 +123,6 @@ def torch_missing_message(python: str, environ, sys_path) -> str:
             f"{'Install torch first, then ' if not installed else 'Run: '}{fix}")
 
 
-# ---------------------------------------------------------------------------------------------
 # The CUDA part: built from what is really installed, for every architecture the code supports.
 
 CUDA_HOME_CANDIDATES = ("/usr/local/cuda",)
@@ -231,7 +229,6 @@ def arch_covered(arch_list: str, capability: tuple) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------------------------
 # The build record: the torch a built neurokern._C is for, written beside it by the build and
 # checked before it is loaded (a C++ extension built for another torch is undefined behaviour).
 

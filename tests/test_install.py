@@ -45,7 +45,7 @@ def _setup_py(tree, *args, env=None, timeout=300):
                           text=True, env=env, timeout=timeout)
 
 
-# -------------------------------------------------------------------------------------- sdist
+# sdist
 
 def test_sdist_holds_everything_the_build_needs_and_the_licence(clean_tree, tmp_path):
     proc = _setup_py(clean_tree, "sdist", "--dist-dir", str(tmp_path))
@@ -65,7 +65,7 @@ def test_sdist_holds_everything_the_build_needs_and_the_licence(clean_tree, tmp_
     assert "BSD 3-Clause License" in open(os.path.join(ROOT, "LICENSE")).read()
 
 
-# ---------------------------------------------------------------------- tools, said up front
+# tools, said up front
 
 def test_build_tool_problems_say_what_to_install():
     # torch 2.11's venvs: setuptools 65 without wheel ("invalid command 'bdist_wheel'")
@@ -118,7 +118,7 @@ def test_missing_torch_outside_isolation_says_install_it_first():
     assert "pip install torch" in message and "--no-build-isolation" in message
 
 
-# ----------------------------------------------------------------------------- the CUDA part
+# the CUDA part
 
 def _fake_toolkit(root, runtime_header=True, cudart=True):
     (root / "bin").mkdir(parents=True)
@@ -159,7 +159,7 @@ def test_cuda_decided_from_the_toolkit_really_there(tmp_path):
         False, "NEUROKERN_SKIP_CUDA is set")
 
 
-# ----------------------------------------------------------------------- the build record
+# the build record
 
 def test_loaded_extension_was_built_for_this_torch():
     """The build (pip install / build_ext) wrote the record beside the binary, and it matches
@@ -238,7 +238,7 @@ def test_binary_built_for_another_torch_is_not_loaded(package_copy):
     assert not unrecorded["loaded"] and "has no readable build record" in unrecorded["error"]
 
 
-# ------------------------------------------------------------------- CUDA architectures
+# CUDA architectures
 
 def test_default_architectures_cover_every_supported_gpu():
     nvcc13 = ["7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "11.0", "10.3", "12.0",

@@ -1,8 +1,8 @@
 """The CUDA part compiles for the oldest architecture of its default list (issue 17): below
 sm_80 the tensor-core loops are compiled out (mma.h has no bf16 fragments there) and the SIMT
-loops remain, so a T4 / RTX 20xx gets a binary too. Front end only (unoptimised PTX, no ptxas: the sm_90
-build with register checks is test_persistent_spikgru2plus.py's); every default architecture
-was compiled with nvcc 13.0 once by hand (docs/install.md)."""
+loops remain, so a T4 / RTX 20xx gets a binary too. Front end only (unoptimised PTX, no ptxas:
+the sm_90 build with register checks is test_persistent_spikgru2plus.py's); every default
+architecture was compiled with nvcc 13.0 once by hand (docs/install.md)."""
 
 import shutil
 import subprocess
