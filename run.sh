@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The two commands of neurokern, from a fresh clone, with only Python installed:
+# The commands of neurokern, from a fresh clone, with only Python installed:
 #
 #   bash run.sh main    set up .venv, build, run the main job (demo + benchmarks)
 #   bash run.sh test    set up .venv, build, run the test suite   [extra pytest arguments]
+#   bash run.sh sdist   build the sdist, install it in a fresh venv, smoke-test the install
 #
 # Set-up: a virtual environment in .venv (or $NEUROKERN_VENV) with torch ($NEUROKERN_TORCH,
 # default torch==2.13.0; if the Python running this already has torch, e.g. a CUDA build on a GPU
@@ -14,26 +15,67 @@ cd "$(dirname "$0")"
 VENV=${NEUROKERN_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-setup() {
-    if [ ! -x "$VENV/bin/python" ]; then
+# make_venv DIR: a venv in DIR with torch (that of $PYTHON if it has one, else $NEUROKERN_TORCH)
+make_venv() {
+    if [ ! -x "$1/bin/python" ]; then
         if "$PYTHON" -c "import torch" 2>/dev/null; then
-            echo "[setup] creating $VENV (reusing the torch of $PYTHON)"
-            "$PYTHON" -m venv --system-site-packages "$VENV"
+            echo "[setup] creating $1 (reusing the torch of $PYTHON)"
+            "$PYTHON" -m venv --system-site-packages "$1"
         else
-            echo "[setup] creating $VENV"
-            "$PYTHON" -m venv "$VENV"
+            echo "[setup] creating $1"
+            "$PYTHON" -m venv "$1"
         fi
     fi
-    PY="$VENV/bin/python"
-    if ! "$PY" -c "import torch" 2>/dev/null; then
+    if ! "$1/bin/python" -c "import torch" 2>/dev/null; then
         echo "[setup] installing ${NEUROKERN_TORCH:-torch==2.13.0}"
-        "$PY" -m pip install -q "${NEUROKERN_TORCH:-torch==2.13.0}"
+        "$1/bin/python" -m pip install -q "${NEUROKERN_TORCH:-torch==2.13.0}"
     fi
+}
+
+setup() {
+    make_venv "$VENV"
+    PY="$VENV/bin/python"
     echo "[setup] installing build and test tools, triton"
     "$PY" -m pip install -q -r requirements-dev.txt
-    echo "[setup] building neurokern (C++ extension; about a minute on 2 cores)"
+    # triton before 3.7 (torch 2.11 and 2.12 pin 3.6) converts arrays to Python scalars in its
+    # interpreter, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted")
+    local old_triton="import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))"
+    if "$PY" -c "$old_triton" 2>/dev/null; then
+        echo "[setup] triton before 3.7: numpy<2.4"
+        "$PY" -m pip install -q 'numpy<2.4'
+    fi
+    echo "[setup] building neurokern (C++ extension; about 4 CPU-minutes, docs/install.md)"
     "$PY" -m pip install -q --no-build-isolation -e .
     "$PY" -m neurokern --summary
+}
+
+# The sdist holds everything the build needs: build it, install it in a fresh venv (only torch
+# and the build tools: requirements-build.txt), and run a fused op from the installed package.
+sdist_check() {
+    local work
+    work=$(mktemp -d)
+    make_venv "$work/venv"
+    local py="$work/venv/bin/python"
+    "$py" -m pip install -q -r requirements-build.txt
+    echo "[sdist] building the sdist"
+    "$py" setup.py -q sdist --dist-dir "$work/dist" >/dev/null
+    echo "[sdist] installing $(basename "$work"/dist/*.tar.gz) in the fresh venv (compiles _C)"
+    local start=$SECONDS
+    "$py" -m pip install -q --no-build-isolation "$work"/dist/*.tar.gz
+    echo "[sdist] built and installed in $((SECONDS - start)) s"
+    (cd "$work" && "$py" -c '
+import torch, neurokern
+from neurokern import _extension, reference
+assert neurokern.__file__.startswith(__import__("sys").prefix), neurokern.__file__
+assert _extension.error is None, _extension.error
+assert _extension.record["torch"] == torch.__version__, _extension.record
+x = torch.randn(6, 2, 3, 4)
+alpha = torch.rand(3) * 0.5 + 0.25
+s = neurokern.functional.plif(x, alpha, backend="cpu")
+torch.testing.assert_close(s, reference.plif(x, alpha))
+print("[sdist] smoke test passed:", _extension.build_info())
+')
+    rm -rf "$work"
 }
 
 case "${1:-}" in
@@ -57,8 +99,11 @@ case "${1:-}" in
         fi
         exit "$rc"
         ;;
+    sdist)
+        sdist_check
+        ;;
     *)
-        echo "usage: bash run.sh main|test [args]" >&2
+        echo "usage: bash run.sh main|test|sdist [args]" >&2
         exit 2
         ;;
 esac

@@ -90,6 +90,8 @@ def _extension_status(device_type: str) -> Optional[str]:
         return f"the C++ extension neurokern._C did not load ({_extension.error})"
     if device_type == "cuda" and not _extension.built_with_cuda():
         return "neurokern._C was built without its CUDA part (see docs/install.md)"
+    if device_type == "cuda":
+        return _extension.cuda_arch_problem(torch.cuda.get_device_capability())
     return None
 
 

@@ -148,19 +148,24 @@ struct MmaElement<c10::Half> {
 // accumulation: c += a b, a [16][16] and b [16][16] row-major in shared memory.
 template <typename W>
 struct Mma {
-  using E = typename MmaElement<W>::type;
-  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, E,
-                                   nvcuda::wmma::row_major>;
-  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, E,
-                                   nvcuda::wmma::row_major>;
-  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // Before sm_80 mma.h has no bf16 fragments: empty stand-ins keep the loops compiling there
+  // (for the SIMT loops' sake), and the host never launches a tensor-core loop on such a device.
+  struct A {};
+  struct B {};
+  struct C {};
   static NEUROKERN_DEVICE void zero(C&) { __trap(); }
   static NEUROKERN_DEVICE void load_a(A&, const W*, int) {}
   static NEUROKERN_DEVICE void load_b(B&, const W*, int) {}
   static NEUROKERN_DEVICE void mma(C&, const A&, const B&) {}
   static NEUROKERN_DEVICE void store(float*, const C&, int) {}
 #else
+  using E = typename MmaElement<W>::type;
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, E,
+                                   nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, E,
+                                   nvcuda::wmma::row_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
   static NEUROKERN_DEVICE void zero(C& c) { nvcuda::wmma::fill_fragment(c, 0.0f); }
   static NEUROKERN_DEVICE void load_a(A& a, const W* p, int ld) {
     nvcuda::wmma::load_matrix_sync(a, reinterpret_cast<const E*>(p), ld);
