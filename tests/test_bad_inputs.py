@@ -222,9 +222,9 @@ CASES = [
     ("IF-signed-str", lambda tmp: snn.IF(signed="yes"), TypeError, r"signed"),
     ("SpikGRU2Plus-input_size-zero", lambda tmp: snn.SpikGRU2Plus(0, 4), ValueError,
      r"input_size"),
-    ("SpikGRU2Plus-hidden_size-float", lambda tmp: snn.SpikGRU2Plus(3, 4.0), ValueError,
+    ("SpikGRU2Plus-hidden_size-float", lambda tmp: snn.SpikGRU2Plus(3, 4.0), TypeError,
      r"hidden_size"),
-    ("SpikGRU2Plus-num_layers-bool", lambda tmp: snn.SpikGRU2Plus(3, 4, True), ValueError,
+    ("SpikGRU2Plus-num_layers-bool", lambda tmp: snn.SpikGRU2Plus(3, 4, True), TypeError,
      r"num_layers"),
     ("SpikGRU2Plus-dropout-nan", lambda tmp: snn.SpikGRU2Plus(3, 4, dropout=NAN), ValueError,
      r"dropout"),
@@ -321,5 +321,6 @@ def test_good_inputs_pass_the_checks(no_kernel):
     with pytest.raises(AssertionError, match="reached its kernel"):
         F.plif(x3(), np.float64(0.5), v_th=2**60, batch_first=np.bool_(False))
     snn.PLIF(3, alpha_init=np.float32(0.9), learnable=np.bool_(True))
-    snn.SpikGRU2Plus(3, 4, bias=0, batch_first=1)
+    # nn.GRU's bias and batch_first are bools only (it refuses bias=1), its other flags 0/1 too
+    snn.SpikGRU2Plus(3, 4, bias=True, batch_first=False, bidirectional=1, signed=np.bool_(False))
     assert nk.nn.clamp_leaks_(snn.PLIF(3)) is not None
