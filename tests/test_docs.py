@@ -4,7 +4,7 @@
   blocks before it in the same file), on the CPU, in a scratch working directory. Blocks are
   compiled with the markdown file's name and line numbers, so a failure's traceback points at
   the line of the .md file.
-- ```bash blocks are checked, not run (they build, install or train): each command's program
+- ```bash (or sh, shell) blocks are checked, not run (they build, install or train): each command's program
   must be one the checkers below know; `python -m MODULE ARGS` and `python SCRIPT ARGS` (also
   under `torchrun`) have ARGS parsed by the program's own argparse parser (its `parse_args`
   stopped before the program does anything), `pip install` flags must appear in
@@ -44,6 +44,7 @@ from neurokern import dispatch
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NOT_CODE = {"", "text"}
+BASH = {"bash", "sh", "shell"}
 FENCE = re.compile(r"^( *)(```+)\s*([\w+-]*)")   # indented: a block in a list item
 NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(.*?)\s*-->\s*$")
 
@@ -72,7 +73,7 @@ def extract_blocks(path: Path) -> List[Block]:
             continue
         indent, fence, lang = len(m.group(1)), m.group(2), m.group(3).lower()
         end = k + 1
-        while end < len(lines) and not lines[end].strip().startswith(fence):
+        while end < len(lines) and not re.fullmatch(rf"\s*{fence}`*\s*", lines[end]):
             end += 1
         if end == len(lines):
             raise ValueError(f"{path}:{k + 1}: code fence never closed")
@@ -97,11 +98,11 @@ def test_docs_found():
     """The extraction sees the docs (a wrong glob would make every other test vacuous)."""
     assert (ROOT / "README.md") in DOC_FILES and len(DOC_FILES) > 5
     assert sum(b.lang == "python" for b in ALL_BLOCKS) >= 5
-    assert sum(b.lang == "bash" for b in ALL_BLOCKS) >= 3
+    assert sum(b.lang in BASH for b in ALL_BLOCKS) >= 3
 
 
 def test_no_unchecked_language():
-    unchecked = [f"{b.where} ```{b.lang}" for b in CHECKED if b.lang not in ("python", "bash")]
+    unchecked = [f"{b.where} ```{b.lang}" for b in CHECKED if b.lang not in ("python", *BASH)]
     assert not unchecked, (f"no checker in tests/test_docs.py for the blocks {unchecked}; add "
                            "one, or tag a block ```text if it is not code")
 
@@ -276,7 +277,7 @@ def check_bash(where, args, env):
             f"{where}: `bash run.sh {' '.join(args[1:2])}`: run.sh has the commands {commands}"
 
 
-@pytest.mark.parametrize("block", [b for b in CHECKED if b.lang == "bash" and not b.not_run],
+@pytest.mark.parametrize("block", [b for b in CHECKED if b.lang in BASH and not b.not_run],
                          ids=lambda b: b.where)
 def test_bash_block_commands(block, monkeypatch):
     monkeypatch.chdir(ROOT)
