@@ -4,13 +4,13 @@
   blocks before it in the same file), on the CPU, in a scratch working directory. Blocks are
   compiled with the markdown file's name and line numbers, so a failure's traceback points at
   the line of the .md file.
-- ```bash (or sh, shell) blocks are checked, not run (they build, install or train): each command's program
-  must be one the checkers below know; `python -m MODULE ARGS` and `python SCRIPT ARGS` (also
-  under `torchrun`) have ARGS parsed by the program's own argparse parser (its `parse_args`
-  stopped before the program does anything), `pip install` flags must appear in
-  `pip install --help` and its requirement files and paths must exist, `bash run.sh X` needs
-  the subcommand X in run.sh, `bash SCRIPT` needs the script and the environment variables set
-  before it to be read by it.
+- ```bash (or sh, shell) blocks are checked, not run (they build, install or train): each
+  command's program must be one the checkers below know. `python -m MODULE ARGS` and
+  `python SCRIPT ARGS` (also under `torchrun`) have ARGS parsed by the program's own argparse
+  parser (its `parse_args` stopped before the program does anything; no abbreviated flags);
+  `pip install` flags must appear in `pip install --help` and its requirement files and paths
+  must exist; `bash run.sh X` needs the subcommand X in run.sh; `bash SCRIPT` needs the script,
+  and the environment variables set before it must be read by it.
 - ```text and untagged blocks are output or file layouts, not code: not checked. Any other
   language fails until a checker is added here.
 - A block is left out only when the line before its fence is `<!-- not run: REASON -->`; the
@@ -24,7 +24,6 @@ are named in their comments), so there is no hidden size substitution here.
 import argparse
 import contextlib
 import io
-import os
 import re
 import runpy
 import shlex
@@ -174,9 +173,10 @@ class _Parsed(Exception):
 
 def parse_cli(where, name, run, args, stop=True):
     """Run `run()` (a program's `__main__`) with `sys.argv = [name, *args]` until it has parsed
-    its arguments, then stop it and return them (`stop`: by patching `ArgumentParser.parse_args`; else `run`
-    raises `_Parsed` itself); fail with argparse's message if they do not parse. Abbreviated
-    flags are refused: a flag the docs shorten would break when another flag shares its start."""
+    its arguments, then stop it and return them (`stop`: by patching
+    `ArgumentParser.parse_args`; else `run` raises `_Parsed` itself); fail with argparse's
+    message if they do not parse. Abbreviated flags are refused: a flag the docs shorten would
+    break when another flag shares its start."""
     parse_args = argparse.ArgumentParser.parse_args
 
     def parse_exact(self, argv=None, namespace=None):
