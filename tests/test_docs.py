@@ -126,7 +126,6 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     # docs/extending.md registers a backend: into a copy of the registry, dropped afterwards
     monkeypatch.setattr(dispatch, "_IMPLEMENTATIONS", dict(dispatch._IMPLEMENTATIONS))
     monkeypatch.setattr(dispatch, "_resolved", {})
-    torch.manual_seed(0)
     namespace = {"__name__": "__main__"}
     for block in extract_blocks(path):
         if block.lang != "python" or block.not_run:
