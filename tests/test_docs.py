@@ -1,0 +1,300 @@
+"""Every fenced code block of README.md and docs/*.md is run or checked, so the docs cannot drift.
+
+- ```python blocks run, in order, one namespace per file (a block may use the names of the
+  blocks before it in the same file), on the CPU, in a scratch working directory. Blocks are
+  compiled with the markdown file's name and line numbers, so a failure's traceback points at
+  the line of the .md file.
+- ```bash (or sh, shell) blocks are checked, not run (they build, install or train): each
+  command's program must be one the checkers below know. `python -m MODULE ARGS` and
+  `python SCRIPT ARGS` (also under `torchrun`) have ARGS parsed by the program's own argparse
+  parser (its `parse_args` stopped before the program does anything; no abbreviated flags);
+  `pip install` flags must appear in `pip install --help` and its requirement files and paths
+  must exist; `bash run.sh X` needs the subcommand X in run.sh; `bash SCRIPT` needs the script,
+  and the environment variables set before it must be read by it.
+- ```text and untagged blocks are output or file layouts, not code: not checked. Any other
+  language fails until a checker is added here.
+- A block is left out only when the line before its fence is `<!-- not run: REASON -->`; the
+  reasons are listed as skips (`pytest -rs tests/test_docs.py`). Keep them rare: prefer small
+  stand-ins, visibly defined in the block or an earlier one, over marking a block.
+
+The examples run at the sizes written in the docs: they are small by design (the paper's sizes
+are named in their comments), so there is no hidden size substitution here.
+"""
+
+import argparse
+import contextlib
+import io
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+from unittest import mock
+
+import pytest
+import torch
+
+from neurokern import dispatch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_CODE = {"", "text"}
+BASH = {"bash", "sh", "shell"}
+FENCE = re.compile(r"^( *)(```+)\s*([\w+-]*)")   # indented: a block in a list item
+NOT_RUN = re.compile(r"^\s*<!--\s*not run:\s*(.*?)\s*-->\s*$")
+
+
+@dataclass
+class Block:
+    path: Path
+    line: int                   # 1-based line of the first code line (after the fence)
+    lang: str
+    code: str
+    not_run: Optional[str]      # the reason of a `<!-- not run: ... -->` marker, else None
+
+    @property
+    def where(self):
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def extract_blocks(path: Path) -> List[Block]:
+    """The fenced code blocks of a markdown file, in order."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, k = [], 0
+    while k < len(lines):
+        m = FENCE.match(lines[k])
+        if not m:
+            k += 1
+            continue
+        indent, fence, lang = len(m.group(1)), m.group(2), m.group(3).lower()
+        end = k + 1
+        while end < len(lines) and not re.fullmatch(rf"\s*{fence}`*\s*", lines[end]):
+            end += 1
+        if end == len(lines):
+            raise ValueError(f"{path}:{k + 1}: code fence never closed")
+        before = next((lines[j] for j in range(k - 1, -1, -1) if lines[j].strip()), "")
+        marker = NOT_RUN.match(before)
+        reason = None
+        if marker:
+            reason = marker.group(1)
+            if not reason:
+                raise ValueError(f"{path}:{k}: `<!-- not run: -->` needs a reason")
+        code = "".join(line[indent:] + "\n" for line in lines[k + 1:end])
+        blocks.append(Block(path, k + 2, lang, code, reason))
+        k = end + 1
+    return blocks
+
+
+ALL_BLOCKS = [b for path in DOC_FILES for b in extract_blocks(path)]
+CHECKED = [b for b in ALL_BLOCKS if b.lang not in NOT_CODE]
+
+
+def test_docs_found():
+    """The extraction sees the docs (a wrong glob would make every other test vacuous)."""
+    assert (ROOT / "README.md") in DOC_FILES and len(DOC_FILES) > 5
+    assert sum(b.lang == "python" for b in ALL_BLOCKS) >= 5
+    assert sum(b.lang in BASH for b in ALL_BLOCKS) >= 3
+
+
+def test_no_unchecked_language():
+    unchecked = [f"{b.where} ```{b.lang}" for b in CHECKED if b.lang not in ("python", *BASH)]
+    assert not unchecked, (f"no checker in tests/test_docs.py for the blocks {unchecked}; add "
+                           "one, or tag a block ```text if it is not code")
+
+
+@pytest.mark.parametrize("block", [b for b in CHECKED if b.not_run], ids=lambda b: b.where)
+def test_marked_not_run(block):
+    pytest.skip(f"{block.where} ```{block.lang}: not run: {block.not_run}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ```python: run
+# ---------------------------------------------------------------------------------------------
+
+PYTHON_FILES = sorted({b.path for b in CHECKED if b.lang == "python" and not b.not_run})
+
+
+@pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    """The file's python blocks, in order, in one namespace (on the CPU: tensors are created
+    on the CPU unless a block asks for a device, and CI has none)."""
+    monkeypatch.chdir(tmp_path)           # files a block writes land in a scratch folder
+    # docs/extending.md registers a backend: into a copy of the registry, dropped afterwards
+    monkeypatch.setattr(dispatch, "_IMPLEMENTATIONS", dict(dispatch._IMPLEMENTATIONS))
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    namespace = {"__name__": "__main__"}
+    for block in extract_blocks(path):
+        if block.lang != "python" or block.not_run:
+            continue
+        # leading newlines: the code object's line numbers are the .md file's
+        code = compile("\n" * (block.line - 1) + block.code, str(path), "exec")
+        try:
+            exec(code, namespace)
+        except Exception as e:
+            raise AssertionError(f"the ```python block at {block.where} fails: "
+                                 f"{type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# ```bash: check each command
+# ---------------------------------------------------------------------------------------------
+
+SEPARATORS = {"&&", "||", ";", "|"}
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def bash_commands(code):
+    """Each command of a bash block as argv: continuations joined, comments dropped, `$(...)`
+    substitutions checked as commands of their own and replaced by a placeholder word."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        for inner in re.findall(r"\$\(([^()]*)\)", line):
+            commands += bash_commands(inner)
+        line = re.sub(r"\$\([^()]*\)", "SUBSTITUTED", line)
+        argv = []
+        for word in shlex.split(line, comments=True):
+            if word in SEPARATORS:
+                commands.append(argv)
+                argv = []
+            else:
+                argv.append(word)
+        commands.append(argv)
+    return [c for c in commands if c]
+
+
+class _Parsed(Exception):
+    """Raised by the patched `ArgumentParser.parse_args`: the arguments parsed, stop here."""
+
+
+def parse_cli(where, name, run, args, stop=True):
+    """Run `run()` (a program's `__main__`) with `sys.argv = [name, *args]` until it has parsed
+    its arguments, then stop it and return them (`stop`: by patching
+    `ArgumentParser.parse_args`; else `run` raises `_Parsed` itself); fail with argparse's
+    message if they do not parse. Abbreviated flags are refused: a flag the docs shorten would
+    break when another flag shares its start."""
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_exact(self, argv=None, namespace=None):
+        self.allow_abbrev = False
+        parsed = parse_args(self, argv, namespace)
+        if stop:
+            raise _Parsed(parsed)
+        return parsed
+
+    stderr = io.StringIO()
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_exact), \
+            mock.patch.object(sys, "argv", [name, *args]), \
+            contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # runpy: module already imported
+        try:
+            run()
+        except _Parsed as parsed:
+            return parsed.args[0]     # the argparse.Namespace
+        except SystemExit as e:
+            pytest.fail(f"{where}: `{name} {shlex.join(args)}`: the arguments do not parse "
+                        f"(exit {e.code}): {stderr.getvalue().strip()}")
+    pytest.fail(f"{where}: `{name} {shlex.join(args)}` never parsed its arguments with argparse")
+
+
+def check_python(where, args):
+    if args[:1] == ["-m"] and len(args) > 1:
+        module, rest = args[1], args[2:]
+        if module == "pip":
+            return check_pip(where, rest)
+        if module == "neurokern" or module.startswith("neurokern."):
+            __import__(module)
+            parser_fn = getattr(sys.modules[module], "parse_args", None)
+            if callable(parser_fn):   # the module's own parse_args, with its value checks
+
+                def run():
+                    raise _Parsed(parser_fn(rest))
+
+                return parse_cli(where, f"python -m {module}", run, rest, stop=False)
+            return parse_cli(where, f"python -m {module}", lambda: runpy.run_module(
+                module, run_name="__main__", alter_sys=True), rest)
+        pytest.fail(f"{where}: no check for `python -m {module}` in tests/test_docs.py")
+    if args and args[0].endswith(".py"):
+        script = ROOT / args[0]
+        assert script.is_file(), f"{where}: {args[0]} does not exist"
+        with mock.patch.object(sys, "path", [str(script.parent), *sys.path]):
+            return parse_cli(where, f"python {args[0]}",
+                             lambda: runpy.run_path(str(script), run_name="__main__"), args[1:])
+    pytest.fail(f"{where}: no check for `python {shlex.join(args)}` in tests/test_docs.py")
+
+
+_pip_help = {}
+
+
+def check_pip(where, args):
+    assert args[:1] == ["install"], f"{where}: no check for `pip {shlex.join(args)}`"
+    if "install" not in _pip_help:
+        _pip_help["install"] = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--help"], capture_output=True, text=True,
+            check=True).stdout
+    words = iter(args[1:])
+    for word in words:
+        if word.startswith("-"):
+            flag = word.split("=")[0]
+            assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,=]|$)", _pip_help["install"],
+                             re.M), f"{where}: `pip install {flag}` is not a pip option"
+            if flag in ("-r", "--requirement", "-e", "--editable"):
+                word = next(words)
+                assert (ROOT / word).exists(), f"{where}: {word} (after {flag}) does not exist"
+        elif word.startswith((".", "/")):
+            assert (ROOT / word).exists(), f"{where}: {word} does not exist"
+        else:   # a requirement, e.g. torch==2.13.0
+            from packaging.requirements import Requirement
+            Requirement(word)
+
+
+def check_torchrun(where, args):
+    from torch.distributed.run import get_args_parser
+    parser = get_args_parser()
+
+    def run():
+        raise _Parsed(parser.parse_args(args))
+
+    ns = parse_cli(where, "torchrun", run, args, stop=False)
+    inner = ["-m", ns.training_script] if ns.module else [ns.training_script]
+    check_python(where, inner + ns.training_script_args)
+
+
+def check_bash(where, args, env):
+    script = ROOT / args[0]
+    assert script.is_file(), f"{where}: {args[0]} does not exist"
+    text = script.read_text()
+    for name in env:
+        assert re.search(rf"\${{?{name}\b", text), \
+            f"{where}: {name}= is set for {args[0]}, which never reads ${name}"
+    if args[0] == "run.sh":
+        commands = re.findall(r"^\s+([\w|-]+)\)", text, re.M)   # the case labels
+        assert len(args) > 1 and any(args[1] in c.split("|") for c in commands), \
+            f"{where}: `bash run.sh {' '.join(args[1:2])}`: run.sh has the commands {commands}"
+
+
+@pytest.mark.parametrize("block", [b for b in CHECKED if b.lang in BASH and not b.not_run],
+                         ids=lambda b: b.where)
+def test_bash_block_commands(block, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for argv in bash_commands(block.code):
+        env = []
+        while argv and ENV_ASSIGNMENT.match(argv[0]):
+            env.append(argv.pop(0).split("=")[0])
+        program, args = argv[0], argv[1:]
+        if program in ("python", "python3"):
+            check_python(block.where, args)
+        elif program == "pip":
+            check_pip(block.where, args)
+        elif program == "torchrun":
+            check_torchrun(block.where, args)
+        elif program == "bash":
+            check_bash(block.where, args, env)
+        elif program == "git":
+            pass   # only in `$(git rev-parse ...)`: a standard tool, nothing of ours to check
+        else:
+            pytest.fail(f"{block.where}: no check for the program `{program}` in "
+                        "tests/test_docs.py")
