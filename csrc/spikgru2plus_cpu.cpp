@@ -577,6 +577,9 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
   const at::Tensor Ut_rows = SPIKING ? Ut.contiguous() : at::Tensor();
   SpikeLists lists;
   std::vector<uint8_t> active;
+  // The products skip zero spikes (the row sums; U s_0 = 0 without a state); where U holds an
+  // inf or NaN, the reference's 0 * inf is NaN there, so every step takes the dense product.
+  const bool finite_u = at::isfinite(U).all().item<bool>();
 
   FwdStep<T> p;
   p.b_hh = b_hh.const_data_ptr<T>();
@@ -591,9 +594,9 @@ void fwd_kernel(const at::Tensor& gi,     // [T, B, 3H] contiguous
       active_rows(lengths, B, t, active);
       p.active = active.data();
     }
-    if (t == 0 && !has_s0) {
+    if (t == 0 && !has_s0 && finite_u) {
       gh.zero_();
-    } else if (SPIKING) {
+    } else if (SPIKING && finite_u) {
       product_with_spikes<T>(s_prev, Ut, gh, lists, Ut_rows, p.active);
     } else {  // the rows up to the last running one
       const int64_t m_run = running_prefix(p.active, B);

@@ -187,8 +187,9 @@ if triton_available():
         bias = gi if bias_hh is None else bias_hh.contiguous()
         active = _active_steps(lengths, steps)  # [T, D * B]
         for t in range(steps):
-            if t == 0 and s0 is None:  # U s_{-1} = U 0
-                gh_seq[0].zero_()
+            if t == 0 and s0 is None:  # U s_{-1} = U 0: 0, NaN in a row of U with an inf or NaN
+                gh_seq[0].view(directions, rows // directions, gates).copy_(
+                    (weight_hh * 0).sum(-1).view(directions, 1, gates))
             else:
                 _product(s_mm, weight_t, gh_seq[t], directions)
             spikgru2plus_step_fwd_kernel[grid](

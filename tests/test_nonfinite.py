@@ -136,3 +136,40 @@ def check_non_finite_gates(backend, case):
 
     got, want = run_both(fused, reference, inputs_, grads)
     assert_same(got, want, f"spikgru2plus {backend}")
+
+
+@pytest.mark.parametrize("backend", fused_backends("spikgru2plus"))
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("spiking", [True, False])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_spikgru2plus_non_finite_recurrent_weight(backend, value, spiking, with_state):
+    """A non-finite entry of U: the reference's U s_{t-1} has 0 * inf = NaN in its row where the
+    spike is 0, including U s_0 = U 0 at the first step without a state; the fused loops must not
+    skip those products (the C++ spike row sums skip zero spikes; every backend skipped U 0)."""
+    steps, batch, inputs, hidden = 4, 3, 3, 5
+    generator = torch.Generator().manual_seed(7)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+
+    weight_hh = randn(3 * hidden, hidden, scale=0.5)
+    weight_hh[2 * hidden + 1, 3] = value  # the i gate of unit 1, from unit 3's spike
+    inputs_ = [randn(steps, batch, inputs, scale=2.0), randn(3 * hidden, inputs), weight_hh,
+               randn(3 * hidden), randn(3 * hidden),
+               torch.rand(hidden, dtype=torch.float64, generator=generator)]
+    inputs_ = [t.requires_grad_() for t in inputs_]
+    state = tuple(randn(batch, hidden) for _ in range(2)) + (torch.zeros(batch, hidden).double(),)
+    grads = [randn(steps, batch, hidden)] + [randn(batch, hidden) for _ in range(3)]
+    kw = dict(spiking=spiking, v_th=0.5, state=state if with_state else None)
+
+    def fused(*args):
+        s, final = nk.functional.spikgru2plus(*args, backend=backend, **kw)
+        return (s, *final)
+
+    def reference(*args):
+        s, final = nk.reference.spikgru2plus(*args, **kw)
+        return (s, *final)
+
+    got, want = run_both(fused, reference, inputs_, grads)
+    assert any(torch.isnan(t).any() for t in want[:4])  # the case reaches the outputs
+    assert_same(got, want, f"spikgru2plus {backend}")
