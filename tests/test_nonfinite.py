@@ -143,6 +143,10 @@ def check_non_finite_gates(backend, case):
 @pytest.mark.parametrize("spiking", [True, False])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_spikgru2plus_non_finite_recurrent_weight(backend, value, spiking, with_state):
+    check_non_finite_recurrent_weight(backend, value, spiking, with_state)
+
+
+def check_non_finite_recurrent_weight(backend, value, spiking, with_state):
     """A non-finite entry of U: the reference's U s_{t-1} has 0 * inf = NaN in its row where the
     spike is 0, including U s_0 = U 0 at the first step without a state; the fused loops must not
     skip those products (the C++ spike row sums skip zero spikes; every backend skipped U 0)."""

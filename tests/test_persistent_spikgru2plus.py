@@ -147,6 +147,14 @@ def test_non_finite_gates_on_the_emulation(emulated_cuda, case):
     test_nonfinite.check_non_finite_gates("cuda", case)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_non_finite_recurrent_weight_on_the_emulation(emulated_cuda, value, with_state):
+    """test_nonfinite.py's inf or NaN in U, backend "cuda" emulated."""
+    emulated_cuda(3, 8, 8, 256 * 1024)
+    test_nonfinite.check_non_finite_recurrent_weight("cuda", value, True, with_state)
+
+
 @pytest.mark.parametrize("name,args", [
     ("test_streaming_two_chunks_equals_one_pass", (False,)),
     ("test_streaming_two_chunks_equals_one_pass", (True,)),
