@@ -33,6 +33,20 @@ def assert_same(got, want, what):
                                    msg=lambda m: f"{what}: tensor {k}: {m}")
 
 
+def spikgru2plus_pair(backend, **kw):
+    """(fused, reference): spikgru2plus on `backend` and the reference, each returning its
+    spikes and final state as one tuple."""
+    def fused(*args):
+        s, final = nk.functional.spikgru2plus(*args, backend=backend, **kw)
+        return (s, *final)
+
+    def reference(*args):
+        s, final = nk.reference.spikgru2plus(*args, **kw)
+        return (s, *final)
+
+    return fused, reference
+
+
 def run_both(fused, reference, inputs, grads):
     """Outputs of fused(*inputs) and reference(*inputs) and the gradients of the inputs that
     require grad, for the output gradients `grads`."""
@@ -124,17 +138,8 @@ def check_non_finite_gates(backend, case):
     inputs_ = [t.to(case["dtype"]).requires_grad_() for t in inputs_]
     grads = [randn(steps, batch, hidden)] + [randn(batch, hidden) for _ in range(3)]
     grads = [g.to(case["dtype"]) for g in grads]
-    kw = dict(signed=case["signed"], spiking=case["spiking"], v_th=0.5)
-
-    def fused(*args):
-        s, state = nk.functional.spikgru2plus(*args, backend=backend, **kw)
-        return (s, *state)
-
-    def reference(*args):
-        s, state = nk.reference.spikgru2plus(*args, **kw)
-        return (s, *state)
-
-    got, want = run_both(fused, reference, inputs_, grads)
+    got, want = run_both(*spikgru2plus_pair(backend, signed=case["signed"],
+                                            spiking=case["spiking"], v_th=0.5), inputs_, grads)
     assert_same(got, want, f"spikgru2plus {backend}")
 
 
@@ -164,16 +169,7 @@ def check_non_finite_recurrent_weight(backend, value, spiking, with_state):
     inputs_ = [t.requires_grad_() for t in inputs_]
     state = tuple(randn(batch, hidden) for _ in range(2)) + (torch.zeros(batch, hidden).double(),)
     grads = [randn(steps, batch, hidden)] + [randn(batch, hidden) for _ in range(3)]
-    kw = dict(spiking=spiking, v_th=0.5, state=state if with_state else None)
-
-    def fused(*args):
-        s, final = nk.functional.spikgru2plus(*args, backend=backend, **kw)
-        return (s, *final)
-
-    def reference(*args):
-        s, final = nk.reference.spikgru2plus(*args, **kw)
-        return (s, *final)
-
-    got, want = run_both(fused, reference, inputs_, grads)
+    got, want = run_both(*spikgru2plus_pair(backend, spiking=spiking, v_th=0.5,
+                                            state=state if with_state else None), inputs_, grads)
     assert any(torch.isnan(t).any() for t in want[:4])  # the case reaches the outputs
     assert_same(got, want, f"spikgru2plus {backend}")
