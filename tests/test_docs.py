@@ -298,3 +298,96 @@ def test_bash_block_commands(block, monkeypatch):
         else:
             pytest.fail(f"{block.where}: no check for the program `{program}` in "
                         "tests/test_docs.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Links: every relative link resolves, every page is reachable from docs/index.md
+# ---------------------------------------------------------------------------------------------
+
+# Pages other branches are writing: links to them may point nowhere until they are merged.
+# The coordinator empties this list once they are in main (then a missing one fails).
+PENDING_PAGES = {
+    "docs/compat-spikingjelly.md",   # drop-in guide for SpikingJelly users
+    "docs/compat-snntorch.md",       # drop-in guide for snnTorch users
+    "docs/neurons.md",               # the neuron models
+}
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^()\s]+)\)")   # [text](target); images have no check
+
+
+def _prose(text, inline_code=False):
+    """`text` without fenced code blocks and (unless `inline_code`) inline code: a link there
+    is not a link."""
+    text = re.sub(r"^( *)(```+).*?^\1\2`*\s*$", "", text, flags=re.M | re.S)
+    return text if inline_code else re.sub(r"`[^`\n]*`", "", text)
+
+
+def heading_anchors(path: Path):
+    """GitHub's anchors of a page's headings: lower case, punctuation but `-` and `_` dropped,
+    spaces to `-`; a repeated heading gets `-1`, `-2`, ..."""
+    anchors, seen = set(), {}
+    for line in _prose(path.read_text(encoding="utf-8"), inline_code=True).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def relative_links(path: Path):
+    """`(target path relative to ROOT, anchor or None)` of every relative link of a page."""
+    out = []
+    for target in LINK.findall(_prose(path.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):   # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        out.append((resolved.relative_to(ROOT).as_posix(), anchor or None))
+    return out
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    broken = []
+    for target, anchor in relative_links(path):
+        if not (ROOT / target).exists():
+            if target not in PENDING_PAGES:
+                broken.append(f"{target}: no such file")
+        elif anchor and target.endswith(".md") and anchor not in heading_anchors(ROOT / target):
+            broken.append(f"{target}#{anchor}: no such heading")
+    assert not broken, f"{path.relative_to(ROOT)} links to {broken}"
+
+
+def test_every_page_is_reachable_from_the_index():
+    index = "docs/index.md"
+    seen, todo = {index}, [index]
+    while todo:
+        for target, _ in relative_links(ROOT / todo.pop()):
+            if target.endswith(".md") and target not in seen and (ROOT / target).exists():
+                seen.add(target)
+                todo.append(target)
+    pages = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")}
+    assert pages - seen == set(), f"pages no link chain from {index} reaches: {pages - seen}"
+    assert index in {t for t, _ in relative_links(ROOT / "README.md")}, \
+        f"README.md does not link to {index}"
+
+
+def test_link_checks_can_fail(tmp_path, monkeypatch):
+    """The checks see a broken link, a broken anchor and an unlinked page, and skip code."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("[docs](docs/index.md)\n")
+    index = tmp_path / "docs/index.md"
+    index.write_text("# Index\n[a](a.md#usage-the-x-op) `[b](b.md)` [n](neurons.md)\n")
+    (tmp_path / "docs/a.md").write_text("# Usage: the `x` op\n```\n# not a heading\n```\n")
+    (tmp_path / "docs/b.md").write_text("[gone](gone.md)\n")
+    test_relative_links_resolve(index)        # the anchor exists; neurons.md is pending
+    with pytest.raises(AssertionError, match="docs/b.md"):
+        test_every_page_is_reachable_from_the_index()   # b.md: its link is inline code
+    with pytest.raises(AssertionError, match="gone.md: no such file"):
+        test_relative_links_resolve(tmp_path / "docs/b.md")
+    index.write_text("[a](a.md#not-a-heading) [b](b.md)\n")
+    with pytest.raises(AssertionError, match="no such heading"):
+        test_relative_links_resolve(index)
