@@ -391,3 +391,128 @@ def test_link_checks_can_fail(tmp_path, monkeypatch):
     index.write_text("[a](a.md#not-a-heading) [b](b.md)\n")
     with pytest.raises(AssertionError, match="no such heading"):
         test_relative_links_resolve(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/results.md: its tables are generated from benchmarks/results/*.csv, never typed
+# ---------------------------------------------------------------------------------------------
+
+RESULTS_PAGE = ROOT / "docs" / "results.md"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+BEGIN_GENERATED = ("<!-- generated from benchmarks/results/*.csv by "
+                   "`python tests/test_docs.py --write-results`; do not edit by hand -->")
+END_GENERATED = "<!-- end of the generated tables -->"
+RESULT_FILES = [  # (csv, title, script)
+    ("spikgru2plus", "SpikGRU2+", "bench_spikgru2plus.py"),
+    ("plif", "PLIF", "bench_plif.py"),
+    ("spike", "Spike activations", "bench_spike.py"),
+    ("train_step", "One training step (forward, cross-entropy, backward, Adam)",
+     "bench_train_step.py"),
+]
+MODES = ("forward", "backward", "fwd+bwd")
+
+
+def left_out(row):
+    """Why a CSV row is not a current result (None: it is). The CSVs keep every run."""
+    if "[commit " in row["provider"]:
+        return "rows whose provider names a `[commit ...]`: code since replaced"
+    if (row["provider"].startswith("neurokern cuda") and row["dtype"] != "float32"
+            and row["date"] <= "2026-11-23"):
+        return ("`neurokern cuda` rows in bfloat16 of 2026-11-23 and before: the persistent "
+                "loops' former SIMT path for 16-bit weights, replaced by the tensor-core loops")
+    return None
+
+
+def result_command(script, row):
+    """The command that produces `row` (a full run: a superset of the quick runs' rows)."""
+    device = "cuda" if not row["device"].startswith("CPU") else "cpu"
+    words = [f"python benchmarks/{script}", f"--device {device}"]
+    if "(split products)" in row["provider"]:
+        words.append("--split-products")
+    if row["size"].startswith("varlen") and device == "cpu":
+        words.append("--lengths")
+    threads = re.search(r"x(\d+) threads", row["device"])
+    prefix = f"OMP_NUM_THREADS={threads.group(1)} " if threads else ""
+    return prefix + " ".join(words)
+
+
+def results_tables():
+    """The generated part of docs/results.md: per benchmark, device and command, the latest
+    row of every (case, dtype, provider, mode) as it stands in the CSV."""
+    import csv
+    out, dropped = [], {}
+    for name, title, script in RESULT_FILES:
+        with open(RESULTS_DIR / f"{name}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        groups = {}   # (device, command) -> {(case, dtype, provider): {mode: row}}
+        for row in rows:
+            reason = left_out(row)
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                continue
+            case = row["size"] if name != "spike" else f"{row['op']} {row['size']}"
+            key = (row["device"], result_command(script, row))
+            groups.setdefault(key, {}).setdefault((case, row["dtype"], row["provider"]),
+                                                  {})[row["mode"]] = row
+        for (device, command), lines in sorted(groups.items(), key=lambda g: (
+                g[0][0].startswith("CPU"), g[0][0], g[0][1])):
+            chosen = [r for modes in lines.values() for r in modes.values()]
+            dates = sorted({r["date"] for r in chosen})
+            torch_versions = ", ".join(sorted({r["torch"] for r in chosen}))
+            triton_versions = ", ".join(sorted({r["triton"] for r in chosen}))
+            flags = " ".join(w for w in command.split() if w.startswith("--")
+                             and w != "--device")
+            out += [f"### {title}: {device}" + (f" ({flags})" if flags else ""), "",
+                    f"- date: {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else ""),
+                    f"- device: {device}",
+                    f"- torch {torch_versions}, Triton {triton_versions}",
+                    f"- data: `benchmarks/results/{name}.csv`", "",
+                    "```bash", command, "```", "",
+                    "| case | dtype | provider | forward ms | backward ms | fwd+bwd ms | "
+                    "fwd+bwd q20-q80 ms | peak MB | floor fwd ms | floor fwd+bwd ms | date |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|"]
+            first = {}   # each case, dtype and provider in the order the CSV first has it
+            for key in lines:
+                for k, part in enumerate(key):
+                    first.setdefault((k, part), len(first))
+            for (case, dtype, provider), modes in sorted(lines.items(), key=lambda line: [
+                    first[(k, part)] for k, part in enumerate(line[0])]):
+                full = modes.get("fwd+bwd", {})
+                floors = [modes[m]["floor_ms"] if m in modes else "" for m in ("forward",
+                                                                               "fwd+bwd")]
+                quantiles = f"{full['q20_ms']}-{full['q80_ms']}" if full else ""
+                row_dates = ", ".join(sorted({r["date"] for r in modes.values()}))
+                out.append(" | ".join(
+                    ["", case, dtype, provider, *(modes[m]["ms"] if m in modes else ""
+                                                  for m in MODES),
+                     quantiles, full.get("peak_mb", ""), *floors, row_dates, ""]).strip())
+            out.append("")
+    out += ["Left out of these tables (still in the CSVs):", ""]
+    out += [f"- {reason} ({n} rows)" for reason, n in dropped.items()]
+    return "\n".join([BEGIN_GENERATED, "", *out, "", END_GENERATED])
+
+
+def _results_page_with(tables):
+    text = RESULTS_PAGE.read_text(encoding="utf-8")
+    start, end = text.index(BEGIN_GENERATED), text.index(END_GENERATED) + len(END_GENERATED)
+    return text[:start] + tables + text[end:]
+
+
+def test_results_page_is_the_csvs():
+    """docs/results.md quotes the latest CSV rows, and nothing typed by hand in its tables."""
+    text = RESULTS_PAGE.read_text(encoding="utf-8")
+    assert BEGIN_GENERATED in text and END_GENERATED in text
+    assert text == _results_page_with(results_tables()), (
+        "docs/results.md is not what benchmarks/results/*.csv say (new rows?): run "
+        "`python tests/test_docs.py --write-results` and commit docs/results.md")
+    outside = text.replace(text[text.index(BEGIN_GENERATED):text.index(END_GENERATED)], "")
+    typed = re.findall(r"^\|.*\b\d+\.\d+\b.*$", outside, re.M)
+    assert not typed, f"measured numbers outside the generated part of docs/results.md: {typed}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-results"]:
+        RESULTS_PAGE.write_text(_results_page_with(results_tables()), encoding="utf-8")
+        print(f"wrote {RESULTS_PAGE.relative_to(ROOT)}")
+    else:
+        sys.exit("usage: python tests/test_docs.py --write-results")
