@@ -511,8 +511,9 @@ def test_results_page_is_the_csvs():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--write-results"]:
-        RESULTS_PAGE.write_text(_results_page_with(results_tables()), encoding="utf-8")
-        print(f"wrote {RESULTS_PAGE.relative_to(ROOT)}")
-    else:
-        sys.exit("usage: python tests/test_docs.py --write-results")
+    cli = argparse.ArgumentParser(description="Regenerate the tables of docs/results.md.")
+    cli.add_argument("--write-results", action="store_true", required=True,
+                     help="write docs/results.md's tables from benchmarks/results/*.csv")
+    cli.parse_args()
+    RESULTS_PAGE.write_text(_results_page_with(results_tables()), encoding="utf-8")
+    print(f"wrote {RESULTS_PAGE.relative_to(ROOT)}")
