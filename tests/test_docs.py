@@ -5,7 +5,8 @@
   compiled with the markdown file's name and line numbers, so a failure's traceback points at
   the line of the .md file.
 - ```bash (or sh, shell) blocks are checked, not run (they build, install or train): each
-  command's program must be one the checkers below know. `python -m MODULE ARGS` and
+  command's program must be one the checkers below know. `python -m pytest` flags must be
+  pytest's and its test paths must exist. `python -m MODULE ARGS` and
   `python SCRIPT ARGS` (also under `torchrun`) have ARGS parsed by the program's own argparse
   parser (its `parse_args` stopped before the program does anything; no abbreviated flags);
   `pip install` flags must appear in `pip install --help` and its requirement files and paths
@@ -205,6 +206,8 @@ def check_python(where, args):
         module, rest = args[1], args[2:]
         if module == "pip":
             return check_pip(where, rest)
+        if module == "pytest":
+            return check_pytest(where, rest)
         if module == "neurokern" or module.startswith("neurokern."):
             __import__(module)
             parser_fn = getattr(sys.modules[module], "parse_args", None)
@@ -249,6 +252,22 @@ def check_pip(where, args):
         else:   # a requirement, e.g. torch==2.13.0
             from packaging.requirements import Requirement
             Requirement(word)
+
+
+def check_pytest(where, args):
+    """`python -m pytest` flags must be pytest's, and its test paths (before `::`) must exist."""
+    if "pytest" not in _pip_help:
+        _pip_help["pytest"] = subprocess.run(
+            [sys.executable, "-m", "pytest", "--help"], capture_output=True, text=True,
+            check=True, cwd=ROOT).stdout
+    for word in args:
+        if word.startswith("-"):
+            flag = word.split("=")[0]
+            assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,=]|$)", _pip_help["pytest"],
+                             re.M), f"{where}: `pytest {flag}` is not a pytest option"
+        elif word.startswith("tests"):
+            path = word.split("::")[0]
+            assert (ROOT / path).exists(), f"{where}: {path} does not exist"
 
 
 def check_torchrun(where, args):
