@@ -18,6 +18,12 @@
   reasons are listed as skips (`pytest -rs tests/test_docs.py`). Keep them rare: prefer small
   stand-ins, visibly defined in the block or an earlier one, over marking a block.
 
+- Links: every relative link of README.md and docs/*.md points to an existing file, and to an
+  existing heading where it names an anchor; every docs/*.md page is reachable from
+  docs/index.md (PENDING_PAGES: pages other branches are writing).
+- docs/results.md: its tables are generated from benchmarks/results/*.csv
+  (`python tests/test_docs.py --write-results`) and must equal what the CSVs give.
+
 The examples run at the sizes written in the docs: they are small by design (the paper's sizes
 are named in their comments), so there is no hidden size substitution here.
 """
