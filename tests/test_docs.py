@@ -435,6 +435,10 @@ RESULT_FILES = [  # (csv, title, script)
      "bench_train_step.py"),
 ]
 MODES = ("forward", "backward", "fwd+bwd")
+HEADLINE_CASES = {   # the cases of the "At a glance" table: the paper's sizes, the CPU defaults
+    "layer L1 B32 T90 I512 H1024", "stack L3 B32 T90 I512 H1024", "32x90x64x22x22",
+    "paper B32 T90", "layer L1 B8 T90 I256 H256", "4x90x64x11x11", "small B16 T16",
+}
 
 
 def left_out(row):
@@ -465,7 +469,7 @@ def results_tables():
     """The generated part of docs/results.md: per benchmark, device and command, the latest
     row of every (case, dtype, provider, mode) as it stands in the CSV."""
     import csv
-    out, dropped = [], {}
+    out, dropped, glance = [], {}, []
     for name, title, script in RESULT_FILES:
         with open(RESULTS_DIR / f"{name}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -507,11 +511,23 @@ def results_tables():
                                                                                "fwd+bwd")]
                 quantiles = f"{full['q20_ms']}-{full['q80_ms']}" if full else ""
                 row_dates = ", ".join(sorted({r["date"] for r in modes.values()}))
+                if case in HEADLINE_CASES and full and "(split products)" not in provider:
+                    glance.append((device.startswith("CPU"), device, title.split(" (")[0],
+                                   case, dtype, provider, full["ms"], row_dates))
                 out.append(" | ".join(
                     ["", case, dtype, provider, *(modes[m]["ms"] if m in modes else ""
                                                   for m in MODES),
                      quantiles, full.get("peak_mb", ""), *floors, row_dates, ""]).strip())
             out.append("")
+    summary = ["### At a glance: forward+backward at the paper's sizes (GPU) and the CPU "
+               "defaults", "",
+               "The same rows as in the tables below; those give the command, the versions, "
+               "the forward and backward alone, the quantiles and the memory.", "",
+               "| device | benchmark | case | dtype | provider | fwd+bwd ms | date |",
+               "|---|---|---|---|---|---|---|"]
+    summary += [" | ".join(["", *line[1:], ""]).strip()
+                for line in sorted(glance, key=lambda line: line[0])]
+    out = summary + [""] + out
     out += ["Left out of these tables (still in the CSVs):", ""]
     out += [f"- {reason} ({n} rows)" for reason, n in dropped.items()]
     return "\n".join([BEGIN_GENERATED, "", *out, "", END_GENERATED])
