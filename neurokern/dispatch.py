@@ -82,12 +82,15 @@ def register(op: str, backend: str):
     return decorator
 
 
-def _extension_status(device_type: str) -> Optional[str]:
-    """None if `neurokern._C` is loaded and was built for `device_type`, else the reason."""
+def _extension_status(device_type: str, build: bool = False) -> Optional[str]:
+    """None if `neurokern._C` is loaded and was built for `device_type`, else the reason.
+    Without a prebuilt binary that fits, a cached JIT build is loaded, and with `build` a
+    missing one is compiled now (`_extension.ensure`; it logs that it compiles or waits)."""
     from neurokern import _extension
 
-    if _extension.error is not None:
-        return f"the C++ extension neurokern._C did not load ({_extension.error})"
+    problem = _extension.ensure(build)
+    if problem is not None:
+        return f"the C++ extension neurokern._C did not load ({problem})"
     if device_type == "cuda" and not _extension.built_with_cuda():
         return "neurokern._C was built without its CUDA part (see docs/install.md)"
     if device_type == "cuda":
@@ -105,8 +108,13 @@ def _triton_status(device_type: str) -> Optional[str]:
     return None
 
 
-def availability(op: str, backend: str, device_type: str) -> Availability:
-    """Whether `backend` can run `op` on tensors of `device_type` ("cpu" or "cuda")."""
+def availability(op: str, backend: str, device_type: str, *, build: bool = False
+                 ) -> Availability:
+    """Whether `backend` can run `op` on tensors of `device_type` ("cpu" or "cuda").
+
+    `build=True` (what an op call does): where `neurokern._C` is compiled on first use (JIT,
+    docs/install.md) and not compiled yet, compile it now (minutes, once per torch version)
+    instead of reporting the backend unavailable until then."""
     if backend == "reference":
         return Availability(True)
     if backend == "cpu" and device_type != "cpu":
@@ -117,7 +125,8 @@ def availability(op: str, backend: str, device_type: str) -> Availability:
         return Availability(False, "no CUDA device is available to this torch build")
     if (op, backend) not in _IMPLEMENTATIONS:
         return Availability(False, f"no {backend} kernel implements {op} yet")
-    reason = _triton_status(device_type) if backend == "triton" else _extension_status(device_type)
+    reason = (_triton_status(device_type) if backend == "triton"
+              else _extension_status(device_type, build))
     return Availability(reason is None, reason or "")
 
 
@@ -197,7 +206,7 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     if backend == "auto":
         backend = default_backend()
     if backend != "auto":
-        status = availability(op, backend, device_type)
+        status = availability(op, backend, device_type, build=True)
         if not status.available:
             raise BackendUnavailableError(
                 f"backend {backend!r} cannot run {op} on {device_type}: {status.reason}"
@@ -210,7 +219,9 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     # verified.choose; the first other available backend (the reference) is the fallback.
     skipped, variants, fallback = [], {}, None
     for name in AUTO_ORDER[device_type]:
-        status = availability(op, name, device_type)
+        # on CPU tensors "auto" compiles neurokern._C on first use (JIT) rather than silently
+        # take the slow reference; on a GPU it does not compile for a backend it may not take
+        status = availability(op, name, device_type, build=device_type == "cpu")
         if not status.available:
             skipped.append((name, status.reason))
         elif device_type == "cuda" and name != "reference":
