@@ -299,8 +299,12 @@ def _build(spec: Spec, folder: str, log: str) -> Optional[str]:
     if proc.returncode == 0 and os.path.isfile(_binary(folder, spec)):
         return None
     with open(log, errors="replace") as f:
-        tail = "".join(f.readlines()[-15:]).strip()
-    return f"the compiler run exited with {proc.returncode}; the end of {log}:\n{tail}"
+        lines = f.read().splitlines()
+    # the compiler's and ninja's error lines, else the end of the log (a Python traceback)
+    shown = [line for line in lines if "error:" in line or line.startswith("FAILED:")][:8]
+    shown = shown or lines[-15:]
+    return (f"the compiler run exited with {proc.returncode}; {len(lines)} lines of output in "
+            f"{log}, of which:\n" + "\n".join(shown))
 
 
 def _discard(path: str) -> None:
