@@ -82,13 +82,13 @@ def register(op: str, backend: str):
     return decorator
 
 
-def _extension_status(device_type: str, build: bool = False) -> Optional[str]:
+def _extension_status(device_type: str) -> Optional[str]:
     """None if `neurokern._C` is loaded and was built for `device_type`, else the reason.
-    Without a prebuilt binary that fits, a cached JIT build is loaded, and with `build` a
-    missing one is compiled now (`_extension.ensure`; it logs that it compiles or waits)."""
+    Without a prebuilt binary that fits, a build compiled on first use is loaded from the
+    cache if there is one (`_extension.ensure`); this never compiles (`_compile_on_first_use`)."""
     from neurokern import _extension
 
-    problem = _extension.ensure(build)
+    problem = _extension.ensure(build=False)
     if problem is not None:
         return f"the C++ extension neurokern._C did not load ({problem})"
     if device_type == "cuda" and not _extension.built_with_cuda():
@@ -108,13 +108,19 @@ def _triton_status(device_type: str) -> Optional[str]:
     return None
 
 
-def availability(op: str, backend: str, device_type: str, *, build: bool = False
-                 ) -> Availability:
-    """Whether `backend` can run `op` on tensors of `device_type` ("cpu" or "cuda").
+def _compile_on_first_use(op: str, backend: str, device_type: str) -> None:
+    """Where the C++ backend `backend` is to run `op` on `device_type` tensors and
+    `neurokern._C` is compiled on first use but not yet (docs/install.md), compile it now
+    (minutes, once per torch version; `_extension.ensure` logs that it compiles or waits). A
+    failure is reported by `availability`, as the reason the backend is unavailable."""
+    if backend == device_type and (op, backend) in _IMPLEMENTATIONS:
+        from neurokern import _extension
 
-    `build=True` (what an op call does): where `neurokern._C` is compiled on first use (JIT,
-    docs/install.md) and not compiled yet, compile it now (minutes, once per torch version)
-    instead of reporting the backend unavailable until then."""
+        _extension.ensure(build=True)
+
+
+def availability(op: str, backend: str, device_type: str) -> Availability:
+    """Whether `backend` can run `op` on tensors of `device_type` ("cpu" or "cuda")."""
     if backend == "reference":
         return Availability(True)
     if backend == "cpu" and device_type != "cpu":
@@ -125,8 +131,7 @@ def availability(op: str, backend: str, device_type: str, *, build: bool = False
         return Availability(False, "no CUDA device is available to this torch build")
     if (op, backend) not in _IMPLEMENTATIONS:
         return Availability(False, f"no {backend} kernel implements {op} yet")
-    reason = (_triton_status(device_type) if backend == "triton"
-              else _extension_status(device_type, build))
+    reason = _triton_status(device_type) if backend == "triton" else _extension_status(device_type)
     return Availability(reason is None, reason or "")
 
 
@@ -206,7 +211,8 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     if backend == "auto":
         backend = default_backend()
     if backend != "auto":
-        status = availability(op, backend, device_type, build=True)
+        _compile_on_first_use(op, backend, device_type)
+        status = availability(op, backend, device_type)
         if not status.available:
             raise BackendUnavailableError(
                 f"backend {backend!r} cannot run {op} on {device_type}: {status.reason}"
@@ -218,10 +224,12 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     # On a GPU the fused backends' variants for this call, fastest first, go to
     # verified.choose; the first other available backend (the reference) is the fallback.
     skipped, variants, fallback = [], {}, None
+    # on CPU tensors "auto" compiles neurokern._C on first use rather than take the slow
+    # reference; on a GPU it does not wait minutes for a backend it may not take (Triton first)
+    if device_type == "cpu":
+        _compile_on_first_use(op, "cpu", device_type)
     for name in AUTO_ORDER[device_type]:
-        # on CPU tensors "auto" compiles neurokern._C on first use (JIT) rather than silently
-        # take the slow reference; on a GPU it does not compile for a backend it may not take
-        status = availability(op, name, device_type, build=device_type == "cpu")
+        status = availability(op, name, device_type)
         if not status.available:
             skipped.append((name, status.reason))
         elif device_type == "cuda" and name != "reference":
