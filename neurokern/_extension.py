@@ -109,7 +109,11 @@ def ensure(build: bool) -> "str | None":
     spec = _jit.extension_spec(torch)
     if spec is None:
         return f"{prebuilt_error}; the C++ sources to compile it on first use are not installed"
-    module, jit_record, problem = _jit.load(spec, _toolchain.torch_identity(torch), build)
+    try:
+        module, jit_record, problem = _jit.load(spec, _toolchain.torch_identity(torch), build)
+    except ImportError as exc:  # a cache entry that passed its checks and still did not load
+        module, jit_record, problem = None, None, f"{type(exc).__name__}: {exc}"
+        build = True  # not retried in this process
     if module is None:
         if not build:
             return (f"{prebuilt_error}; it is {problem}: the first call on the cpu backend (or "

@@ -265,6 +265,8 @@ def build_problem(spec: Spec) -> Optional[str]:
     """Why `spec` cannot be compiled here (no C++ compiler, no ninja), or None."""
     from torch.utils import cpp_extension
 
+    if os.name != "posix":
+        return "compiling on first use needs POSIX file locks (Linux, macOS)"
     problem = _toolchain.compiler_problem(cpp_extension.get_cxx_compiler())
     if problem is not None:
         return problem
@@ -332,8 +334,14 @@ def load(spec: Spec, identity: dict, build: bool):
         return None, None, f"it cannot be compiled here: {problem}"
     try:
         os.makedirs(jit_dir, exist_ok=True)
-    except OSError as exc:
-        return None, None, f"the cache folder cannot be created ({exc}); set {ENV_CACHE}"
+        return _load_or_build(spec, identity, entry, key)
+    except OSError as exc:  # a cache folder without write access, a full disk
+        return None, None, (f"the cache folder {jit_dir} cannot be used ({exc}); set {ENV_CACHE} "
+                            "to another")
+
+
+def _load_or_build(spec: Spec, identity: dict, entry: str, key: str):
+    jit_dir, tag = os.path.split(entry)
     log, failed = entry + ".log", entry + ".failed"
     with _lock(entry + ".lock", f"{spec.module} into {entry}", log) as waited:
         record = valid_record(entry, spec, key, identity)

@@ -325,7 +325,10 @@ FIRST_CALL = textwrap.dedent("""
     alpha = torch.rand(3) * 0.5 + 0.25
     s = neurokern.functional.plif(x, alpha)  # backend "auto"
     torch.testing.assert_close(s, reference.plif(x, alpha))
+    fakes = torch._library.simple_registry.singleton  # registered once the binary loaded
     print(json.dumps({"seconds": time.monotonic() - start, "record": _extension.record,
+                      "fake_kernels": all(fakes.find(f"neurokern::{op}").fake_impl.kernel
+                                          is not None for op in ("plif_fwd", "spike_fwd")),
                       "backend": dispatch.resolve("plif", "auto", x.device)[0],
                       "binary": _extension._C.__file__, "package": neurokern.__file__}))
 """)
@@ -404,6 +407,7 @@ def test_install_first_fused_call_compiles_once_across_processes(installed):
         assert result["binary"].startswith(os.path.join(cache, "jit", "_C-torch"))
         assert result["record"]["built_by"] == "jit"
         assert result["record"]["torch"] == torch.__version__
+        assert result["fake_kernels"]  # torch.compile sees the ops of the JIT build too
 
 
 @install
