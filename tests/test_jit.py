@@ -209,6 +209,48 @@ def test_extension_spec_builds_for_this_machine():
             os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
 
+def _fake_torch(cuda, capabilities=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        __version__="2.15.0+cu132" if cuda else "2.15.0+cpu", version=SimpleNamespace(cuda=cuda),
+        cuda=SimpleNamespace(is_available=lambda: bool(capabilities),
+                             device_count=lambda: len(capabilities),
+                             get_device_capability=lambda i: capabilities[i]))
+
+
+def test_cuda_part_only_for_the_gpus_of_this_machine(tmp_path, monkeypatch):
+    """The first-use compile builds the CUDA part only where a GPU and a toolkit are both
+    there, for the GPUs present (sm_70 and newer), or for TORCH_CUDA_ARCH_LIST if set."""
+    from torch.utils import cpp_extension
+
+    toolkit = tmp_path / "cuda"
+    for sub, name in (("bin", "nvcc"), ("include", "cuda_runtime.h"), ("lib64", "libcudart.so")):
+        (toolkit / sub).mkdir(parents=True)
+        (toolkit / sub / name).write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("NEUROKERN_SKIP_CUDA", raising=False)
+
+    archs, why = _jit.cuda_decision(_fake_torch(None))
+    assert archs is None and why == "torch 2.15.0+cpu is a CPU-only build"
+    archs, why = _jit.cuda_decision(_fake_torch("13.2"))  # a CUDA torch on a CPU laptop
+    assert archs is None and "no GPU is visible" in why
+    archs, why = _jit.cuda_decision(_fake_torch("13.2", [(9, 0), (8, 6), (9, 0), (6, 1)]))
+    assert archs == "8.6;9.0" and "TORCH_CUDA_ARCH_LIST=8.6;9.0" in why
+    archs, why = _jit.cuda_decision(_fake_torch("13.2", [(6, 1)]))
+    assert archs is None and "sm_70 or newer" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "12.0")
+    assert _jit.cuda_decision(_fake_torch("13.2", [(9, 0)]))[0] == "12.0"
+    monkeypatch.setenv("NEUROKERN_SKIP_CUDA", "1")
+    assert _jit.cuda_decision(_fake_torch("13.2", [(9, 0)])) == (
+        None, "NEUROKERN_SKIP_CUDA is set")
+    monkeypatch.delenv("NEUROKERN_SKIP_CUDA")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # no nvcc
+    archs, why = _jit.cuda_decision(_fake_torch("13.2", [(9, 0)]))
+    assert archs is None and "no CUDA toolkit found" in why
+
+
 # neurokern without its binary: what the fused backends say where nothing is compiled
 
 @pytest.fixture()
