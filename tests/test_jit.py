@@ -176,7 +176,8 @@ def test_cache_key_separates_torch_abi_cuda_python_and_sources(tmp_path, monkeyp
     spec = _jit.Spec("_tiny", (str(source),), (str(source),))
     identity = {"torch": "2.13.0+cpu", "torch_git": "x", "cxx11_abi": True, "torch_cuda": None}
     tag, key = _jit.entry_key(spec, identity)
-    assert tag == f"_tiny-torch2.13.0+cpu-cxx11-cpu-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+    python = "py{}{}".format(*sys.version_info[:2])
+    assert tag == f"_tiny-torch2.13.0+cpu-cxx11-cpu-{python}-{key}"
     assert _jit.entry_key(spec, dict(identity))[0] == tag
     others = [dict(identity, torch="2.15.0+cpu"), dict(identity, torch_git="y"),
               dict(identity, cxx11_abi=False), dict(identity, torch_cuda="13.2")]
