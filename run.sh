@@ -82,7 +82,11 @@ print("[sdist] smoke test passed:", _extension.build_info())
     echo "[sdist] the isolated pip install, compiled on first use (tests/test_jit.py -k install)"
     "$py" -m pip install -q pytest hypothesis
     start=$SECONDS
-    NEUROKERN_TEST_INSTALL=1 "$py" -m pytest -q -s -p no:cacheprovider tests/test_jit.py -k install
+    # from outside the tree: `python -m pytest` puts its working directory on sys.path, and the
+    # tree's neurokern/ (without neurokern.triton_kernels) would shadow the installed package
+    local tests=$PWD/tests
+    (cd "$work" && NEUROKERN_TEST_INSTALL=1 "$py" -m pytest -q -s -p no:cacheprovider \
+        "$tests/test_jit.py" -k install)
     echo "[sdist] install tests passed in $((SECONDS - start)) s"
     rm -rf "$work"
 }
