@@ -50,7 +50,11 @@ setup() {
 }
 
 # The sdist holds everything the build needs: build it, install it in a fresh venv (only torch
-# and the build tools: requirements-build.txt), and run a fused op from the installed package.
+# and the build tools: requirements-build.txt) ahead of time (--no-build-isolation), and run a
+# fused op from the installed package; then the default isolated `pip install` of the sdist in
+# another fresh venv: a pure-Python package whose first fused call compiles neurokern._C, two
+# processes at once, one compile (tests/test_jit.py's install tests, which print the time from
+# `pip install` to the first fused call).
 sdist_check() {
     local work
     work=$(mktemp -d)
@@ -61,7 +65,7 @@ sdist_check() {
     "$py" setup.py -q sdist --dist-dir "$work/dist" >/dev/null
     echo "[sdist] installing $(basename "$work"/dist/*.tar.gz) in the fresh venv (compiles _C)"
     local start=$SECONDS
-    "$py" -m pip install -q --no-build-isolation "$work"/dist/*.tar.gz
+    "$py" -m pip install -q --no-cache-dir --no-build-isolation "$work"/dist/*.tar.gz
     echo "[sdist] built and installed in $((SECONDS - start)) s"
     (cd "$work" && "$py" -c '
 import torch, neurokern
@@ -75,6 +79,15 @@ s = neurokern.functional.plif(x, alpha, backend="cpu")
 torch.testing.assert_close(s, reference.plif(x, alpha))
 print("[sdist] smoke test passed:", _extension.build_info())
 ')
+    echo "[sdist] the isolated pip install, compiled on first use (tests/test_jit.py -k install)"
+    "$py" -m pip install -q pytest hypothesis
+    start=$SECONDS
+    # from outside the tree: `python -m pytest` puts its working directory on sys.path, and the
+    # tree's neurokern/ (without neurokern.triton_kernels) would shadow the installed package
+    local tests=$PWD/tests
+    (cd "$work" && NEUROKERN_TEST_INSTALL=1 "$py" -m pytest -q -s -p no:cacheprovider \
+        "$tests/test_jit.py" -k install)
+    echo "[sdist] install tests passed in $((SECONDS - start)) s"
     rm -rf "$work"
 }
 

@@ -1,14 +1,22 @@
 """Build and install neurokern with its C++/CUDA extension `neurokern._C`.
 
-torch must be installed first and the build must see it (`pip install --no-build-isolation .`):
-the extension is compiled against the installed torch's headers and ABI; an isolated build would
-fetch another torch (a multi-GB CUDA build) and produce a binary that does not load.
+Two ways, decided by whether this build can import torch:
 
-Before compiling, the build checks its tools (setuptools, bdist_wheel, the C++ compiler, ninja)
-and says in one line each what is missing; the CUDA part is built only where a CUDA build of
-torch and a real CUDA toolkit (nvcc, cuda_runtime.h, libcudart) are both there. Beside the
-binary it writes `_C.build.json`, the torch it was built for: neurokern refuses to load the
-binary under another torch (neurokern/_extension.py).
+- Ahead of time (`pip install --no-build-isolation .`, torch installed first): the extension is
+  compiled now against the installed torch's headers and ABI, and `_C.build.json` beside the
+  binary records that torch: neurokern refuses to load the binary under another torch
+  (neurokern/_extension.py).
+- Without torch (pip's default isolated build, `pip install neurokern` from an sdist): a
+  pure-Python package; neurokern._C is compiled on the first fused CPU call against the torch
+  installed then, and cached (neurokern/_jit.py). Never against a torch fetched for the build:
+  that binary would not fit the torch it runs with.
+
+Both ship the C++/CUDA sources (as neurokern/csrc), so the JIT build can also replace an
+ahead-of-time binary that no longer fits (torch upgraded).
+
+Before compiling, the ahead-of-time build checks its tools (setuptools, bdist_wheel, the C++
+compiler, ninja) and says in one line each what is missing; the CUDA part is built only where a
+CUDA build of torch and a real CUDA toolkit (nvcc, cuda_runtime.h, libcudart) are both there.
 
 Environment variables (all documented in docs/environment.md and docs/install.md):
     NEUROKERN_SKIP_CUDA=1   build only the C++ CPU part, even where CUDA is available.
@@ -19,7 +27,6 @@ Environment variables (all documented in docs/environment.md and docs/install.md
     CUDA_HOME               the CUDA toolkit (torch guesses it from nvcc on PATH otherwise).
 """
 
-import glob
 import importlib.util
 import os
 import shutil
@@ -90,7 +97,8 @@ try:
 except ImportError:
     torch = None
     if building:
-        sys.exit(toolchain.torch_missing_message(sys.executable, os.environ, sys.path))
+        print(toolchain.no_torch_build_message(sys.executable, os.environ, sys.path),
+              file=sys.stderr, flush=True)
 
 
 def build_record(with_cuda):
@@ -101,23 +109,17 @@ def build_record(with_cuda):
 
 
 def extensions():
-    if torch is None:  # sdist / metadata only
+    if torch is None:  # sdist / metadata, or a pure-Python package compiled on first use
         return [], None
     if building:
         check_tools(cpp_extension)
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda, reason = toolchain.cuda_build_decision(
         torch.__version__, torch.version.cuda, cpp_extension.CUDA_HOME,
         skip=_flag("NEUROKERN_SKIP_CUDA"), force=_flag("NEUROKERN_FORCE_CUDA"))
-    # No -std flag: torch.utils.cpp_extension adds the one its torch's headers need (c++17 with
-    # torch 2.11, c++20 with 2.13). (The crash while formatting an error message seen under
-    # torch 2.11 on an H100 machine was not the standard but a static libstdc++, see below.)
-    cxx_flags = ["-O3", "-fopenmp"]
-    # the shared libstdc++ of torch, also with a g++ that would link libstdc++.a (a private copy
-    # crashed the first error message; neurokern/_toolchain.py)
-    link_flags = ["-fopenmp"] + toolchain.shared_libstdcxx_link_args(
-        cpp_extension.get_cxx_compiler())
+    # sources and flags: neurokern/_toolchain.py, shared with the JIT build (neurokern/_jit.py)
+    sources = toolchain.extension_sources("csrc", with_cuda)
+    cxx_flags = list(toolchain.CXX_FLAGS)
+    link_flags = toolchain.link_flags(cpp_extension.get_cxx_compiler())
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
@@ -127,18 +129,17 @@ def extensions():
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
         return [cpp_extension.CUDAExtension(
             "neurokern._C",
-            cpp_sources + cuda_sources,
+            sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("NEUROKERN_WITH_CUDA", "1")],
-            # no --use_fast_math: the kernels' exp and divisions round as the reference's do
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            define_macros=[(toolchain.CUDA_MACRO, "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": list(toolchain.NVCC_FLAGS)},
             extra_link_args=link_flags,
         )], build_record(True)
     print(f"neurokern: CUDA part skipped ({reason}); building the C++ CPU kernels only",
           flush=True)
     return [cpp_extension.CppExtension(
         "neurokern._C",
-        cpp_sources,
+        sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
@@ -186,10 +187,15 @@ setup(
     license_files=["LICENSE"],
     **metadata_license,
     python_requires=">=3.10",
-    packages=["neurokern", "neurokern.triton_kernels"],
-    package_dir={"neurokern": "neurokern", "neurokern.triton_kernels": "triton_kernels"},
-    package_data={"neurokern": ["verified.json"]},  # the record of verified GPU variants
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # csrc/ ships as neurokern/csrc (data, no Python): the JIT build compiles it on first use
+    packages=["neurokern", "neurokern.triton_kernels", "neurokern.csrc", "neurokern.csrc.cuda"],
+    package_dir={"neurokern": "neurokern", "neurokern.triton_kernels": "triton_kernels",
+                 "neurokern.csrc": "csrc", "neurokern.csrc.cuda": "csrc/cuda"},
+    package_data={"neurokern": ["verified.json"],  # the record of verified GPU variants
+                  "neurokern.csrc": ["*.cpp", "*.h"],
+                  "neurokern.csrc.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    # ninja: torch.utils.cpp_extension.load, which compiles neurokern._C on first use, needs it
+    install_requires=["torch>=2.4", "numpy", "tqdm", "ninja"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],

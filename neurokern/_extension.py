@@ -1,6 +1,10 @@
 """Loads the compiled extension `neurokern._C` once, only if it was built for the torch that is
 running, and records why if it is not loaded.
 
+Without a prebuilt binary that fits (the pure-Python package of an isolated `pip install`, or
+torch changed since the build), the first fused call compiles it against the running torch and
+caches it (`ensure`, neurokern/_jit.py), unless NEUROKERN_JIT=0.
+
 Importing `_C` registers its C++/CUDA kernels as `torch.ops.neurokern.*`. A C++ extension built
 against another torch (version, build or C++ ABI) is undefined behaviour once loaded (wrong
 results, a segfault, at best an undefined symbol), so the build record that setup.py writes
@@ -9,11 +13,14 @@ one, or with another torch's, is not loaded and the fused backends report the re
 """
 
 import importlib.util
+import logging
 import os
 
 import torch
 
-from neurokern import _toolchain
+from neurokern import _jit, _toolchain
+
+logger = logging.getLogger("neurokern")
 
 
 def _rebuild_command(binary_dir: str, record: dict) -> str:
@@ -68,6 +75,56 @@ def _load():
 
 
 _C, record, error = _load()
+# why the prebuilt binary did not load (None if it did); `error` says why none is loaded now
+prebuilt_error = error
+_jit_failure = None  # a JIT build that failed in this process is not retried in it
+_on_load = []
+
+
+def on_load(callback) -> None:
+    """Call `callback()` once neurokern._C is loaded: now if it is, else after the JIT build
+    loads it (the fake kernels of its ops can only be registered then)."""
+    if _C is not None:
+        callback()
+    else:
+        _on_load.append(callback)
+
+
+def ensure(build: bool) -> "str | None":
+    """None once neurokern._C is loaded, else why it is not. Without a prebuilt binary that
+    fits, the JIT cache is tried (neurokern/_jit.py): a cached build for this torch is loaded;
+    with `build`, a missing one is compiled now (minutes, once per torch version; the progress
+    is logged as warnings). Never under torch.compile's tracing, and never with NEUROKERN_JIT=0."""
+    global _C, record, error, _jit_failure
+    if _C is not None:
+        return None
+    if not _jit.enabled():
+        return (f"{prebuilt_error}; compiling it on first use is off "
+                f"({_jit.ENV_JIT}={os.environ.get(_jit.ENV_JIT)})")
+    if _jit_failure is not None:
+        return _jit_failure
+    if torch.compiler.is_compiling():
+        return (f"{prebuilt_error}; it is compiled or loaded on first use, which cannot happen "
+                "while torch.compile traces: call the op once before compiling")
+    spec = _jit.extension_spec(torch)
+    if spec is None:
+        return f"{prebuilt_error}; the C++ sources to compile it on first use are not installed"
+    try:
+        module, jit_record, problem = _jit.load(spec, _toolchain.torch_identity(torch), build)
+    except ImportError as exc:  # a cache entry that passed its checks and still did not load
+        module, jit_record, problem = None, None, f"{type(exc).__name__}: {exc}"
+        build = True  # not retried in this process
+    if module is None:
+        if not build:
+            return (f"{prebuilt_error}; it is {problem}: the first call on the cpu backend (or "
+                    "'auto' on CPU tensors) compiles it (docs/install.md)")
+        _jit_failure = f"{prebuilt_error}; compiling it on first use: {problem}"
+        return _jit_failure
+    _C, record, error = module, jit_record, None
+    callbacks, _on_load[:] = list(_on_load), []
+    for callback in callbacks:
+        callback()
+    return None
 
 
 def built_with_cuda() -> bool:

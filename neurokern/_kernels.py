@@ -64,12 +64,15 @@ def scalar_params(v_th: float, gamma: float, dtype: torch.dtype, device) -> torc
 def register_fakes(op: str, fwd_fake, bwd_fake) -> None:
     """Register the fake (meta) implementations of `<op>_fwd` / `<op>_bwd` for every backend
     whose ops exist here: `neurokern_triton::*` (defined when triton imports) and the C++
-    `neurokern::*` (declared when the extension loaded)."""
-    namespaces = (["neurokern_triton"] if triton_available() else []) + (
-        ["neurokern"] if _extension.has_op(f"{op}_fwd") else [])
-    for namespace in namespaces:
+    `neurokern::*` (declared when the extension loads: at import, or later where the first
+    fused call compiles it, neurokern/_jit.py)."""
+    def register(namespace):
         torch.library.register_fake(f"{namespace}::{op}_fwd")(fwd_fake)
         torch.library.register_fake(f"{namespace}::{op}_bwd")(bwd_fake)
+
+    if triton_available():
+        register("neurokern_triton")
+    _extension.on_load(lambda: register("neurokern") if _extension.has_op(f"{op}_fwd") else None)
 
 
 # CUDA graphs of device loops, keyed by the op and the shapes, dtypes and scalars of its inputs.

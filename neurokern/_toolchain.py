@@ -94,33 +94,59 @@ def ninja_problem(ninja_available: bool):
 ISOLATED_BUILD_MARKERS = ("pip-build-env-", "build-env-")  # pip's and python -m build's
 
 
-def torch_missing_message(python: str, environ, sys_path) -> str:
-    """Why a build that cannot import torch is refused, and the command that works.
+def no_torch_build_message(python: str, environ, sys_path) -> str:
+    """What a build that cannot import torch does, and why: it builds a pure-Python package that
+    ships the C++/CUDA sources, compiled on first use against the torch installed then
+    (neurokern/_jit.py), instead of compiling against a torch other than the one it will run
+    with.
 
     Under pip's default build isolation the build runs with only the build requirements of
     pyproject.toml: the torch the user has installed is then invisible, not missing."""
     isolated = any(m in entry for m in ISOLATED_BUILD_MARKERS
                    for entry in [environ.get("PYTHONPATH", "")] + list(sys_path))
-    fix = "pip install --no-build-isolation .  (or -e . for development)"
-    if not isolated:
-        return (f"neurokern: torch is not installed in {python}: install it first "
-                f"(pip install torch), then {fix}")
-    outside = dict(environ)
-    for name in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME"):
-        outside.pop(name, None)
-    try:
-        installed = subprocess.run(
-            [python, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
-            capture_output=True, text=True, env=outside, timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        installed = ""
-    have = (f"torch {installed} is installed in {python}, but" if installed
-            else "torch is not installed either, and")
-    return ("neurokern: this is an isolated build (pip's default build isolation): "
-            f"{have} the isolated build environment has no torch. neurokern._C must be "
-            "compiled against the torch it will run with, not one fetched for the build "
-            f"(a multi-GB CUDA build, other version, other ABI), so the isolated build is refused. "
-            f"{'Install torch first, then ' if not installed else 'Run: '}{fix}")
+    where = ("this is an isolated build (pip's default build isolation), which cannot see the "
+             "torch installed" if isolated else "torch is not importable")
+    return (f"neurokern: {where}: building a pure-Python package with the C++/CUDA sources; "
+            "neurokern._C is compiled on the first fused CPU call against the torch installed "
+            "then and cached (docs/install.md). To compile it now instead, install torch first, "
+            f"then: {python} -m pip install --no-build-isolation .")
+
+
+# What neurokern._C is built from and with, for setup.py's ahead-of-time build and the JIT build
+# on first use alike.
+
+# No -std flag: torch.utils.cpp_extension adds the one its torch's headers need (c++17 with torch
+# 2.11, c++20 with 2.13).
+CXX_FLAGS = ("-O3", "-fopenmp")
+# no --use_fast_math: the kernels' exp and divisions round as the reference's do
+NVCC_FLAGS = ("-O3",)
+CUDA_MACRO = "NEUROKERN_WITH_CUDA"
+
+
+def extension_sources(csrc: str, with_cuda: bool) -> list:
+    """The translation units of neurokern._C under the folder `csrc` (paths start with it)."""
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
+    if with_cuda:
+        sources += (sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+                    + sorted(glob.glob(os.path.join(csrc, "cuda", "*.cpp"))))
+    return sources
+
+
+def extension_files(csrc: str) -> list:
+    """Every source and header under `csrc`, relative to it (what the JIT cache key hashes and
+    the package ships)."""
+    found = []
+    for folder, _, names in os.walk(csrc):
+        for name in names:
+            if name.endswith((".cpp", ".h", ".cu", ".cuh")):
+                found.append(os.path.relpath(os.path.join(folder, name), csrc))
+    return sorted(found)
+
+
+def link_flags(cxx: str) -> list:
+    """OpenMP, and the shared libstdc++ of torch with a g++ that would link libstdc++.a (a
+    private copy crashed the first error message; shared_libstdcxx_link_args)."""
+    return ["-fopenmp"] + shared_libstdcxx_link_args(cxx)
 
 
 # The CUDA part: built from what is really installed, for every architecture the code supports.

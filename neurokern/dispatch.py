@@ -83,11 +83,14 @@ def register(op: str, backend: str):
 
 
 def _extension_status(device_type: str) -> Optional[str]:
-    """None if `neurokern._C` is loaded and was built for `device_type`, else the reason."""
+    """None if `neurokern._C` is loaded and was built for `device_type`, else the reason.
+    Without a prebuilt binary that fits, a build compiled on first use is loaded from the
+    cache if there is one (`_extension.ensure`); this never compiles (`_compile_on_first_use`)."""
     from neurokern import _extension
 
-    if _extension.error is not None:
-        return f"the C++ extension neurokern._C did not load ({_extension.error})"
+    problem = _extension.ensure(build=False)
+    if problem is not None:
+        return f"the C++ extension neurokern._C did not load ({problem})"
     if device_type == "cuda" and not _extension.built_with_cuda():
         return "neurokern._C was built without its CUDA part (see docs/install.md)"
     if device_type == "cuda":
@@ -103,6 +106,17 @@ def _triton_status(device_type: str) -> Optional[str]:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton kernels run on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
     return None
+
+
+def _compile_on_first_use(op: str, backend: str, device_type: str) -> None:
+    """Where the C++ backend `backend` is to run `op` on `device_type` tensors and
+    `neurokern._C` is compiled on first use but not yet (docs/install.md), compile it now
+    (minutes, once per torch version; `_extension.ensure` logs that it compiles or waits). A
+    failure is reported by `availability`, as the reason the backend is unavailable."""
+    if backend == device_type and (op, backend) in _IMPLEMENTATIONS:
+        from neurokern import _extension
+
+        _extension.ensure(build=True)
 
 
 def availability(op: str, backend: str, device_type: str) -> Availability:
@@ -197,6 +211,7 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     if backend == "auto":
         backend = default_backend()
     if backend != "auto":
+        _compile_on_first_use(op, backend, device_type)
         status = availability(op, backend, device_type)
         if not status.available:
             raise BackendUnavailableError(
@@ -209,6 +224,10 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     # On a GPU the fused backends' variants for this call, fastest first, go to
     # verified.choose; the first other available backend (the reference) is the fallback.
     skipped, variants, fallback = [], {}, None
+    # on CPU tensors "auto" compiles neurokern._C on first use rather than take the slow
+    # reference; on a GPU it does not wait minutes for a backend it may not take (Triton first)
+    if device_type == "cpu":
+        _compile_on_first_use(op, "cpu", device_type)
     for name in AUTO_ORDER[device_type]:
         status = availability(op, name, device_type)
         if not status.available:
