@@ -33,7 +33,7 @@ from neurokern._kernels import (
     eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
-from neurokern.reference import compute_dtype
+from neurokern.reference import NEURON_DEFAULTS, compute_dtype
 
 # Triton launch configuration per element size of x in bytes: neurons per program and warps
 # (the forward's and the backward's; each program loops over all T steps), and the checkpoint
@@ -335,7 +335,12 @@ class PLIFFunction(torch.autograd.Function):
 
 def _plif_impl(backend):
     def impl(x, alpha, *, v_th, gamma, signed, batch_first, state, return_state, detach_reset,
-             spiking):
+             spiking, **options):
+        general = {k: v for k, v in options.items() if v != NEURON_DEFAULTS[k]}
+        if general:
+            raise NotImplementedError(
+                f"the {backend} backend of plif does not implement the options {general} yet; "
+                f"use backend='reference'")
         if not isinstance(alpha, torch.Tensor):
             alpha = torch.tensor(alpha, dtype=compute_dtype(x.dtype), device=x.device)
         v0, s0 = state if state is not None else (None, None)
