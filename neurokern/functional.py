@@ -11,6 +11,7 @@ import numbers
 import torch
 
 from neurokern import dispatch as _dispatch
+from neurokern import reference as _reference
 
 __all__ = ["spike", "signed_spike", "plif", "spikgru2plus", "spikgru2plus_bidirectional"]
 
@@ -98,13 +99,21 @@ def _check_flags(**flags):
     return tuple(_check_flag(name, value) for name, value in flags.items())
 
 
+def _check_choice(name, value, choices):
+    """`value` is one of the strings `choices` (ValueError naming `name` otherwise)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _check_time(x, time_dim):
     if x.shape[time_dim] == 0:
         raise ValueError(f"x has T = 0 time steps (dim {time_dim} of shape {list(x.shape)})")
 
 
-def _run(op, backend, x, *args, **kwargs):
-    _, impl = _dispatch.resolve(op, backend, x.device, x.dtype)
+def _run(op, backend, x, *args, variant_op=None, **kwargs):
+    _, impl = _dispatch.resolve(op, backend, x.device, x.dtype, variant_op)
     return impl(x, *args, **kwargs)
 
 
@@ -153,10 +162,27 @@ def plif(
     detach_reset=False,
     spiking=True,
     backend="auto",
+    reset="soft",
+    v_reset=0.0,
+    reset_before_leak=False,
+    decay_input=False,
+    strict_threshold=False,
+    surrogate="atan",
+    surrogate_scale=1.0,
 ):
     """Multi-step PLIF neuron (SPEC.md 2), all T steps in one call.
 
         v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1},   s_t = act(v_t)
+
+    The defaults are the paper's PLIF; the other options (docs/neurons.md) cover SpikingJelly's
+    and snnTorch's leaky neurons, with `v_rest = v_reset` for a hard reset (else 0),
+    `c = 1 - alpha` with `decay_input` (else 1) and the reset map `R(h, s)`: soft
+    `h - v_th s`, hard `h (1 - s) + v_reset s`, none `h`:
+
+        reset_before_leak=False:  h_t = R(alpha h_{t-1} + (1 - alpha) v_rest + c x_t, s_{t-1})
+        reset_before_leak=True:   h_t = alpha u_{t-1} + (1 - alpha) v_rest + c x_t,
+                                  u_t = R(h_t, s_t)
+        s_t = fire(h_t - v_th)
 
     Args:
         x: input current `[T, B, C, ...]`, or `[B, T, C, ...]` with `batch_first=True`.
@@ -166,15 +192,41 @@ def plif(
         signed: use `signed_spike` instead of `spike`.
         state: initial `(v_0, s_0)`, each `[B, C, ...]`; zeros if None.
         return_state: also return the final `(v_T, s_T)` (to carry into the next chunk).
-        detach_reset: stop the gradient through the reset term (default off, as the paper).
+        detach_reset: stop the gradient through the spikes in the reset (default off, as the
+            paper).
         spiking: False for smooth mode (see `spike`).
+        reset: "soft" (subtract `v_th s`, the paper), "hard" (set to `v_reset`) or "none".
+        v_reset: the membrane after a hard reset, and the resting potential the leak decays
+            to (used only with `reset="hard"`).
+        reset_before_leak: False: the reset of step t-1 is subtracted in step t after the leak
+            (the paper; the carried state is h); True: the reset is applied in the step that
+            fires, before the next leak (SpikingJelly; the carried state is u, and `s_0` is not
+            used).
+        decay_input: scale the input by `1 - alpha` (SpikingJelly's `decay_input=True`).
+        strict_threshold: fire on `h > v_th` (snnTorch) instead of `h >= v_th`.
+        surrogate: "atan" (`surrogate_scale / (1 + gamma u^2)`) or "sigmoid"
+            (`surrogate_scale gamma sig(gamma u) (1 - sig(gamma u))`), at `u = h - v_th`.
+        surrogate_scale: the factor of the surrogate derivative, > 0.
 
     Returns:
-        spikes `s` shaped like `x`, or `(s, (v_T, s_T))` if `return_state`.
+        spikes `s` shaped like `x`, or `(s, (v_T, s_T))` if `return_state`: `v_T` is the
+        carried state (h, or u with `reset_before_leak`).
     """
-    signed, batch_first, return_state, detach_reset, spiking = _check_flags(
+    (signed, batch_first, return_state, detach_reset, spiking, reset_before_leak, decay_input,
+     strict_threshold) = _check_flags(
         signed=signed, batch_first=batch_first, return_state=return_state,
-        detach_reset=detach_reset, spiking=spiking)
+        detach_reset=detach_reset, spiking=spiking, reset_before_leak=reset_before_leak,
+        decay_input=decay_input, strict_threshold=strict_threshold)
+    _check_choice("reset", reset, _reference.RESETS)
+    _check_choice("surrogate", surrogate, _reference.SURROGATES)
+    if signed and reset == "hard":
+        raise ValueError("signed=True cannot be combined with reset='hard' (a hard reset to "
+                         "v_reset after a negative spike is not defined)")
+    if signed and surrogate == "sigmoid":
+        raise ValueError("signed=True cannot be combined with surrogate='sigmoid' (the signed "
+                         "spike has the two-sided atan surrogate only)")
+    v_reset = float(v_reset) if torch.compiler.is_compiling() else _check_real("v_reset", v_reset)
+    _check_positive("surrogate_scale", surrogate_scale)
     _check_tensor("x", x)
     if x.dim() < 3:
         layout = "[B, T, C, ...]" if batch_first else "[T, B, C, ...]"
@@ -204,10 +256,16 @@ def plif(
             _check_shape(name, t, step_shape)
         state = tuple(state)
     _dispatch.check_backend_name(backend)
+    # The paper's PLIF, or the generalised neuron: its own GPU variants (docs/neurons.md)
+    general = (reset, reset_before_leak, decay_input, strict_threshold, surrogate,
+               float(surrogate_scale)) != ("soft", False, False, False, "atan", 1.0)
     return _run(
-        "plif", backend, x, alpha,
+        "plif", backend, x, alpha, variant_op="plif_general" if general else None,
         v_th=float(v_th), gamma=float(gamma), signed=signed, batch_first=batch_first,
         state=state, return_state=return_state, detach_reset=detach_reset, spiking=spiking,
+        reset=reset, v_reset=v_reset, reset_before_leak=reset_before_leak,
+        decay_input=decay_input, strict_threshold=strict_threshold, surrogate=surrogate,
+        surrogate_scale=float(surrogate_scale),
     )
 
 

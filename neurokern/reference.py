@@ -18,6 +18,7 @@ __all__ = [
     "spike",
     "signed_spike",
     "plif",
+    "surrogate_sigmoid",
     "spikgru2plus",
     "spikgru2plus_bidirectional",
     "step_mask",
@@ -130,6 +131,68 @@ def activation(signed: bool):
 # ---------------------------------------------------------------------------------------------
 
 
+# The options of the generalised neuron (docs/neurons.md) and their defaults, which are the
+# paper's PLIF; `neurokern.functional.plif` checks them, every backend takes them.
+RESETS = ("soft", "hard", "none")
+SURROGATES = ("atan", "sigmoid")
+NEURON_DEFAULTS = dict(reset="soft", v_reset=0.0, reset_before_leak=False, decay_input=False,
+                       strict_threshold=False, surrogate="atan", surrogate_scale=1.0)
+
+
+def surrogate_sigmoid(v: torch.Tensor, v_th: float, gamma: float) -> torch.Tensor:
+    """Sigmoid surrogate derivative: `gamma sig(gamma (v - v_th)) (1 - sig(gamma (v - v_th)))`."""
+    sg = torch.sigmoid(gamma * (v - v_th))
+    return gamma * sg * (1 - sg)
+
+
+def _fire_forward(v, v_th, gamma, signed, spiking, strict, surrogate, scale):
+    if spiking:
+        above = (v > v_th) if strict else (v >= v_th)
+        if not signed:
+            return above.to(v.dtype)
+        below = (v < -v_th) if strict else (v <= -v_th)
+        return above.to(v.dtype) - below.to(v.dtype)
+    if surrogate == "sigmoid":
+        return scale * torch.sigmoid(gamma * (v - v_th))
+    sg = math.sqrt(gamma)
+    if signed:
+        c = signed_spike_scale(v_th, gamma)
+        return scale * (torch.atan(sg * (v - v_th)) + torch.atan(sg * (v + v_th))) / (c * sg)
+    return 0.5 + scale * torch.atan(sg * (v - v_th)) / sg
+
+
+def _fire_surrogate(v, v_th, gamma, signed, surrogate, scale):
+    if surrogate == "sigmoid":
+        return scale * surrogate_sigmoid(v, v_th, gamma)
+    if signed:
+        c = signed_spike_scale(v_th, gamma)
+        return scale * (1.0 / (1.0 + gamma * (v - v_th) ** 2)
+                        + 1.0 / (1.0 + gamma * (v + v_th) ** 2)) / c
+    return scale / (1.0 + gamma * (v - v_th) ** 2)
+
+
+class FireFunction(torch.autograd.Function):
+    """The neuron's spike `s = fire(h - v_th)` (docs/neurons.md): `h >= v_th` (or `h > v_th`
+    with `strict`; signed: also `-1` where `-h - v_th` fires), its surrogate derivative (atan
+    `scale / (1 + gamma u^2)` or sigmoid `scale gamma sig(gamma u) (1 - sig(gamma u))`, signed:
+    the normalised two-sided atan of SPEC.md 1 times `scale`) in backward, and in smooth mode the
+    surrogate's primitive. With the defaults (not strict, atan, scale 1) it computes exactly
+    `spike` / `signed_spike`."""
+
+    @staticmethod
+    def forward(ctx, v, v_th, gamma, signed, spiking, strict, surrogate, scale):
+        ctx.save_for_backward(v)
+        ctx.args = (v_th, gamma, signed, surrogate, scale)
+        return _fire_forward(v.to(compute_dtype(v.dtype)), v_th, gamma, signed, spiking, strict,
+                             surrogate, scale).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (v,) = ctx.saved_tensors
+        surrogate = _fire_surrogate(v.to(compute_dtype(v.dtype)), *ctx.args)
+        return (grad_s * surrogate).to(v.dtype), None, None, None, None, None, None, None
+
+
 def plif(
     x: torch.Tensor,
     alpha,
@@ -142,23 +205,42 @@ def plif(
     return_state: bool = False,
     detach_reset: bool = False,
     spiking: bool = True,
+    reset: str = "soft",
+    v_reset: float = 0.0,
+    reset_before_leak: bool = False,
+    decay_input: bool = False,
+    strict_threshold: bool = False,
+    surrogate: str = "atan",
+    surrogate_scale: float = 1.0,
 ):
-    """Multi-step PLIF neuron.
+    """Multi-step leaky integrate-and-fire neuron; the defaults are the paper's PLIF.
 
-    For `t = 1..T`:  `v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1}`,  `s_t = act(v_t)`.
+    Paper (defaults): for `t = 1..T`:  `v_t = alpha * v_{t-1} + x_t - v_th * s_{t-1}`,
+    `s_t = act(v_t)`. In general (docs/neurons.md), with `v_rest = v_reset` for a hard reset
+    (else 0), `c = 1 - alpha` with `decay_input` (else 1) and the reset map `R(h, s)`: soft
+    `h - v_th s`, hard `h (1 - s) + v_reset s`, none `h` (s detached inside R with
+    `detach_reset`):
+
+        reset_before_leak=False:  h_t = R(alpha h_{t-1} + (1 - alpha) v_rest + c x_t, s_{t-1})
+                                  s_t = fire(h_t - v_th);            carried state v = h
+        reset_before_leak=True:   h_t = alpha u_{t-1} + (1 - alpha) v_rest + c x_t
+                                  s_t = fire(h_t - v_th);  u_t = R(h_t, s_t); carried v = u
+
+    `fire(u)` is `u >= 0` (`u > 0` with `strict_threshold`), with the `surrogate` ("atan" or
+    "sigmoid") derivative times `surrogate_scale` (see `FireFunction`).
 
     Args:
         x: input current, `[T, B, C, ...]` (or `[B, T, C, ...]` with `batch_first`).
         alpha: leak, a `[C]` tensor (one per channel, channel = dim 2) or a scalar
             (float or 0-d tensor). `alpha = 1` is the IF neuron.
-        state: optional initial `(v_0, s_0)`, each `[B, C, ...]`; zeros if omitted.
+        state: optional initial `(v_0, s_0)`, each `[B, C, ...]`; zeros if omitted (with
+            `reset_before_leak`, s_0 is not used).
         return_state: also return the final `(v_T, s_T)`.
-        detach_reset: stop the gradient through the reset term `v_th * s_{t-1}`.
+        detach_reset: stop the gradient through the spikes in the reset.
 
     Returns:
         `s` shaped like `x`, or `(s, (v_T, s_T))` with `return_state`.
     """
-    act = activation(signed)
     dtype = compute_dtype(x.dtype)
     time_dim = 1 if batch_first else 0
     xs = x.to(dtype).unbind(time_dim)  # T tensors [B, C, ...]
@@ -168,17 +250,43 @@ def plif(
         alpha = alpha.to(dtype).view(1, -1, *([1] * (len(step_shape) - 2)))
     elif isinstance(alpha, torch.Tensor):
         alpha = alpha.to(dtype)
+    else:  # a float: used in the compute dtype, as the fused kernels do
+        alpha = torch.tensor(alpha, dtype=dtype, device=x.device)
     if state is None:
         v = torch.zeros(step_shape, dtype=dtype, device=x.device)
         s = torch.zeros(step_shape, dtype=dtype, device=x.device)
     else:
         v, s = (t.to(dtype) for t in state)
 
+    def fire(h):
+        return FireFunction.apply(h, v_th, gamma, signed, spiking, strict_threshold, surrogate,
+                                  surrogate_scale)
+
+    def reset_map(h, s):  # R(h, s)
+        if detach_reset:
+            s = s.detach()
+        if reset == "soft":
+            return h - v_th * s
+        if reset == "hard":
+            return h * (1 - s) + v_reset * s
+        return h
+
+    # The leak and input terms, in this order (the fused kernels add them in the same order, so
+    # float64 spikes agree exactly): alpha v (+ (1 - alpha) v_reset) + (c x).
+    rest = (1 - alpha) * v_reset if reset == "hard" else None
+    input_scale = (1 - alpha) if decay_input else None
     spikes = []
     for x_t in xs:
-        reset = s.detach() if detach_reset else s
-        v = alpha * v + x_t - v_th * reset
-        s = act(v, v_th, gamma, spiking)
+        h = alpha * v
+        if rest is not None:
+            h = h + rest
+        h = h + (input_scale * x_t if input_scale is not None else x_t)
+        if reset_before_leak:
+            s = fire(h)
+            v = reset_map(h, s)
+        else:
+            v = reset_map(h, s)
+            s = fire(v)
         spikes.append(s)
     out = torch.stack(spikes, time_dim).to(x.dtype)
     if return_state:
