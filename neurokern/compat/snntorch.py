@@ -133,11 +133,7 @@ class Leaky(nn.Module):
         self.output = output
         self.reset_delay = reset_delay
         self._reset_mechanism = reset_mechanism
-        beta = torch.as_tensor(beta)
-        if learn_beta:
-            self.beta = nn.Parameter(beta)
-        else:
-            self.register_buffer("beta", beta)
+        # snnTorch's registration order, so parameters() and state dicts list the same order
         self.register_buffer("threshold", threshold)
         graded_spikes_factor = torch.as_tensor(graded_spikes_factor)
         if learn_graded_spikes_factor:
@@ -146,6 +142,11 @@ class Leaky(nn.Module):
             self.register_buffer("graded_spikes_factor", graded_spikes_factor)
         self.register_buffer("reset_mechanism_val",
                              torch.as_tensor(_RESET_MECHANISMS.index(reset_mechanism)))
+        beta = torch.as_tensor(beta)
+        if learn_beta:
+            self.beta = nn.Parameter(beta)
+        else:
+            self.register_buffer("beta", beta)
         self.register_buffer("mem", torch.zeros(0), False)
         Leaky._instances.add(self)
 
