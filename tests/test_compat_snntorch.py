@@ -13,6 +13,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from neurokern import dispatch
 from neurokern.compat import snntorch as nk
@@ -345,3 +347,26 @@ def test_refusals_name_the_argument():
     lif = nk.Leaky(beta=torch.rand(4, 5), backend="reference")
     with pytest.raises(ValueError, match="beta"):  # varies over the batch dim
         lif.multi_step(torch.randn(T, 4, 5))
+
+
+@needs_snntorch
+@given(data=st.data())
+def test_drawn_cases_equal_snntorch(data):
+    """Drawn shapes (T = 1, 1-d to 4-d steps), betas, thresholds and arguments."""
+    mechanism, delay = data.draw(st.sampled_from(MECHANISMS))
+    step = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    per_dim = data.draw(st.integers(0, len(step) - 1))  # beta varies over dims per_dim..
+    beta_shape = [1 if d < per_dim or d == 0 else n for d, n in enumerate(step)][1:]
+    beta = (torch.rand(beta_shape, dtype=torch.float64) * 1.4 - 0.2).tolist() \
+        if data.draw(st.booleans()) and beta_shape else data.draw(st.floats(0.0, 1.0))
+    kwargs = dict(reset_mechanism=mechanism, reset_delay=delay, learn_beta=True,
+                  threshold=data.draw(st.floats(0.3, 2.0)))
+    spike_grad = data.draw(st.sampled_from(SPIKE_GRADS[:2]))  # sigmoid: float32 slope rounding
+    run = data.draw(st.sampled_from([_loop, _fused]))
+    theirs, ours = _pair(kwargs, spike_grad, beta, data.draw(st.sampled_from(BACKENDS)))
+    steps = data.draw(st.integers(1, 6))
+    x = (torch.randn((steps, *step), dtype=torch.float64) * 1.5 + 0.4).requires_grad_()
+    weights = (torch.randint(-8, 9, (steps, *step)).float() / 4,
+               torch.randn(step, dtype=torch.float64))
+    _assert_same(_outputs_and_grads(run, ours, x, weights),
+                 _outputs_and_grads(_loop, theirs, x, weights), _tolerance(kwargs))

@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from neurokern import dispatch
 from neurokern.compat import spikingjelly as nk
@@ -341,3 +343,24 @@ def test_refusals_name_the_argument():
         nk.IFNode(step_mode="x")
     with pytest.raises(TypeError, match="detach_reset"):
         nk.IFNode(detach_reset=1)
+
+
+@needs_sj
+@given(data=st.data())
+def test_drawn_cases_equal_spikingjelly(data):
+    """Drawn shapes (T = 1, 2-d to 5-d), thresholds, time constants and arguments."""
+    node = data.draw(st.sampled_from(NODES))
+    kwargs = dict(v_reset=data.draw(st.sampled_from([None, 0.0, -0.5, 0.3])),
+                  detach_reset=data.draw(st.booleans()),
+                  v_threshold=data.draw(st.floats(0.3, 2.0)))
+    if node != "IFNode":
+        tau = data.draw(st.floats(1.1, 10.0))
+        kwargs.update({"tau" if node == "LIFNode" else "init_tau": tau,
+                       "decay_input": data.draw(st.booleans())})
+    surrogate = (data.draw(st.sampled_from(["ATan", "Sigmoid"])), data.draw(st.floats(0.5, 6.0)))
+    step_mode = data.draw(st.sampled_from(["m", "s"]))
+    shape = data.draw(st.lists(st.integers(1, 4), min_size=2, max_size=5))
+    backend = data.draw(st.sampled_from(BACKENDS))
+    theirs, ours = _pair(node, kwargs, surrogate, backend, step_mode)
+    x, weights = _input(shape, scale=data.draw(st.floats(0.5, 3.0))), _weights(shape)
+    _assert_same(_outputs_and_grads(ours, x, weights), _outputs_and_grads(theirs, x, weights))
