@@ -142,8 +142,14 @@ def test_reset_equals_spikingjelly(node, backend):
     assert ours.v == theirs.v == -0.25
     weights = _weights()
     _assert_same(_outputs_and_grads(ours, x, weights), _outputs_and_grads(theirs, x, weights))
-    sj_functional.reset_net(torch.nn.Sequential(ours))  # SpikingJelly's own helper
+    net = torch.nn.Sequential(ours)  # SpikingJelly's own helpers work on our nodes
+    sj_functional.reset_net(net)
     assert ours.v == -0.25
+    sj_functional.set_step_mode(net, "s")
+    assert ours.step_mode == "s"
+    ours(x[0])
+    sj_functional.detach_net(net)
+    assert not ours.v.requires_grad
 
 
 @needs_sj
