@@ -370,3 +370,21 @@ def test_drawn_cases_equal_snntorch(data):
                torch.randn(step, dtype=torch.float64))
     _assert_same(_outputs_and_grads(run, ours, x, weights),
                  _outputs_and_grads(_loop, theirs, x, weights), _tolerance(kwargs))
+
+
+@pytest.mark.parametrize("shape,beta", BETAS + [((6,), 0.9)], ids=str)
+def test_layout_is_a_view(shape, beta, monkeypatch):
+    """The dims where beta varies become plif's channel dim by a view of the input, no copy."""
+    seen = []
+    plif = nk.functional.plif
+
+    def spy(x, alpha, **kwargs):
+        seen.append((x, alpha))
+        return plif(x, alpha, **kwargs)
+
+    monkeypatch.setattr(nk.functional, "plif", spy)
+    x = torch.randn(T, *shape)
+    nk.Leaky(beta=torch.tensor(beta), backend="reference").multi_step(x)
+    x_seen, alpha = seen[0]
+    assert x_seen.dim() >= 3 and x_seen.data_ptr() == x.data_ptr()
+    assert alpha.dim() == 0 or alpha.shape[0] == x_seen.shape[2]

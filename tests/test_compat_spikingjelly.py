@@ -370,3 +370,19 @@ def test_drawn_cases_equal_spikingjelly(data):
     theirs, ours = _pair(node, kwargs, surrogate, backend, step_mode)
     x, weights = _input(shape, scale=data.draw(st.floats(0.5, 3.0))), _weights(shape)
     _assert_same(_outputs_and_grads(ours, x, weights), _outputs_and_grads(theirs, x, weights))
+
+
+@pytest.mark.parametrize("shape", [(T, N), (T,), (T, N, 2, 3)], ids=str)
+def test_layout_is_a_view(shape, monkeypatch):
+    """[T, N] (and [T]) reach plif as a view of the input with a unit channel dim, no copy."""
+    seen = []
+    plif = nk.functional.plif
+
+    def spy(x, *args, **kwargs):
+        seen.append(x)
+        return plif(x, *args, **kwargs)
+
+    monkeypatch.setattr(nk.functional, "plif", spy)
+    x = torch.randn(shape)
+    nk.LIFNode(step_mode="m", backend="reference")(x)
+    assert seen[0].dim() >= 3 and seen[0].data_ptr() == x.data_ptr()
