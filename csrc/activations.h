@@ -6,6 +6,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 // The loop bodies are always inlined, so that each ISA copy of a kernel's task functions (see
@@ -75,6 +78,114 @@ struct Surrogate {
       return (lower + T(1) / (T(1) + gamma * (dp * dp))) / c;
     } else {
       return lower;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The generalised neuron's spike and surrogate (docs/neurons.md), used by the general PLIF path
+// of plif_cpu.cpp (the paper's PLIF keeps Activation / Surrogate above).
+// ---------------------------------------------------------------------------------------------
+
+// How fire computes its forward: the step, or in smooth mode the primitive of the atan or the
+// sigmoid surrogate.
+enum FireMode { kFireStep = 0, kFireSmoothAtan = 1, kFireSmoothSigmoid = 2 };
+
+// exp(z) for z <= 0 (or NaN): float: a Cephes-style polynomial (about 1 ulp) that vectorises,
+// unlike std::exp: the range reduction rounds with the 1.5 * 2^23 trick and 2^n is built from
+// its bits; z is clamped to -87 (exp underflows below) in the integer domain, where a
+// comparison does not stop GCC's vectoriser as a float one does under -ftrapping-math. Any
+// other T: std::exp (float64 runs are for checking, not speed).
+template <typename T>
+NEUROKERN_INLINE T exp_nonpositive(T z) {
+  if constexpr (std::is_same_v<T, float>) {
+    int32_t zi;
+    std::memcpy(&zi, &z, 4);
+    // z <= 0 has its sign bit set: as int32, a more negative float is a larger integer
+    constexpr int32_t kLimit = -1028784128;  // the bits of -87.0f
+    zi = zi > kLimit ? kLimit : zi;
+    std::memcpy(&z, &zi, 4);
+    const float magic = 12582912.0f;  // 1.5 * 2^23
+    const float n = (z * 1.44269504088896341f + magic) - magic;  // round(z / ln 2)
+    float r = z - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * (r * r) + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return poly * scale;
+  } else {
+    return std::exp(z);
+  }
+}
+
+// fire(h - v_th) of docs/neurons.md: h >= v_th (h > v_th when strict: the comparison with the
+// next representable threshold, so the loop stays the same), signed: minus h <= -v_th (h < -v_th);
+// in smooth mode the surrogate's primitive times scale.
+template <typename T, bool SIGNED, int MODE>
+struct Fire {
+  T fire_th, v_th, gamma, sqrt_gamma, c_sqrt_gamma, scale;
+
+  Fire(double v_th_, double gamma_, bool strict, double scale_)
+      : fire_th(strict ? std::nextafter(static_cast<T>(v_th_), std::numeric_limits<T>::infinity())
+                       : static_cast<T>(v_th_)),
+        v_th(static_cast<T>(v_th_)),
+        gamma(static_cast<T>(gamma_)),
+        sqrt_gamma(static_cast<T>(std::sqrt(gamma_))),
+        c_sqrt_gamma(static_cast<T>(signed_spike_scale(v_th_, gamma_) * std::sqrt(gamma_))),
+        scale(static_cast<T>(scale_)) {}
+
+  NEUROKERN_INLINE T operator()(T v) const {
+    if constexpr (MODE == kFireStep) {
+      if constexpr (SIGNED) {
+        return static_cast<T>(v >= fire_th) - static_cast<T>(v <= -fire_th);
+      } else {
+        return static_cast<T>(v >= fire_th);
+      }
+    } else if constexpr (MODE == kFireSmoothSigmoid) {
+      return scale * (T(1) / (T(1) + std::exp(-(gamma * (v - v_th)))));
+    } else if constexpr (SIGNED) {
+      return scale * (std::atan(sqrt_gamma * (v - v_th)) + std::atan(sqrt_gamma * (v + v_th))) /
+             c_sqrt_gamma;
+    } else {
+      return T(0.5) + scale * std::atan(sqrt_gamma * (v - v_th)) / sqrt_gamma;
+    }
+  }
+};
+
+// The surrogate derivative of Fire at u = v - v_th, times scale: atan scale / (1 + gamma u^2)
+// (signed: the normalised two-sided one of SPEC.md 1), or sigmoid
+// scale gamma sig(gamma u) (1 - sig(gamma u)) = scale gamma e / (1 + e)^2 with
+// e = exp(-gamma |u|), which never overflows.
+template <typename T, bool SIGNED, bool SIGMOID>
+struct FireSurrogate {
+  T v_th, gamma, c, scale, scale_gamma;
+
+  FireSurrogate(double v_th_, double gamma_, double scale_)
+      : v_th(static_cast<T>(v_th_)),
+        gamma(static_cast<T>(gamma_)),
+        c(static_cast<T>(signed_spike_scale(v_th_, gamma_))),
+        scale(static_cast<T>(scale_)),
+        scale_gamma(static_cast<T>(scale_ * gamma_)) {}
+
+  NEUROKERN_INLINE T operator()(T v) const {
+    const T dm = v - v_th;
+    if constexpr (SIGMOID) {
+      static_assert(!SIGNED, "the signed spike has the atan surrogate only");
+      const T e = exp_nonpositive<T>(-(gamma * std::abs(dm)));
+      const T one_e = T(1) + e;
+      return scale_gamma * e / (one_e * one_e);
+    } else if constexpr (SIGNED) {
+      const T dp = v + v_th;
+      return scale * (T(1) / (T(1) + gamma * (dm * dm)) + T(1) / (T(1) + gamma * (dp * dp))) / c;
+    } else {
+      return scale / (T(1) + gamma * (dm * dm));
     }
   }
 };

@@ -320,22 +320,98 @@ NEUROKERN_INLINE void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
   }
 }
 
+// The paper's step (plif_fwd_step with act) as the time loops of plif_fwd_tasks call a step.
+template <typename opmath_t, typename Act>
+struct PaperStep {
+  static constexpr int64_t kCoeffRows = 0;  // per-neuron coefficients besides the leak
+  const Act& act;
+
+  NEUROKERN_INLINE void coefficients(const opmath_t*, opmath_t*, int64_t) const {}
+
+  template <typename scalar_t>
+  NEUROKERN_INLINE void operator()(int64_t L, const scalar_t* x, const opmath_t* a,
+                                   const opmath_t*, const opmath_t* v_in, opmath_t* v_out,
+                                   opmath_t* s, scalar_t* out, opmath_t v_th) const {
+    plif_fwd_step<scalar_t, opmath_t, Act>(L, x, a, v_in, v_out, s, out, v_th, act);
+  }
+};
+
+// The generalised neuron (docs/neurons.md), written for the kernels with two per-neuron
+// coefficients beside the leak a = alpha_c: b = (1 - a) v_rest and c = 1 - a (decay_input) or 1,
+// and the reset map in one branch-free form, R(h, s) = h (1 - k s) + r s with (k, r) = (0, -v_th)
+// soft, (1, v_reset) hard, (0, 0) none, which rounds exactly as the reference's three forms
+// (1 - 0 s = 1, h + (-v_th) s = h - v_th s, 0 s = 0). One step:
+//   BEFORE = false (the paper's order, carried v = h):  h = R(a h + b + c x, s); s = fire(h)
+//   BEFORE = true (SpikingJelly's, carried v = u):      h = a u + b + c x; s = fire(h);
+//                                                       u = R(h, s)
+// in the reference's operation order ((a v + b) + c x), so float64 spikes are exact.
+template <typename opmath_t>
+struct NeuronCoefficients {
+  opmath_t reset_k, reset_r;  // R(h, s) = h (1 - reset_k s) + reset_r s
+  opmath_t grad_k, grad_r;    // the same in dR/ds = grad_r - grad_k h: zero with detach_reset
+  opmath_t v_rest;            // v_reset for a hard reset, else 0
+  opmath_t decay;             // 1 with decay_input, else 0 (dc/dalpha = -decay)
+  bool decay_input;
+};
+
+template <typename opmath_t, typename FireT, bool BEFORE>
+struct GeneralStep {
+  static constexpr int64_t kCoeffRows = 2;
+  const FireT& fire;
+  NeuronCoefficients<opmath_t> k;
+
+  // coeffs [2, L] = (b, c) of the L neurons with leaks a.
+  NEUROKERN_INLINE void coefficients(const opmath_t* a, opmath_t* coeffs, int64_t L) const {
+    for (int64_t j = 0; j < L; ++j) {
+      coeffs[j] = (opmath_t(1) - a[j]) * k.v_rest;
+      coeffs[L + j] = k.decay_input ? opmath_t(1) - a[j] : opmath_t(1);
+    }
+  }
+
+  template <typename scalar_t>
+  NEUROKERN_INLINE void operator()(int64_t L, const scalar_t* __restrict__ x,
+                                   const opmath_t* __restrict__ a,
+                                   const opmath_t* __restrict__ coeffs,
+                                   const opmath_t* __restrict__ v_in,
+                                   opmath_t* __restrict__ v_out, opmath_t* __restrict__ s,
+                                   scalar_t* __restrict__ out, opmath_t) const {
+    const opmath_t* __restrict__ b = coeffs;
+    const opmath_t* __restrict__ c = coeffs + L;
+    for (int64_t j = 0; j < L; ++j) {
+      const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
+      opmath_t vj, sj;
+      if constexpr (BEFORE) {
+        sj = fire(h);
+        vj = h * (opmath_t(1) - k.reset_k * sj) + k.reset_r * sj;
+      } else {
+        vj = h * (opmath_t(1) - k.reset_k * s[j]) + k.reset_r * s[j];
+        sj = fire(vj);
+      }
+      v_out[j] = vj;
+      s[j] = sj;
+      out[j] = static_cast<scalar_t>(sj);
+    }
+  }
+};
+
 // Runs tasks [begin, end): each carries one chunk of neurons through all T steps.
-// buffer: 4 * chunking.chunk elements; s_row: chunking.chunk elements (with p.stream).
-template <typename scalar_t, typename opmath_t, typename Act>
-NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act,
+// buffer: (4 + Step::kCoeffRows) * chunking.chunk elements; s_row: chunking.chunk elements (with p.stream).
+template <typename scalar_t, typename opmath_t, typename Step>
+NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step,
                                      int64_t begin, int64_t end, opmath_t* buffer,
                                      scalar_t* s_row) {
   const Chunking& ch = p.chunking;
   opmath_t* sp = buffer;                  // [chunk] last spikes
   opmath_t* a = sp + ch.chunk;            // [chunk] leak of each neuron
-  opmath_t* v_buffers = a + ch.chunk;     // [2, chunk] membrane before and after a step
+  opmath_t* coeffs = a + ch.chunk;        // [Step::kCoeffRows, chunk] the step's coefficients
+  opmath_t* v_buffers = coeffs + Step::kCoeffRows * ch.chunk;  // [2, chunk] v before and after
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / ch.per_row;
     const int64_t m0 = (task % ch.per_row) * ch.chunk;
     const int64_t L = std::min(ch.chunk, ch.row_len - m0);
     const int64_t n0 = row * ch.row_len + m0;
     fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
+    step.coefficients(a, coeffs, L);
     opmath_t* v = v_buffers;             // [L] membrane
     opmath_t* v_next = v_buffers + L;    // [L] the next step's
     for (int64_t j = 0; j < L; ++j) {
@@ -349,8 +425,7 @@ NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p,
         prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
         if (!p.stream) prefetch_row<true>(st + kPrefetchSteps * p.s_view.stride_t, L);
       }
-      plif_fwd_step<scalar_t, opmath_t, Act>(L, xt, a, v, v_next, sp, p.stream ? s_row : st,
-                                             p.v_th, act);
+      step(L, xt, a, coeffs, v, v_next, sp, p.stream ? s_row : st, p.v_th);
       if (p.stream) stream_row(st, s_row, L);
       std::swap(v, v_next);
       // the checkpoint at the end of each chunk of k steps (and after the last step)
@@ -367,34 +442,45 @@ NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p,
 }
 
 // The same code compiled twice: for the baseline ISA and for AVX2 (see use_avx2()).
-template <typename scalar_t, typename opmath_t, typename Act>
-void plif_fwd_tasks_default(const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act,
+template <typename scalar_t, typename opmath_t, typename Step>
+void plif_fwd_tasks_default(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step,
                             int64_t begin, int64_t end, opmath_t* buffer, scalar_t* s_row) {
-  plif_fwd_tasks(p, act, begin, end, buffer, s_row);
+  plif_fwd_tasks(p, step, begin, end, buffer, s_row);
 }
 
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
-template <typename scalar_t, typename opmath_t, typename Act>
+template <typename scalar_t, typename opmath_t, typename Step>
 __attribute__((target("avx2"))) void plif_fwd_tasks_avx2(
-    const PlifFwdParams<scalar_t, opmath_t>& p, const Act& act, int64_t begin, int64_t end,
+    const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step, int64_t begin, int64_t end,
     opmath_t* buffer, scalar_t* s_row) {
-  plif_fwd_tasks(p, act, begin, end, buffer, s_row);
+  plif_fwd_tasks(p, step, begin, end, buffer, s_row);
 }
 #endif
 
-template <typename scalar_t, bool SIGNED, bool SPIKING>
-void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [B, T, C, *S]
-                     const at::Tensor& alpha,              // [C] or 0-d, compute dtype
-                     const std::optional<at::Tensor>& v0,  // [B, C, *S] compute dtype
-                     const std::optional<at::Tensor>& s0,  // [B, C, *S] compute dtype
-                     double v_th, double gamma, bool batch_first,
-                     int64_t checkpoint,    // k >= 1, or 0: nothing saved
-                     at::Tensor& s,         // x's shape, contiguous
-                     at::Tensor& v_saved,   // [ceil(T / k), N], or [0] with checkpoint = 0
-                     at::Tensor& v_last,    // [B, C, *S]
-                     at::Tensor& s_last) {  // [B, C, *S]
+// Runs the forward's tasks over all threads with `step` (PaperStep or GeneralStep).
+template <typename scalar_t, typename opmath_t, typename Step>
+void plif_fwd_run(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step) {
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> buffer((4 + Step::kCoeffRows) * p.chunking.chunk);
+    std::vector<scalar_t> s_row(p.stream ? p.chunking.chunk : 0);
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+    if (avx2) {
+      plif_fwd_tasks_avx2(p, step, begin, end, buffer.data(), s_row.data());
+      return;
+    }
+#endif
+    plif_fwd_tasks_default(p, step, begin, end, buffer.data(), s_row.data());
+  });
+}
+
+// The parameters of a plif_fwd call (everything but the neuron's step).
+template <typename scalar_t>
+PlifFwdParams<scalar_t, at::opmath_type<scalar_t>> plif_fwd_params(
+    const at::Tensor& x, const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
+    const std::optional<at::Tensor>& s0, double v_th, bool batch_first, int64_t checkpoint,
+    at::Tensor& s, at::Tensor& v_saved, at::Tensor& v_last, at::Tensor& s_last) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Act = Activation<opmath_t, SIGNED, SPIKING>;
   const int64_t B = x.size(batch_first ? 0 : 1);
   const int64_t C = x.size(2);
   const int64_t M = c10::multiply_integers(x.sizes().slice(2));
@@ -419,19 +505,137 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
   p.v_th = static_cast<opmath_t>(v_th);
   p.chunking = make_chunking(B, M, {p.x_view, p.s_view});
   p.stream = stream_output(s.nbytes());
-  const Act act(v_th, gamma);
-  const bool avx2 = use_avx2();
+  return p;
+}
 
-  at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buffer(4 * p.chunking.chunk);
-    std::vector<scalar_t> s_row(p.stream ? p.chunking.chunk : 0);
-#ifdef NEUROKERN_HAVE_AVX2_TARGET
-    if (avx2) {
-      plif_fwd_tasks_avx2(p, act, begin, end, buffer.data(), s_row.data());
-      return;
+template <typename scalar_t, bool SIGNED, bool SPIKING>
+void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [B, T, C, *S]
+                     const at::Tensor& alpha,              // [C] or 0-d, compute dtype
+                     const std::optional<at::Tensor>& v0,  // [B, C, *S] compute dtype
+                     const std::optional<at::Tensor>& s0,  // [B, C, *S] compute dtype
+                     double v_th, double gamma, bool batch_first,
+                     int64_t checkpoint,    // k >= 1, or 0: nothing saved
+                     at::Tensor& s,         // x's shape, contiguous
+                     at::Tensor& v_saved,   // [ceil(T / k), N], or [0] with checkpoint = 0
+                     at::Tensor& v_last,    // [B, C, *S]
+                     at::Tensor& s_last) {  // [B, C, *S]
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Act = Activation<opmath_t, SIGNED, SPIKING>;
+  const auto p = plif_fwd_params<scalar_t>(x, alpha, v0, s0, v_th, batch_first, checkpoint, s,
+                                           v_saved, v_last, s_last);
+  const Act act(v_th, gamma);
+  plif_fwd_run(p, PaperStep<opmath_t, Act>{act});
+}
+
+// The generalised neuron's options (docs/neurons.md) as the ops receive them.
+struct NeuronOptions {
+  int reset;  // 0 soft, 1 hard, 2 none
+  double v_reset;
+  bool before, decay_input, strict, sigmoid;
+  double scale;
+
+  // Whether these are the paper's PLIF (the defaults), which keeps its own kernels.
+  bool paper() const {
+    return reset == 0 && !before && !decay_input && !strict && !sigmoid && scale == 1.0;
+  }
+
+  template <typename opmath_t>
+  NeuronCoefficients<opmath_t> coefficients(double v_th, bool detach_reset) const {
+    NeuronCoefficients<opmath_t> k;
+    k.reset_k = opmath_t(reset == 1 ? 1 : 0);
+    k.reset_r = reset == 0 ? -static_cast<opmath_t>(v_th)
+                           : reset == 1 ? static_cast<opmath_t>(v_reset) : opmath_t(0);
+    k.grad_k = detach_reset ? opmath_t(0) : k.reset_k;
+    k.grad_r = detach_reset ? opmath_t(0) : k.reset_r;
+    k.v_rest = reset == 1 ? static_cast<opmath_t>(v_reset) : opmath_t(0);
+    k.decay = opmath_t(decay_input ? 1 : 0);
+    k.decay_input = decay_input;
+    return k;
+  }
+};
+
+NeuronOptions neuron_options(const char* op, c10::string_view reset, double v_reset,
+                             bool reset_before_leak, bool decay_input, bool strict_threshold,
+                             c10::string_view surrogate, double surrogate_scale,
+                             bool is_signed) {
+  NeuronOptions o;
+  o.reset = reset == "soft" ? 0 : reset == "hard" ? 1 : reset == "none" ? 2 : -1;
+  TORCH_CHECK(o.reset >= 0, op, ": reset must be 'soft', 'hard' or 'none', got '", reset, "'");
+  TORCH_CHECK(surrogate == "atan" || surrogate == "sigmoid", op,
+              ": surrogate must be 'atan' or 'sigmoid', got '", surrogate, "'");
+  TORCH_CHECK(std::isfinite(v_reset), op, ": v_reset must be finite, got ", v_reset);
+  TORCH_CHECK(surrogate_scale > 0 && std::isfinite(surrogate_scale), op,
+              ": surrogate_scale must be positive and finite, got ", surrogate_scale);
+  o.v_reset = v_reset;
+  o.before = reset_before_leak;
+  o.decay_input = decay_input;
+  o.strict = strict_threshold;
+  o.sigmoid = surrogate == "sigmoid";
+  o.scale = surrogate_scale;
+  TORCH_CHECK(!(is_signed && (o.reset == 1 || o.sigmoid)), op, ": signed spikes take neither "
+              "reset='hard' nor surrogate='sigmoid'");
+  return o;
+}
+
+// A null T*, which carries the type T into a generic lambda.
+template <typename T>
+T* tag() {
+  return nullptr;
+}
+
+// Calls fn(Fire type, FireSurrogate type, BEFORE) for the options: the forward's fire (the step,
+// or the smooth primitive of the surrogate) and its surrogate.
+template <typename opmath_t, typename Fn>
+void dispatch_neuron(bool is_signed, bool spiking, const NeuronOptions& o, Fn&& fn) {
+  auto with_order = [&](auto fire_tag, auto sur_tag) {
+    if (o.before) {
+      fn(fire_tag, sur_tag, std::true_type{});
+    } else {
+      fn(fire_tag, sur_tag, std::false_type{});
     }
-#endif
-    plif_fwd_tasks_default(p, act, begin, end, buffer.data(), s_row.data());
+  };
+  using neurokern::Fire;
+  using neurokern::FireSurrogate;
+  if (is_signed) {
+    using Sur = FireSurrogate<opmath_t, true, false>;
+    if (spiking) {
+      with_order(tag<Fire<opmath_t, true, neurokern::kFireStep>>(), tag<Sur>());
+    } else {
+      with_order(tag<Fire<opmath_t, true, neurokern::kFireSmoothAtan>>(), tag<Sur>());
+    }
+  } else if (o.sigmoid) {
+    using Sur = FireSurrogate<opmath_t, false, true>;
+    if (spiking) {
+      with_order(tag<Fire<opmath_t, false, neurokern::kFireStep>>(), tag<Sur>());
+    } else {
+      with_order(tag<Fire<opmath_t, false, neurokern::kFireSmoothSigmoid>>(), tag<Sur>());
+    }
+  } else {
+    using Sur = FireSurrogate<opmath_t, false, false>;
+    if (spiking) {
+      with_order(tag<Fire<opmath_t, false, neurokern::kFireStep>>(), tag<Sur>());
+    } else {
+      with_order(tag<Fire<opmath_t, false, neurokern::kFireSmoothAtan>>(), tag<Sur>());
+    }
+  }
+}
+
+// The generalised neuron's forward: plif_fwd_kernel with GeneralStep.
+template <typename scalar_t>
+void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
+                             const std::optional<at::Tensor>& v0,
+                             const std::optional<at::Tensor>& s0, double v_th, double gamma,
+                             bool is_signed, bool batch_first, bool spiking,
+                             const NeuronOptions& o, int64_t checkpoint, at::Tensor& s,
+                             at::Tensor& v_saved, at::Tensor& v_last, at::Tensor& s_last) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto p = plif_fwd_params<scalar_t>(x, alpha, v0, s0, v_th, batch_first, checkpoint, s,
+                                           v_saved, v_last, s_last);
+  const auto k = o.coefficients<opmath_t>(v_th, false);
+  dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto*, auto before) {
+    using FireT = std::remove_pointer_t<decltype(fire_tag)>;
+    const FireT fire(v_th, gamma, o.strict, o.scale);
+    plif_fwd_run(p, GeneralStep<opmath_t, FireT, decltype(before)::value>{fire, k});
   });
 }
 
@@ -442,8 +646,13 @@ void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& alpha_in, const std::optional<at::Tensor>& v0_in,
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool is_signed,
-    bool batch_first, bool spiking, int64_t checkpoint) {
+    bool batch_first, bool spiking, int64_t checkpoint, c10::string_view reset, double v_reset,
+    bool reset_before_leak, bool decay_input, bool strict_threshold, c10::string_view surrogate,
+    double surrogate_scale) {
   constexpr const char* op = "neurokern::plif_fwd";
+  const NeuronOptions options =
+      neuron_options(op, reset, v_reset, reset_before_leak, decay_input, strict_threshold,
+                     surrogate, surrogate_scale, is_signed);
   TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0 (0: save nothing, k >= 1: the "
               "membrane after every k-th step), got checkpoint = ", checkpoint);
   const auto [x, T, C, N, st_shape, opmath] =
@@ -464,6 +673,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "plif_fwd_cpu",
                                   [&] {
+    if (!options.paper()) {
+      plif_general_fwd_kernel<scalar_t>(x, alpha, v0, s0, v_th, gamma, is_signed, batch_first,
+                                        spiking, options, checkpoint, s, v_saved, v_last,
+                                        s_last);
+      return;
+    }
     dispatch_bools(is_signed, spiking, [&](auto signed_c, auto spiking_c) {
       plif_fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value>(
           x, alpha, v0, s0, v_th, gamma, batch_first, checkpoint, s, v_saved, v_last, s_last);
@@ -687,23 +902,17 @@ __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
 }
 #endif
 
-template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
-void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
-                     const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
-                     const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
-                     const at::Tensor& x,                           // grad_s's shape and dtype
-                     const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
-                     const at::Tensor& alpha,                       // [C] or 0-d compute dtype
-                     const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
-                     const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
-                     double v_th, double gamma, bool batch_first, int64_t checkpoint,
-                     at::Tensor& dx,                 // x's shape, contiguous
-                     at::Tensor& dalpha_per_neuron,  // [N] compute dtype
-                     at::Tensor& dv0,                // [B, C, *S]
-                     at::Tensor& ds0) {              // [B, C, *S]
+// The parameters of a plif_bwd call; `rows`: rows of chunk neurons in each task's buffer of
+// recomputed membranes (0: none); `reads_x`: the reverse pass reads x.
+template <typename scalar_t>
+PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
+    const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
+    const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
+    const at::Tensor& v_saved, const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
+    const std::optional<at::Tensor>& s0, double v_th, bool batch_first, int64_t checkpoint,
+    at::Tensor& dx, at::Tensor& dalpha_per_neuron, at::Tensor& dv0, at::Tensor& ds0,
+    int64_t rows, bool reads_x) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Act = Activation<opmath_t, SIGNED, SPIKING>;
-  using Sur = Surrogate<opmath_t, SIGNED>;
   const int64_t B = grad_s.size(batch_first ? 0 : 1);
   const int64_t C = grad_s.size(2);
   const int64_t M = c10::multiply_integers(grad_s.sizes().slice(2));
@@ -731,17 +940,43 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
   p.N = B * M;
   p.v_th = static_cast<opmath_t>(v_th);
   p.neg_v_th = -p.v_th;
-  // With recomputation, the buffer of min(k, T) + 2 rows of chunk neurons must fit in
-  // kBwdBufferBytes (k = 1 needs no such buffer, and does not read x).
-  const int64_t rows = checkpoint > 1 ? std::min(checkpoint, p.T) + 2 : 0;
+  // The buffer of `rows` rows of chunk neurons (recomputed membranes) must fit in
+  // kBwdBufferBytes (none with rows = 0).
   const int64_t max_chunk = rows > 0
       ? std::clamp<int64_t>(kBwdBufferBytes / (rows * int64_t(sizeof(opmath_t))) / 16 * 16, 16,
                             kMaxChunk)
       : kMaxChunk;
-  p.chunking = checkpoint > 1
+  p.chunking = reads_x
       ? make_chunking(B, M, {p.g_view, p.dx_view, p.x_view}, max_chunk)
       : make_chunking(B, M, {p.g_view, p.dx_view});
   p.stream = stream_output(dx.nbytes());
+  return p;
+}
+
+template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
+void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
+                     const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
+                     const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
+                     const at::Tensor& x,                           // grad_s's shape and dtype
+                     const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
+                     const at::Tensor& alpha,                       // [C] or 0-d compute dtype
+                     const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
+                     const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
+                     double v_th, double gamma, bool batch_first, int64_t checkpoint,
+                     at::Tensor& dx,                 // x's shape, contiguous
+                     at::Tensor& dalpha_per_neuron,  // [N] compute dtype
+                     at::Tensor& dv0,                // [B, C, *S]
+                     at::Tensor& ds0) {              // [B, C, *S]
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Act = Activation<opmath_t, SIGNED, SPIKING>;
+  using Sur = Surrogate<opmath_t, SIGNED>;
+  // With recomputation, the buffer of min(k, T) + 2 rows of chunk neurons must fit in
+  // kBwdBufferBytes (k = 1 needs no such buffer, and does not read x).
+  const int64_t T = grad_s.size(batch_first ? 1 : 0);
+  const auto p = plif_bwd_params<scalar_t>(
+      grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
+      checkpoint, dx, dalpha_per_neuron, dv0, ds0,
+      checkpoint > 1 ? std::min(checkpoint, T) + 2 : 0, checkpoint > 1);
   const Act act(v_th, gamma);
   const Sur sur(v_th, gamma);
   const bool avx2 = use_avx2();
@@ -761,6 +996,259 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Backward of the generalised neuron (docs/neurons.md has the derivation)
+// ---------------------------------------------------------------------------------------------
+//
+// With a = alpha_c, b = (1 - a) v_rest, c = 1 - a (decay_input) or 1, R(h, s) = h (1 - k s) + r s,
+// dR/dh = 1 - k s, dR/ds = r - k h (the grad_ pair: zero with detach_reset), f' the surrogate,
+// and dalpha's term d(a v + b + c x)/da = v - v_rest - decay x:
+//
+// Paper order (carried h; pre_t = a h_{t-1} + b + c x_t, h_t = R(pre_t, s_{t-1})), t = T-1..0,
+// from ds_c = dL/ds_T, dh_c = dL/dh_T (the final state's gradients):
+//   dh_t = (grad_s_t + ds_c) f'(h_t) + dh_c;     dpre = dh_t (1 - k s_{t-1})
+//   dx_t = c dpre;  dalpha += dpre (h_{t-1} - v_rest - decay x_t)
+//   ds_c = dh_t (grad_r - grad_k pre_t);         dh_c = a dpre
+// and dv0 = dh_c, ds0 = ds_c.
+// SpikingJelly order (carried u; h_t = a u_{t-1} + b + c x_t, s_t = f(h_t), u_t = R(h_t, s_t)),
+// from du = dL/du_T:
+//   ds = grad_s_t + du (grad_r - grad_k h_t) (+ dL/ds_T at t = T-1)
+//   dh_t = du (1 - k s_t) + ds f'(h_t);  dx_t = c dh_t;  dalpha += dh_t (u_{t-1} - v_rest - decay x_t)
+//   du = a dh_t
+// and dv0 = du, ds0 = 0 (s_0 is not used).
+// The reverse pass recomputes pre_t / h_t from the carried state before the step and x_t, with
+// the forward's expression (so bit-identically), and s_{t-1} = fire(h_{t-1}) (s_0 at t = 0).
+
+// One reverse step of the paper order for L neurons (see above). v_prev: h_{t-1}; v_t: h_t;
+// S_GIVEN: s_{t-1} is s_prev (t = 0), else fire(v_prev).
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool S_GIVEN>
+NEUROKERN_INLINE void general_bwd_step_paper(
+    int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
+    const opmath_t* __restrict__ v_t, const opmath_t* __restrict__ v_prev,
+    const opmath_t* __restrict__ s_prev, const opmath_t* __restrict__ a,
+    const opmath_t* __restrict__ coeffs, opmath_t* __restrict__ ds_c,
+    opmath_t* __restrict__ dh_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
+    const NeuronCoefficients<opmath_t>& k, const FireT& fire, const Sur& sur) {
+  const opmath_t* __restrict__ b = coeffs;
+  const opmath_t* __restrict__ c = coeffs + L;
+  for (int64_t j = 0; j < L; ++j) {
+    const opmath_t hp = v_prev[j];
+    const opmath_t xj = static_cast<opmath_t>(x[j]);
+    const opmath_t pre = a[j] * hp + b[j] + c[j] * xj;
+    const opmath_t sp = S_GIVEN ? s_prev[j] : fire(hp);
+    const opmath_t dh = (static_cast<opmath_t>(grad_s[j]) + ds_c[j]) * sur(v_t[j]) + dh_c[j];
+    const opmath_t dpre = dh * (opmath_t(1) - k.reset_k * sp);
+    dx[j] = static_cast<scalar_t>(c[j] * dpre);
+    dalpha[j] += dpre * ((hp - k.v_rest) - k.decay * xj);
+    ds_c[j] = dh * (k.grad_r - k.grad_k * pre);
+    dh_c[j] = a[j] * dpre;
+  }
+}
+
+// One reverse step of the SpikingJelly order (see above). u_prev: u_{t-1}; LAST: t = T-1, where
+// ds_c holds dL/ds_T.
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool LAST>
+NEUROKERN_INLINE void general_bwd_step_before(
+    int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
+    const opmath_t* __restrict__ u_prev, const opmath_t* __restrict__ a,
+    const opmath_t* __restrict__ coeffs, const opmath_t* __restrict__ ds_c,
+    opmath_t* __restrict__ du_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
+    const NeuronCoefficients<opmath_t>& k, const FireT& fire, const Sur& sur) {
+  const opmath_t* __restrict__ b = coeffs;
+  const opmath_t* __restrict__ c = coeffs + L;
+  for (int64_t j = 0; j < L; ++j) {
+    const opmath_t up = u_prev[j];
+    const opmath_t xj = static_cast<opmath_t>(x[j]);
+    const opmath_t h = a[j] * up + b[j] + c[j] * xj;
+    const opmath_t sj = fire(h);
+    const opmath_t du = du_c[j];
+    opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (k.grad_r - k.grad_k * h);
+    if constexpr (LAST) ds = ds + ds_c[j];
+    const opmath_t dh = du * (opmath_t(1) - k.reset_k * sj) + ds * sur(h);
+    dx[j] = static_cast<scalar_t>(c[j] * dh);
+    dalpha[j] += dh * ((up - k.v_rest) - k.decay * xj);
+    du_c[j] = a[j] * dh;
+  }
+}
+
+// Length of the per-task buffer of general_bwd_tasks, in opmath_t elements: 7 rows (a, b, c, the
+// two carries, dalpha, the recomputation's spikes) and the membrane rows (min(k, T) + 1 with
+// recomputation, else 1: the state before the first step).
+int64_t general_bwd_rows(int64_t T, int64_t k) {
+  return 7 + (k > 1 ? std::min(k, T) + 1 : 1);
+}
+
+// Runs tasks [begin, end) of the general backward: plif_bwd_tasks' structure (membranes from
+// v_saved with k = 1, else recomputed per chunk of k steps with the forward's step), with the
+// reverse steps above. buffer: general_bwd_rows(T, k) * chunk elements; scratch: chunk elements.
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
+NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
+                                        const GeneralStep<opmath_t, FireT, BEFORE>& step,
+                                        const NeuronCoefficients<opmath_t>& k, const Sur& sur,
+                                        int64_t begin, int64_t end, opmath_t* buffer,
+                                        scalar_t* scratch) {
+  const Chunking& ch = p.chunking;
+  const FireT& fire = step.fire;
+  opmath_t* a = buffer;                    // [chunk] leak of each neuron
+  opmath_t* coeffs = a + ch.chunk;         // [2, chunk] b, c
+  opmath_t* ds_c = coeffs + 2 * ch.chunk;  // [chunk] carries (see above)
+  opmath_t* dh_c = ds_c + ch.chunk;        // [chunk]
+  opmath_t* dalpha = dh_c + ch.chunk;      // [chunk]
+  opmath_t* sp = dalpha + ch.chunk;        // [chunk] spikes of the recomputation, or s_0
+  opmath_t* vs = sp + ch.chunk;            // [rows, L]: row r = v_{t0 + r - 1}
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t row = task / ch.per_row;
+    const int64_t m0 = (task % ch.per_row) * ch.chunk;
+    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
+    const int64_t n0 = row * ch.row_len + m0;
+    fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
+    step.coefficients(a, coeffs, L);
+    for (int64_t j = 0; j < L; ++j) {
+      dh_c[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
+      ds_c[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
+      dalpha[j] = opmath_t(0);
+    }
+    // The reverse steps t_end-1 .. t_begin, with v_{t-1} = v_before(t), v_t = v_row(t).
+    auto reverse = [&](int64_t t_begin, int64_t t_end, auto&& v_row, auto&& v_before) {
+      for (int64_t t = t_end - 1; t >= t_begin; --t) {
+        const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
+        const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
+        scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
+        scalar_t* out = p.stream ? scratch : dxt;
+        if (t - kPrefetchSteps >= 0) {
+          prefetch_row(gt - kPrefetchSteps * p.g_view.stride_t, L);
+          prefetch_row(xt - kPrefetchSteps * p.x_view.stride_t, L);
+          if (!p.stream) prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
+        }
+        if constexpr (BEFORE) {
+          if (t == p.T - 1) {
+            general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, true>(
+                L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, k, fire, sur);
+          } else {
+            general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, false>(
+                L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, k, fire, sur);
+          }
+        } else {
+          if (t == 0) {
+            general_bwd_step_paper<scalar_t, opmath_t, FireT, Sur, true>(
+                L, gt, xt, v_row(t), v_before(t), sp, a, coeffs, ds_c, dh_c, dalpha, out, k,
+                fire, sur);
+          } else {
+            general_bwd_step_paper<scalar_t, opmath_t, FireT, Sur, false>(
+                L, gt, xt, v_row(t), v_before(t), sp, a, coeffs, ds_c, dh_c, dalpha, out, k,
+                fire, sur);
+          }
+        }
+        if (p.stream) stream_row(dxt, scratch, L);
+      }
+    };
+    // The state before the first step (row 0 of vs) and s_0 (sp), used at t = 0.
+    auto load_initial = [&]() {
+      for (int64_t j = 0; j < L; ++j) {
+        vs[j] = p.v0 ? p.v0[n0 + j] : opmath_t(0);
+        sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+      }
+    };
+    if (p.k == 1) {
+      load_initial();
+      const opmath_t* v_task = p.v_saved + n0;
+      reverse(0, p.T, [&](int64_t t) { return v_task + t * p.N; },
+              [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : vs; });
+    } else {
+      for (int64_t cc = saved_rows(p.T, p.k) - 1; cc >= 0; --cc) {
+        const int64_t t0 = cc * p.k;
+        const int64_t len = std::min(p.k, p.T - t0);
+        if (cc == 0) {
+          load_initial();
+        } else {
+          const opmath_t* v_in = p.v_saved + (cc - 1) * p.N + n0;
+          for (int64_t j = 0; j < L; ++j) {
+            vs[j] = v_in[j];
+            sp[j] = fire(v_in[j]);
+          }
+        }
+        for (int64_t r = 0; r < len; ++r) {
+          const int64_t t = t0 + r;
+          const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
+          if (r + kPrefetchSteps < len) prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
+          step(L, xt, a, coeffs, vs + r * L, vs + (r + 1) * L, sp, scratch, p.v_th);
+        }
+        if (cc == 0) {  // the recomputation overwrote sp: s_0 again for t = 0
+          for (int64_t j = 0; j < L; ++j) sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+        }
+        reverse(t0, t0 + len, [&](int64_t t) { return vs + (t - t0 + 1) * L; },
+                [&](int64_t t) { return vs + (t - t0) * L; });
+      }
+    }
+    for (int64_t j = 0; j < L; ++j) {
+      p.dalpha[n0 + j] = dalpha[j];
+      p.dv0[n0 + j] = static_cast<scalar_t>(dh_c[j]);
+      p.ds0[n0 + j] = static_cast<scalar_t>(BEFORE && p.T > 0 ? opmath_t(0) : ds_c[j]);
+    }
+  }
+  stream_fence();
+}
+
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
+void general_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p,
+                               const GeneralStep<opmath_t, FireT, BEFORE>& step,
+                               const NeuronCoefficients<opmath_t>& k, const Sur& sur,
+                               int64_t begin, int64_t end, opmath_t* buffer, scalar_t* scratch) {
+  general_bwd_tasks(p, step, k, sur, begin, end, buffer, scratch);
+}
+
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
+__attribute__((target("avx2"))) void general_bwd_tasks_avx2(
+    const PlifBwdParams<scalar_t, opmath_t>& p, const GeneralStep<opmath_t, FireT, BEFORE>& step,
+    const NeuronCoefficients<opmath_t>& k, const Sur& sur, int64_t begin, int64_t end,
+    opmath_t* buffer, scalar_t* scratch) {
+  general_bwd_tasks(p, step, k, sur, begin, end, buffer, scratch);
+}
+#endif
+
+// The generalised neuron's backward (arguments as plif_bwd_kernel's).
+template <typename scalar_t>
+void plif_general_bwd_kernel(const at::Tensor& grad_s,
+                             const std::optional<at::Tensor>& grad_v_last,
+                             const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
+                             const at::Tensor& v_saved, const at::Tensor& alpha,
+                             const std::optional<at::Tensor>& v0,
+                             const std::optional<at::Tensor>& s0, double v_th, double gamma,
+                             bool is_signed, bool batch_first, bool spiking, bool detach_reset,
+                             const NeuronOptions& o, int64_t checkpoint, at::Tensor& dx,
+                             at::Tensor& dalpha_per_neuron, at::Tensor& dv0, at::Tensor& ds0) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t T = grad_s.size(batch_first ? 1 : 0);
+  const int64_t rows = general_bwd_rows(T, checkpoint);
+  const auto p = plif_bwd_params<scalar_t>(
+      grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
+      checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true);
+  const auto k = o.coefficients<opmath_t>(v_th, detach_reset);
+  const bool avx2 = use_avx2();
+  dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto* sur_tag,
+                                                       auto before) {
+    using FireT = std::remove_pointer_t<decltype(fire_tag)>;
+    using Sur = std::remove_pointer_t<decltype(sur_tag)>;
+    constexpr bool kBefore = decltype(before)::value;
+    const FireT fire(v_th, gamma, o.strict, o.scale);
+    const Sur sur(v_th, gamma, o.scale);
+    const GeneralStep<opmath_t, FireT, kBefore> step{fire, o.coefficients<opmath_t>(v_th, false)};
+    at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin,
+                                                                     int64_t end) {
+      std::vector<opmath_t> buffer(rows * p.chunking.chunk);
+      std::vector<scalar_t> scratch(p.chunking.chunk);
+#ifdef NEUROKERN_HAVE_AVX2_TARGET
+      if (avx2) {
+        general_bwd_tasks_avx2(p, step, k, sur, begin, end, buffer.data(), scratch.data());
+        return;
+      }
+#endif
+      general_bwd_tasks_default(p, step, k, sur, begin, end, buffer.data(), scratch.data());
+    });
+  });
+}
+
 // Reverse recursion per neuron, from t = T-1 down to 0, with f' the surrogate of act at v_t:
 //   ds = grad_s[t] + ds_carry;  dv = ds f'(v_t) + dv_carry;  dx[t] = dv;
 //   dalpha_n += dv v_{t-1};  ds_carry = detach_reset ? 0 : -v_th dv;  dv_carry = alpha_c dv,
@@ -773,16 +1261,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
     const at::Tensor& v_saved_in, const at::Tensor& alpha_in,
     const std::optional<at::Tensor>& v0_in, const std::optional<at::Tensor>& s0_in,
     double v_th, double gamma, bool is_signed, bool batch_first, bool spiking,
-    bool detach_reset, int64_t checkpoint) {
+    bool detach_reset, int64_t checkpoint, c10::string_view reset, double v_reset,
+    bool reset_before_leak, bool decay_input, bool strict_threshold, c10::string_view surrogate,
+    double surrogate_scale) {
   constexpr const char* op = "neurokern::plif_bwd";
+  const NeuronOptions options =
+      neuron_options(op, reset, v_reset, reset_before_leak, decay_input, strict_threshold,
+                     surrogate, surrogate_scale, is_signed);
   TORCH_CHECK(checkpoint >= 1, op, ": checkpoint must be the forward's k >= 1 (the backward "
               "needs the membranes that plif_fwd saved), got checkpoint = ", checkpoint);
   const auto [grad_s, T, C, N, st_shape, opmath] =
       checked_sequence(grad_s_in, op, "grad_s", batch_first, spiking, gamma);
 
-  // x is read only to recompute the membranes (k > 1).
+  // x is read only to recompute the membranes (k > 1), and by the general neuron's reverse pass.
   at::Tensor x = grad_s;
-  if (checkpoint > 1) {
+  if (checkpoint > 1 || !options.paper()) {
     check_cpu_float(x_in, op, "x");
     TORCH_CHECK(x_in.sizes() == grad_s.sizes(), op, ": x must have grad_s's shape ",
                 grad_s.sizes(), ", got ", x_in.sizes());
@@ -804,8 +1297,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   const auto grad_v_last = checked_state(grad_v_last_in, st_shape, opmath, op, "grad_v_last");
   const auto grad_s_last = checked_state(grad_s_last_in, st_shape, opmath, op, "grad_s_last");
   const auto v0 = checked_state(v0_in, st_shape, opmath, op, "v0");
-  const auto s0 = checkpoint > 1 ? checked_state(s0_in, st_shape, opmath, op, "s0")
-                                 : std::nullopt;
+  const auto s0 = checkpoint > 1 || !options.paper()
+      ? checked_state(s0_in, st_shape, opmath, op, "s0")
+      : std::nullopt;
 
   at::Tensor dx = at::empty(grad_s.sizes(), grad_s.options());
   at::Tensor dalpha_per_neuron = at::empty({N}, grad_s.options().dtype(opmath));
@@ -815,6 +1309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_s.scalar_type(), "plif_bwd_cpu",
                                   [&] {
+    if (!options.paper()) {
+      plif_general_bwd_kernel<scalar_t>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
+                                        s0, v_th, gamma, is_signed, batch_first, spiking,
+                                        detach_reset, options, checkpoint, dx,
+                                        dalpha_per_neuron, dv0, ds0);
+      return;
+    }
     dispatch_bools(is_signed, detach_reset, [&](auto signed_c, auto detach_c) {
       constexpr bool kSigned = decltype(signed_c)::value;
       constexpr bool kDetach = decltype(detach_c)::value;

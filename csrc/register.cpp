@@ -5,20 +5,29 @@
 // neurokern/plif_ops.py). Semantics: SPEC.md 1 and 2, as neurokern.reference computes them.
 #include <torch/extension.h>
 
+// The generalised neuron's options of plif_fwd / plif_bwd (docs/neurons.md); the defaults are
+// the paper's PLIF, which runs its own kernels.
+#define NEUROKERN_NEURON_OPTIONS                                                         \
+  "str reset='soft', float v_reset=0., bool reset_before_leak=False, "                 \
+  "bool decay_input=False, bool strict_threshold=False, str surrogate='atan', " \
+  "float surrogate_scale=1."
+
 TORCH_LIBRARY(neurokern, m) {
   // s = spike(x) or signed_spike(x) (smooth primitive if !spiking); shape and dtype of x.
   m.def("spike_fwd(Tensor x, float v_th, float gamma, bool signed, bool spiking) -> Tensor");
   // dx = grad_s * surrogate(x); shape and dtype of x.
   m.def("spike_bwd(Tensor grad_s, Tensor x, float v_th, float gamma, bool signed) -> Tensor");
-  // Multi-step PLIF over x [T, B, C, *S] ([B, T, C, *S] if batch_first), N = B * C * prod(S).
+  // Multi-step PLIF over x [T, B, C, *S] ([B, T, C, *S] if batch_first), N = B * C * prod(S),
+  // with the generalised neuron's options (the carried state v is h, or u with
+  // reset_before_leak).
   // alpha: [C] or 0-d. Returns s (x's shape and dtype, contiguous), v_saved (what the backward
   // needs, in the compute dtype, float32 for half inputs), v_last and s_last ([B, C, *S], x's
   // dtype). checkpoint = 0: nothing is saved (v_saved is empty); checkpoint = k >= 1: v_saved is
   // [ceil(T / k), N], row j the membrane after step min((j + 1) k, T) - 1 (k = 1: every step).
   m.def(
       "plif_fwd(Tensor x, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
-      "bool signed, bool batch_first, bool spiking, int checkpoint) "
-      "-> (Tensor s, Tensor v_saved, Tensor v_last, Tensor s_last)");
+      "bool signed, bool batch_first, bool spiking, int checkpoint, " NEUROKERN_NEURON_OPTIONS
+      ") -> (Tensor s, Tensor v_saved, Tensor v_last, Tensor s_last)");
   // Backward of plif_fwd from its v_saved (same checkpoint k >= 1). With k > 1 the membranes of
   // each chunk of k steps are recomputed from x and the checkpoint before it (v0/s0, zero if
   // None, before the first), bit-identically to the forward; with k = 1, x is not read.
@@ -28,8 +37,9 @@ TORCH_LIBRARY(neurokern, m) {
   m.def(
       "plif_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_s_last, Tensor x, "
       "Tensor v_saved, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
-      "bool signed, bool batch_first, bool spiking, bool detach_reset, int checkpoint) "
-      "-> (Tensor dx, Tensor dalpha_per_neuron, Tensor dv0, Tensor ds0)");
+      "bool signed, bool batch_first, bool spiking, bool detach_reset, int checkpoint, "
+      NEUROKERN_NEURON_OPTIONS ") -> (Tensor dx, Tensor dalpha_per_neuron, Tensor dv0, "
+      "Tensor ds0)");
   // The recurrent loop of one SpikGRU2+ layer direction (SPEC.md 3) from the input projection
   // gi = x W^T + b_ih ([T, B, 3H], time-major, contiguous), which the caller computes in one
   // product for all steps. Returns s_seq, v_seq, i_seq ([T, B, H]; s in gi's dtype, v and i in

@@ -172,16 +172,19 @@ def baseline_variant(op: str, backend: str, dtype: torch.dtype) -> Optional[str]
 
 
 def resolve(op: str, backend: str, device: torch.device,
-            dtype: torch.dtype = torch.float32) -> Tuple[str, Callable]:
+            dtype: torch.dtype = torch.float32, variant_op: Optional[str] = None
+            ) -> Tuple[str, Callable]:
     """The `(name, implementation)` that runs `op` on `device` for the requested `backend`,
-    for an input `x` of `dtype` (on a GPU, `auto` depends on it and on autocast)."""
+    for an input `x` of `dtype` (on a GPU, `auto` depends on it and on autocast). `variant_op`:
+    the name under which the GPU variants of this call are recorded (`verified.VARIANTS`' ops),
+    where it is not `op` (plif with the generalised neuron's options: "plif_general")."""
     if device.type == "cuda":
         dtype = variant_dtype(op, dtype, device.type)
     key = (op, backend, device, dtype, os.environ.get(ENV_BACKEND),
-           os.environ.get("TRITON_INTERPRET"), os.environ.get(verified.ENV_OPT_IN))
+           os.environ.get("TRITON_INTERPRET"), os.environ.get(verified.ENV_OPT_IN), variant_op)
     found = _resolved.get(key)
     if found is None:
-        found = _resolve(op, backend, device, dtype)
+        found = _resolve(op, backend, device, dtype, variant_op or op)
         # while torch.compile traces, the choice is not logged (see _log_choice): left uncached,
         # the first eager call logs it
         if not torch.compiler.is_compiling():
@@ -189,7 +192,7 @@ def resolve(op: str, backend: str, device: torch.device,
     return found
 
 
-def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, variant_op: str
              ) -> Tuple[str, Callable]:
     device_type = device.type
     check_backend_name(backend)
@@ -214,7 +217,7 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
         if not status.available:
             skipped.append((name, status.reason))
         elif device_type == "cuda" and name != "reference":
-            variant = baseline_variant(op, name, dtype)
+            variant = baseline_variant(variant_op, name, dtype)
             if variant is None:
                 skipped.append((name, f"no {name} kernel for {dtype}"))
             else:
@@ -227,11 +230,12 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype
     for variant_key, name in variants.items():
         why = "{} {}".format(*verified.why(variant_key, architecture))
         if variant_key == chosen:
-            _log_choice(op, device_type, dtype, name, skipped, f"{variant_key} {why}")
+            _log_choice(op, variant_op, device_type, dtype, name, skipped,
+                        f"{variant_key} {why}")
             return name, _implementation(op, name)
         skipped.append((name, f"{variant_key} {why}"))
     if fallback is not None:
-        _log_choice(op, device_type, dtype, fallback, skipped)
+        _log_choice(op, variant_op, device_type, dtype, fallback, skipped)
         return fallback, _implementation(op, fallback)
     raise BackendUnavailableError(f"{op}: no backend can run on {device_type}: {skipped}")
 
@@ -244,8 +248,9 @@ def _implementation(op: str, backend: str) -> Callable:
     return _IMPLEMENTATIONS[(op, backend)]
 
 
-def _log_choice(op, device_type, dtype, name, skipped, variant=""):
-    key = (op, device_type, dtype if device_type == "cuda" else None)
+def _log_choice(op, label, device_type, dtype, name, skipped, variant=""):
+    """Logs once per `label` (the op, or the name of its call's variants), device and dtype."""
+    key = (label, device_type, dtype if device_type == "cuda" else None)
     # torch.compile cannot trace a logging call (fullgraph: an error); the first eager call logs
     if key in _logged_choices or torch.compiler.is_compiling():
         return
@@ -254,7 +259,8 @@ def _log_choice(op, device_type, dtype, name, skipped, variant=""):
     where = f"{device_type} ({str(dtype).removeprefix('torch.')})" if key[2] else device_type
     if name == "reference" and any((op, b) in _IMPLEMENTATIONS for b, _ in skipped):
         # A fused kernel exists for this op but cannot run here: say so loudly.
-        logger.warning("neurokern: %s on %s runs the slow reference backend (%s)", op, where, why)
+        logger.warning("neurokern: %s on %s runs the slow reference backend (%s)", label, where,
+                       why)
     else:
-        logger.info("neurokern: %s on %s uses the %s backend%s%s", op, where, name,
+        logger.info("neurokern: %s on %s uses the %s backend%s%s", label, where, name,
                     f", {variant}" if variant else "", f" ({why})" if why else "")

@@ -112,8 +112,8 @@ def _check_time(x, time_dim):
         raise ValueError(f"x has T = 0 time steps (dim {time_dim} of shape {list(x.shape)})")
 
 
-def _run(op, backend, x, *args, **kwargs):
-    _, impl = _dispatch.resolve(op, backend, x.device, x.dtype)
+def _run(op, backend, x, *args, variant_op=None, **kwargs):
+    _, impl = _dispatch.resolve(op, backend, x.device, x.dtype, variant_op)
     return impl(x, *args, **kwargs)
 
 
@@ -256,8 +256,11 @@ def plif(
             _check_shape(name, t, step_shape)
         state = tuple(state)
     _dispatch.check_backend_name(backend)
+    # The paper's PLIF, or the generalised neuron: its own GPU variants (docs/neurons.md)
+    general = (reset, reset_before_leak, decay_input, strict_threshold, surrogate,
+               float(surrogate_scale)) != ("soft", False, False, False, "atan", 1.0)
     return _run(
-        "plif", backend, x, alpha,
+        "plif", backend, x, alpha, variant_op="plif_general" if general else None,
         v_th=float(v_th), gamma=float(gamma), signed=signed, batch_first=batch_first,
         state=state, return_state=return_state, detach_reset=detach_reset, spiking=spiking,
         reset=reset, v_reset=v_reset, reset_before_leak=reset_before_leak,

@@ -24,6 +24,7 @@ sum per neuron ([N], 1/T of the traffic) and a torch sum reduces it per channel;
 """
 
 import functools
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -51,6 +52,12 @@ LAUNCH = {
 # The checkpoint interval per backend: the C++ backend saves one chunk per sequence (see
 # above); None takes the Triton one from LAUNCH (tests set other values here).
 CHECKPOINT = {"cpu": 1 << 30, "triton": None}
+
+
+# The generalised neuron's options (reference.NEURON_DEFAULTS' order), as the ops take them
+# after their other arguments; the paper's PLIF passes none (its own, unchanged kernels).
+OPTION_NAMES = tuple(NEURON_DEFAULTS)
+PAPER_OPTIONS = tuple(NEURON_DEFAULTS.values())
 
 
 def checkpoint_interval(backend: str, dtype: torch.dtype) -> int:
@@ -142,9 +149,17 @@ def launch_config(itemsize: int, sizes, *strides, packed: bool = True) -> Tuple[
 VARIANTS = ("triton.plif.packed", "triton.plif.strided")
 
 
-def _launch(x, sizes, *strides) -> Tuple[int, int, int]:
+# The generalised neuron's Triton variant (strided addressing only).
+GENERAL_VARIANT = "triton.plif.general"
+
+
+def _launch(x, sizes, *strides, general=False) -> Tuple[int, int, int]:
     """`launch_config` for x's dtype with the variant the record allows on x's device, noted
-    for the GPU test run's record."""
+    for the GPU test run's record; `general`: the generalised neuron's kernels, whose variant is
+    GENERAL_VARIANT."""
+    if general:
+        verified.note(GENERAL_VARIANT, x.dtype, x.device)
+        return launch_config(x.dtype.itemsize, sizes, *strides, packed=False)
     packed = verified.pick(VARIANTS, x.dtype, x.device) == VARIANTS[0]
     block, warps, align = launch_config(x.dtype.itemsize, sizes, *strides, packed=packed)
     verified.note(VARIANTS[0] if align else VARIANTS[1], x.dtype, x.device)
@@ -186,6 +201,41 @@ def _state_shape(x, batch_first):
     return x.shape[:time_dim] + x.shape[time_dim + 1:]
 
 
+_neuron_params_cache = {}
+
+
+def neuron_params(v_th, gamma, options, detach_reset, dtype, device) -> Optional[torch.Tensor]:
+    """None for the paper's PLIF (`options` = PAPER_OPTIONS); else the Triton kernels' params
+    of the generalised neuron (triton_kernels/plif.py, `_neuron_params`), a device tensor in the
+    compute dtype of `dtype`: v_th, gamma, fire_th, scale, reset_k, reset_r, grad_k, grad_r,
+    v_rest, decay. Cached like `scalar_params`."""
+    if tuple(options) == PAPER_OPTIONS:
+        return None
+    key = (v_th, gamma, tuple(options), detach_reset, compute_dtype(dtype), torch.device(device))
+    params = _neuron_params_cache.get(key)
+    if params is None:
+        reset, v_reset, _, decay_input, strict, _, scale = options
+        if reset not in ("soft", "hard", "none"):
+            raise ValueError(f"neurokern_triton::plif: reset must be 'soft', 'hard' or 'none', "
+                             f"got {reset!r}")
+        th = torch.tensor(v_th, dtype=key[4])
+        fire_th = torch.nextafter(th, torch.tensor(math.inf, dtype=key[4])) if strict else th
+        reset_k, reset_r = {"soft": (0.0, -v_th), "hard": (1.0, v_reset), "none": (0.0, 0.0)}[reset]
+        grad_k, grad_r = (0.0, 0.0) if detach_reset else (reset_k, reset_r)
+        values = [v_th, gamma, fire_th.item(), scale, reset_k, reset_r, grad_k, grad_r,
+                  v_reset if reset == "hard" else 0.0, 1.0 if decay_input else 0.0]
+        if len(_neuron_params_cache) > 256:
+            _neuron_params_cache.clear()
+        params = _neuron_params_cache[key] = torch.tensor(values, dtype=key[4], device=key[5])
+    return params
+
+
+def _general_flags(options):
+    """The Triton kernels' GENERAL, BEFORE and SIGMOID for `options`."""
+    return dict(GENERAL=tuple(options) != PAPER_OPTIONS, BEFORE=bool(options[2]),
+                SIGMOID=options[5] == "sigmoid")
+
+
 if triton_available():
     import triton
 
@@ -195,8 +245,13 @@ if triton_available():
     def triton_plif_fwd(
         x: torch.Tensor, alpha: torch.Tensor, v0: Optional[torch.Tensor],
         s0: Optional[torch.Tensor], v_th: float, gamma: float, signed: bool, batch_first: bool,
-        spiking: bool, checkpoint: int,
+        spiking: bool, checkpoint: int, reset: str = "soft", v_reset: float = 0.0,
+        reset_before_leak: bool = False, decay_input: bool = False,
+        strict_threshold: bool = False, surrogate: str = "atan", surrogate_scale: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
+                   surrogate_scale)
+        params = neuron_params(v_th, gamma, options, False, x.dtype, x.device)
         s = torch.empty_like(x, memory_format=torch.contiguous_format)
         (x, s), ((T, B, C, S1, S2), (x_strides, s_strides)) = _strided(batch_first, x, s)
         N = B * C * S1 * S2
@@ -205,18 +260,19 @@ if triton_available():
         s_last = torch.empty_like(v_last)
         has_state = v0 is not None
         if N:
-            block, warps, align = _launch(x, (T, B, C, S1, S2), x_strides, s_strides)
+            block, warps, align = _launch(x, (T, B, C, S1, S2), x_strides, s_strides,
+                                          general=params is not None)
             plif_fwd_kernel[(triton.cdiv(N, block),)](
                 x, alpha, v0.contiguous() if has_state else v_last,
                 s0.contiguous() if has_state else s_last,
-                scalar_params(v_th, gamma, x.dtype, x.device),
+                scalar_params(v_th, gamma, x.dtype, x.device) if params is None else params,
                 s, v_saved, v_last, s_last,
                 T, N, C, S1, S2, *x_strides, *s_strides,
                 alpha.stride(0) if alpha.dim() else 0,
                 HAS_STATE=has_state, SAVE=checkpoint > 0, SIGNED=signed, SPIKING=spiking,
                 PACKED=align > 0, ALIGN=max(align, 1),
                 CHUNK=checkpoint or checkpoint_interval("triton", x.dtype), BLOCK=block,
-                num_warps=warps,
+                num_warps=warps, **_general_flags(options),
             )
         return s, v_saved, v_last, s_last
 
@@ -226,8 +282,13 @@ if triton_available():
         grad_s_last: Optional[torch.Tensor], x: torch.Tensor, v_saved: torch.Tensor,
         alpha: torch.Tensor, v0: Optional[torch.Tensor], s0: Optional[torch.Tensor],
         v_th: float, gamma: float, signed: bool, batch_first: bool, spiking: bool,
-        detach_reset: bool, checkpoint: int,
+        detach_reset: bool, checkpoint: int, reset: str = "soft", v_reset: float = 0.0,
+        reset_before_leak: bool = False, decay_input: bool = False,
+        strict_threshold: bool = False, surrogate: str = "atan", surrogate_scale: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
+                   surrogate_scale)
+        params = neuron_params(v_th, gamma, options, detach_reset, grad_s.dtype, grad_s.device)
         dx = torch.empty_like(grad_s, memory_format=torch.contiguous_format)
         (grad_s, x, dx), ((T, B, C, S1, S2), (g_strides, x_strides, d_strides)) = _strided(
             batch_first, grad_s, x, dx)
@@ -242,14 +303,15 @@ if triton_available():
         has_state = v0 is not None
         if N:
             block, warps, align = _launch(x, (T, B, C, S1, S2), g_strides, x_strides,
-                                          d_strides)
+                                          d_strides, general=params is not None)
             plif_bwd_kernel[(triton.cdiv(N, block),)](
                 grad_s,
                 grad_v_last.contiguous() if grad_v_last is not None else dv0,
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
                 x, v_saved, alpha,
                 v0.contiguous() if has_state else dv0, s0.contiguous() if has_state else ds0,
-                scalar_params(v_th, gamma, grad_s.dtype, grad_s.device),
+                scalar_params(v_th, gamma, grad_s.dtype, grad_s.device) if params is None
+                else params,
                 dx, dalpha, dv0, ds0,
                 T, N, C, S1, S2, *g_strides, *x_strides, *d_strides,
                 alpha.stride(0) if alpha.dim() else 0,
@@ -257,12 +319,13 @@ if triton_available():
                 HAS_GRAD_S_LAST=grad_s_last is not None,
                 HAS_STATE=has_state, SIGNED=signed, SPIKING=spiking,
                 DETACH_RESET=detach_reset, PACKED=align > 0, ALIGN=max(align, 1),
-                CHUNK=checkpoint, BLOCK=block, num_warps=warps,
+                CHUNK=checkpoint, BLOCK=block, num_warps=warps, **_general_flags(options),
             )
         return dx, dalpha, dv0, ds0
 
 
-def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, checkpoint):
+def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, checkpoint,
+                   *options):
     v_last = x.new_empty(_state_shape(x, batch_first))
     s = x.new_empty(x.shape)
     steps = x.shape[1 if batch_first else 0]
@@ -272,7 +335,7 @@ def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, 
 
 
 def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-                   signed, batch_first, spiking, detach_reset, checkpoint):
+                   signed, batch_first, spiking, detach_reset, checkpoint, *options):
     dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
     return (grad_s.new_empty(grad_s.shape), v_saved.new_empty((dv0.numel(),)), dv0,
             torch.empty_like(dv0))
@@ -290,35 +353,37 @@ def plif_ops(backend):
 class PLIFFunction(torch.autograd.Function):
     """Multi-step PLIF on a fused backend. Inputs `(x, alpha, v0, s0)`, outputs
     `(s, v_last, s_last)`; the backward runs the reverse-time kernel from x and the saved
-    membranes (every `checkpoint_interval`-th step)."""
+    membranes (every `checkpoint_interval`-th step). `options`: the generalised neuron's
+    options (OPTION_NAMES), `()` for the paper's PLIF."""
 
     @staticmethod
     def forward(ctx, x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset,
-                backend):
+                backend, options=()):
         fwd = eager_or_op(plif_ops(backend)[0])
         checkpoint = (checkpoint_interval(backend, x.dtype) if any(ctx.needs_input_grad[:4])
                       else 0)
         s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
-                                         spiking, checkpoint)
+                                         spiking, checkpoint, *options)
         ctx.save_for_backward(x, v_saved, alpha, v0, s0)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint,
-                    backend)
+                    backend, options)
         return s, v_last, s_last
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_s, grad_v_last, grad_s_last):
         x, v_saved, alpha, v0, s0 = ctx.saved_tensors
-        v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint, backend = ctx.args
+        (v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint, backend,
+         options) = ctx.args
         bwd = eager_or_op(plif_ops(backend)[1])
         if grad_s is None:  # only the final state was used, if anything
             if grad_v_last is None and grad_s_last is None:
-                return (None,) * 11
+                return (None,) * 12
             grad_s = torch.zeros_like(x)
         dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
                                      s0, v_th, gamma, signed, batch_first, spiking,
-                                     detach_reset, checkpoint)
+                                     detach_reset, checkpoint, *options)
         dalpha = None
         if ctx.needs_input_grad[1]:
             if alpha.dim():  # per channel: neurons are ordered (b, c, spatial)
@@ -330,22 +395,21 @@ class PLIFFunction(torch.autograd.Function):
             dalpha = dalpha.to(alpha.dtype)
         has_state = v0 is not None
         return (dx, dalpha, dv0 if has_state else None, ds0 if has_state else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _plif_impl(backend):
     def impl(x, alpha, *, v_th, gamma, signed, batch_first, state, return_state, detach_reset,
              spiking, **options):
-        general = {k: v for k, v in options.items() if v != NEURON_DEFAULTS[k]}
-        if general:
-            raise NotImplementedError(
-                f"the {backend} backend of plif does not implement the options {general} yet; "
-                f"use backend='reference'")
+        if options.get("reset", "soft") != "hard":  # v_reset is not used: the paper's path
+            options["v_reset"] = NEURON_DEFAULTS["v_reset"]
+        options = tuple(options.get(name, NEURON_DEFAULTS[name]) for name in OPTION_NAMES)
         if not isinstance(alpha, torch.Tensor):
             alpha = torch.tensor(alpha, dtype=compute_dtype(x.dtype), device=x.device)
         v0, s0 = state if state is not None else (None, None)
-        s, v_last, s_last = PLIFFunction.apply(x, alpha, v0, s0, v_th, gamma, signed,
-                                               batch_first, spiking, detach_reset, backend)
+        s, v_last, s_last = PLIFFunction.apply(
+            x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset, backend,
+            () if options == PAPER_OPTIONS else options)
         return (s, (v_last, s_last)) if return_state else s
     return impl
 

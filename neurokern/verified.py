@@ -68,6 +68,12 @@ VARIANTS = {v.name: v for v in (
             "time-loop kernels addressing neurons through strides"),
     Variant("triton.plif.packed", "triton", ("plif",), _ALL, False,
             "PACKED path: vector accesses where C*S1*S2 fills whole blocks and strides align"),
+    # plif with any option of the generalised neuron (docs/neurons.md): its own kernels' code,
+    # so its own record (functional.plif resolves such a call with the variants of
+    # "plif_general"); strided addressing only
+    Variant("triton.plif.general", "triton", ("plif_general",), _ALL, True,
+            "time-loop kernels of the generalised neuron (reset, order, input decay, threshold, "
+            "surrogate options), addressing neurons through strides"),
     Variant("triton.spikgru2plus.loops", "triton", _GRU, _ALL, True,
             "per step a cuBLAS product and a fused step kernel, loop replayed in a CUDA graph"),
     Variant("cuda.spikgru2plus.simt", "cuda", _GRU, ("float32", "float64"), True,

@@ -195,3 +195,283 @@ def test_bad_options(changes, error, match):
     for backend in ("reference", "auto"):
         with pytest.raises(error, match=match):
             F.plif(x, torch.rand(3), backend=backend, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused backends against the reference
+# ---------------------------------------------------------------------------------------------
+
+from conftest import backend_device, fused_backends  # noqa: E402
+from test_fused_plif import launch_config  # noqa: E402
+
+BACKENDS = fused_backends("plif")
+
+
+@st.composite
+def neuron_cases(draw):
+    # big: more neurons than one Triton block (256) and than one C++ chunk of 64
+    big = draw(st.booleans())
+    spatial = [11, 11] if big else draw(st.lists(st.integers(1, 4), max_size=2))
+    opts = dict(draw(st.sampled_from(ALL_OPTIONS)))
+    opts["v_reset"] = draw(st.sampled_from([0.0, -0.4, 0.3])) if opts["reset"] == "hard" else 0.0
+    opts["surrogate_scale"] = draw(st.sampled_from([1.0, 0.5, 2.0]))
+    return dict(
+        shape=(draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
+               *spatial),
+        layout=draw(st.sampled_from(["time_major", "batch_major", "transposed", "strided"])),
+        # how the incoming gradients are laid out: contiguous, or views (transposed, sliced)
+        grad_layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
+        opts=opts,
+        scalar_leak=draw(st.booleans()),
+        with_state=draw(st.booleans()),
+        detach_reset=draw(st.booleans()),
+        v_th=draw(st.floats(0.4, 1.5)),
+        gamma=draw(st.floats(1.0, 10.0)),
+        seed=draw(st.integers(0, 2**16)),
+        checkpoint=draw(st.sampled_from([None, 1, 2, 3])),
+        block=draw(st.sampled_from([None, 16])),
+    )
+
+
+def view_like(t, how, gen):
+    """A tensor equal in shape to t with random float64 values, laid out as `how`: contiguous,
+    a transposed view of its first two dims, or every other element of a wider last dim."""
+    shape = list(t.shape)
+    if how == "transposed":
+        return torch.randn([shape[1], shape[0], *shape[2:]], generator=gen,
+                           dtype=f64).transpose(0, 1)
+    if how == "sliced":
+        return torch.randn([*shape[:-1], 2 * shape[-1]], generator=gen, dtype=f64)[..., ::2]
+    return torch.randn(shape, generator=gen, dtype=f64)
+
+
+def make_inputs(case):
+    """float64 leaves in the case's layout: x, alpha, (v0, s0) or None."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    t, b, c, *spatial = case["shape"]
+    layout = case["layout"]
+    if layout == "time_major":
+        x = torch.randn(t, b, c, *spatial, generator=gen, dtype=f64)
+    elif layout == "batch_major":
+        x = torch.randn(b, t, c, *spatial, generator=gen, dtype=f64)
+    elif layout == "transposed":  # a time-major view of batch-major memory
+        x = torch.randn(b, t, c, *spatial, generator=gen, dtype=f64).transpose(0, 1)
+    else:  # every other element of a wider last dim
+        x = torch.randn(t, b, c, *spatial[:-1], 2 * (spatial[-1] if spatial else 1),
+                        generator=gen, dtype=f64)
+        x = x[..., ::2] if spatial else x[..., 0]
+    x = 1.5 * x
+    alpha = torch.rand(() if case["scalar_leak"] else (c,), generator=gen, dtype=f64)
+    state = None
+    if case["with_state"]:
+        s0 = torch.rand((b, c, *spatial), generator=gen, dtype=f64).round()
+        if case["opts"]["signed"]:
+            s0 = s0 - torch.rand((b, c, *spatial), generator=gen, dtype=f64).round()
+        state = (torch.randn((b, c, *spatial), generator=gen, dtype=f64), s0)
+    return x, alpha, state
+
+
+def cotangents(case, s, v_last, gen):
+    """Incoming gradients for (s, v_T, s_T), laid out as the case says."""
+    how = case["grad_layout"]
+    return [view_like(s, how, gen), view_like(v_last, how, gen), view_like(v_last, how, gen)]
+
+
+def run(case, backend, dtype, x, alpha, state, spiking=True):
+    """`(s, v_T, s_T, dx, dalpha, dv0, ds0)` in float64 on the CPU, from `backend` with the
+    inputs cast to `dtype`, and the incoming gradients of `cotangents`."""
+    device = backend_device(backend)
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x = x.detach().to(device, dtype).requires_grad_()
+    alpha = alpha.detach().to(device, param_dtype).requires_grad_()
+    st_ = None if state is None else tuple(
+        t.detach().to(device, dtype).requires_grad_() for t in state)
+    config = contextlib.nullcontext() if backend == "reference" else launch_config(
+        backend, case["checkpoint"], case["block"])
+    opts = {k: v for k, v in case["opts"].items() if k != "signed"}
+    with config:
+        s, (v_last, s_last) = nk.plif(
+            x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["opts"]["signed"],
+            batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
+            detach_reset=case["detach_reset"], spiking=spiking, backend=backend, **opts)
+        gen = torch.Generator().manual_seed(case["seed"] + 1)
+        grads = [g.to(device, dtype) for g in cotangents(case, s, v_last, gen)]
+        leaves = [x, alpha] + ([] if st_ is None else list(st_))
+        grads = torch.autograd.grad((s, v_last, s_last), leaves, grads, allow_unused=True,
+                                    materialize_grads=True)
+    return [t.detach().double().cpu() for t in (s, v_last, s_last, *grads)]
+
+
+NAMES = ["s", "v_T", "s_T", "dx", "dalpha", "dv0", "ds0"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=neuron_cases())
+def test_fused_float64_equals_reference(poison_empty, backend, case):
+    """float64: spikes exactly the reference's, the final state and every gradient (dalpha and
+    the gradients through the returned final state included) to round-off, for non-contiguous
+    inputs and incoming gradients too."""
+    x, alpha, state = make_inputs(case)
+    ref = run(case, "reference", f64, x, alpha, state)
+    out = run(case, backend, f64, x, alpha, state)
+    assert torch.equal(out[0], ref[0]), "spikes differ in float64"
+    assert torch.equal(out[2], ref[2]), "final spikes differ in float64"
+    for name, a, b in zip(NAMES[1:], out[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_fused_dalpha_with_transposed_incoming_gradient():
+    """The case a lost attempt at this work got wrong: the general C++ backward's dalpha with
+    dL/ds a non-contiguous transposed view (reset hard, SpikingJelly order, float64)."""
+    case = dict(shape=(2, 3, 2, 13, 13), layout="time_major", grad_layout="transposed",
+                opts=dict(signed=False, reset="hard", v_reset=0.0, reset_before_leak=True,
+                          decay_input=True, strict_threshold=False, surrogate="sigmoid",
+                          surrogate_scale=1.0),
+                scalar_leak=False, with_state=False, detach_reset=False, v_th=1.0, gamma=4.0,
+                seed=5, checkpoint=None, block=None)
+    x, alpha, state = make_inputs(case)
+    ref = run(case, "reference", f64, x, alpha, state)
+    for backend in ("cpu", "triton"):
+        if not any(p.values[0] == backend and not p.marks for p in BACKENDS):
+            continue
+        out = run(case, backend, f64, x, alpha, state)
+        for name, a, b in zip(NAMES, out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{backend} {name}")
+
+
+def _flips(case, out_s, ref_s):
+    """`[B, C, *S]` neurons whose spike trains differ."""
+    time_dim = 1 if case["layout"] == "batch_major" else 0
+    return (out_s != ref_s).any(time_dim)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@given(case=neuron_cases())
+def test_fused_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
+    """float32/bfloat16/float16 (float32 state): spikes equal the float64 reference's on the
+    inputs as rounded, except for rare threshold flips; the final membrane and every gradient,
+    on neurons without a flip, as close to the float64 reference as the same-dtype reference
+    is (plus one unit in the last place)."""
+    x, alpha, state = make_inputs(case)
+    x_q = x.to(dtype).double()
+    state_q = None if state is None else tuple(t.to(dtype).double() for t in state)
+    alpha_q = alpha.float().double()
+    ref64 = run(case, "reference", f64, x_q, alpha_q, state_q)
+    ref = run(case, "reference", dtype, x, alpha, state)
+    out = run(case, backend, dtype, x, alpha, state)
+    flips = _flips(case, out[0], ref64[0]) | _flips(case, ref[0], ref64[0])
+    assert flips.double().mean() <= 0.1, "too many threshold flips"
+    keep = ~flips
+    keep_t = keep.unsqueeze(1 if case["layout"] == "batch_major" else 0).expand_as(out[0])
+    assert torch.equal(out[0][keep_t], ref64[0][keep_t])
+    ulp = max(torch.finfo(dtype).eps, 1e-5)
+    checks = [(1, keep), (3, keep_t)] + ([(5, keep), (6, keep)] if len(out) > 5 else [])
+    for index, mask in checks:
+        if not mask.any():
+            continue
+        allowed = 4 * (ref[index] - ref64[index])[mask].abs().max()
+        err = (out[index] - ref64[index])[mask].abs().max()
+        assert err <= allowed + ulp * (1 + ref64[index].abs().max()), (NAMES[index], err, allowed)
+    if not flips.any():
+        allowed = 4 * (ref[4] - ref64[4]).abs().max()
+        assert (out[4] - ref64[4]).abs().max() <= allowed + ulp * (1 + ref64[4].abs().max())
+
+
+def gradcheck_cases(detach_reset=False):
+    """Smooth-mode cases: every reset x order x input decay x surrogate, and signed spikes
+    (soft or no reset, atan) x order x input decay; a scalar or [C] leak, an initial state or
+    none, and the checkpoint interval alternate across them (a strict threshold has no effect in
+    smooth mode)."""
+    cases = []
+    for reset, before, decay, surrogate in itertools.product(
+            reference.RESETS, (False, True), (False, True), reference.SURROGATES):
+        cases.append(dict(signed=False, reset=reset, reset_before_leak=before,
+                          decay_input=decay, surrogate=surrogate, detach_reset=detach_reset))
+    for reset, before, decay in itertools.product(("soft", "none"), (False, True),
+                                                  (False, True)):
+        cases.append(dict(signed=True, reset=reset, reset_before_leak=before, decay_input=decay,
+                          surrogate="atan", detach_reset=detach_reset))
+    for i, case in enumerate(cases):
+        case.update(scalar_leak=i % 2 == 0, with_state=i % 3 != 0,
+                    checkpoint=(None, 1, 2)[i % 3], v_reset=-0.3 if i % 4 else 0.2,
+                    surrogate_scale=(1.0, 0.6, 1.8)[i % 3])
+    return cases
+
+
+def smooth_inputs(case, device):
+    """float64 leaves (x [5, 1, 2, 3], alpha, and with_state (v_0, s_0)) on `device`."""
+    gen = torch.Generator().manual_seed(7)
+    T, B, C, S = 5, 1, 2, 3  # T = 5 crosses Triton's float64 checkpoint chunk of 4 steps
+    x = (1.2 * torch.randn(T, B, C, S, generator=gen, dtype=f64)).to(device).requires_grad_()
+    alpha = (0.3 + 0.6 * torch.rand(() if case["scalar_leak"] else (C,), generator=gen,
+                                    dtype=f64)).to(device).requires_grad_()
+    inputs = [x, alpha]
+    if case["with_state"]:
+        inputs += [torch.randn(B, C, S, generator=gen, dtype=f64).to(device).requires_grad_(),
+                   torch.rand(B, C, S, generator=gen, dtype=f64).to(device).requires_grad_()]
+    return inputs
+
+
+def smooth_plif(case, backend):
+    """The smooth-mode neuron of `case` as a function of (x, alpha, *state) -> (s, v_T, s_T)."""
+    opts = {k: case[k] for k in OPTION_NAMES if k in case}
+    opts["v_reset"] = case["v_reset"] if case["reset"] == "hard" else 0.0
+
+    def fn(x, alpha, *state):
+        s, (v, s_last) = nk.plif(x, alpha, v_th=0.7, gamma=2.0, signed=case["signed"],
+                                 state=tuple(state) or None, return_state=True,
+                                 detach_reset=case["detach_reset"], spiking=False,
+                                 backend=backend, **opts)
+        return s, v, s_last
+    return fn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", gradcheck_cases(), ids=option_id)
+def test_fused_gradcheck_smooth(backend, case):
+    """The fused backward is the exact derivative of the fused smooth-mode forward (float64),
+    through the spikes, the returned final state, x, alpha and the initial state. The Triton
+    interpreter runs gradcheck's fast mode (random projections)."""
+    inputs = smooth_inputs(case, backend_device(backend))
+    with launch_config(backend, case["checkpoint"]):
+        torch.autograd.gradcheck(smooth_plif(case, backend), inputs,
+                                 fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", gradcheck_cases(detach_reset=True), ids=option_id)
+def test_fused_detach_reset_smooth(backend, case):
+    """detach_reset makes the backward differ from the forward's derivative on purpose (no
+    gradcheck): in smooth mode every gradient equals the reference's autograd through its
+    detached spikes, in float64."""
+    device = backend_device(backend)
+    inputs = smooth_inputs(case, device)
+    gen = torch.Generator().manual_seed(8)
+    results = []
+    for be in ("reference", backend):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with launch_config(backend, case["checkpoint"]):
+            outs = smooth_plif(case, be)(*leaves)
+        gen.manual_seed(8)
+        cots = [torch.randn(o.shape, generator=gen, dtype=f64).to(device) for o in outs]
+        results.append(torch.autograd.grad(outs, leaves, cots))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_options_run_the_paper_kernels(backend, monkeypatch):
+    """The defaults (also given explicitly, and v_reset without a hard reset) pass no options
+    to the ops: the paper's kernels run, unchanged."""
+    from neurokern import plif_ops
+
+    seen = []
+    apply = plif_ops.PLIFFunction.apply
+    monkeypatch.setattr(plif_ops.PLIFFunction, "apply",
+                        lambda *args: seen.append(args[11]) or apply(*args))
+    x = torch.randn(3, 2, 4, device=backend_device(backend))
+    nk.plif(x, 0.5, backend=backend)
+    nk.plif(x, 0.5, backend=backend, **(reference.NEURON_DEFAULTS | dict(v_reset=0.4)))
+    nk.plif(x, 0.5, backend=backend, reset="hard")
+    assert seen[0] == () and seen[1] == () and seen[2] != ()

@@ -61,3 +61,46 @@ def spike_surrogate(v, v_th, gamma, SIGNED: tl.constexpr):
         c = 1 + 1 / (1 + 4 * gamma * v_th * v_th)
         g = (g + 1 / (1 + gamma * e * e)) / c
     return g
+
+
+# The generalised neuron's spike and surrogate (docs/neurons.md); the paper's PLIF keeps
+# spike_act / spike_surrogate above.
+
+
+@triton.jit
+def fire_act(v, v_th, gamma, fire_th, scale, SIGNED: tl.constexpr, SPIKING: tl.constexpr,
+             SIGMOID: tl.constexpr):
+    """fire(v - v_th): v >= fire_th (fire_th = v_th, or the next float above it for a strict
+    threshold; signed: minus v <= -fire_th); smooth: the surrogate's primitive times scale."""
+    if SPIKING:
+        s = tl.where(v >= fire_th, 1, 0).to(v.dtype)
+        if SIGNED:
+            s = s - tl.where(v <= -fire_th, 1, 0).to(v.dtype)
+    elif SIGMOID:
+        s = scale * (1 / (1 + tl.exp(-(gamma * (v - v_th)))))
+    else:
+        sg = tl.sqrt(gamma)
+        if SIGNED:
+            c = 1 + 1 / (1 + 4 * gamma * v_th * v_th)
+            s = scale * (atan(sg * (v - v_th)) + atan(sg * (v + v_th))) / (c * sg)
+        else:
+            s = 0.5 + scale * atan(sg * (v - v_th)) / sg
+    return s
+
+
+@triton.jit
+def fire_surrogate(v, v_th, gamma, scale, SIGNED: tl.constexpr, SIGMOID: tl.constexpr):
+    """The surrogate derivative of fire_act at v, times scale: atan (signed: SPEC.md 1's), or
+    sigmoid scale gamma e / (1 + e)^2 with e = exp(-gamma |v - v_th|) (no overflow)."""
+    d = v - v_th
+    if SIGMOID:
+        e = tl.exp(-(gamma * tl.abs(d)))
+        g = scale * gamma * e / ((1 + e) * (1 + e))
+    else:
+        g = 1 / (1 + gamma * d * d)
+        if SIGNED:
+            e = v + v_th
+            c = 1 + 1 / (1 + 4 * gamma * v_th * v_th)
+            g = (g + 1 / (1 + gamma * e * e)) / c
+        g = scale * g
+    return g

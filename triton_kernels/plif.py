@@ -19,7 +19,7 @@ offset per step, so loads and stores are vectors.
 import triton
 import triton.language as tl
 
-from .activations import spike_act, spike_surrogate
+from .activations import fire_act, fire_surrogate, spike_act, spike_surrogate
 
 
 @triton.jit
@@ -79,6 +79,38 @@ def _plif_step(v, s, x, alpha, v_th, gamma, SIGNED: tl.constexpr, SPIKING: tl.co
     return v, spike_act(v, v_th, gamma, SIGNED, SPIKING)
 
 
+# The generalised neuron (GENERAL, docs/neurons.md). Its scalars follow v_th and gamma in the
+# params tensor (plif_ops.neuron_params), in the compute dtype: fire_th (v_th, or the next float
+# above it for a strict threshold), the surrogate's scale, the reset map
+# R(h, s) = h (1 - reset_k s) + reset_r s ((0, -v_th) soft, (1, v_reset) hard, (0, 0) none), its
+# dR/ds = grad_r - grad_k h (zero with detach_reset), v_rest (v_reset for a hard reset, else 0)
+# and decay (1 with decay_input, else 0). Per neuron, b = (1 - alpha) v_rest and
+# c = 1 - decay alpha (exactly 1 - alpha or 1). The paper's PLIF (GENERAL false) compiles to the
+# same code as before these options existed.
+@triton.jit
+def _neuron_params(params_ptr):
+    return (tl.load(params_ptr + 2), tl.load(params_ptr + 3), tl.load(params_ptr + 4),
+            tl.load(params_ptr + 5), tl.load(params_ptr + 6), tl.load(params_ptr + 7),
+            tl.load(params_ptr + 8), tl.load(params_ptr + 9))
+
+
+@triton.jit
+def _neuron_step(v, s, x, alpha, b, c, v_th, gamma, fire_th, scale, reset_k, reset_r,
+                 SIGNED: tl.constexpr, SPIKING: tl.constexpr, BEFORE: tl.constexpr,
+                 SIGMOID: tl.constexpr):
+    """One step of the generalised neuron, in the reference's operation order: returns the
+    carried state (h, or u when BEFORE), the spikes and h (before the reset when BEFORE)."""
+    h = alpha * v + b + c * x
+    if BEFORE:
+        s = fire_act(h, v_th, gamma, fire_th, scale, SIGNED, SPIKING, SIGMOID)
+        v = h * (1 - reset_k * s) + reset_r * s
+    else:
+        h = h * (1 - reset_k * s) + reset_r * s
+        v = h
+        s = fire_act(h, v_th, gamma, fire_th, scale, SIGNED, SPIKING, SIGMOID)
+    return v, s, h
+
+
 @triton.jit
 def _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask):
     """v_th, gamma (compute dtype) and each neuron's leak."""
@@ -123,9 +155,17 @@ def plif_fwd_kernel(
     ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    GENERAL: tl.constexpr = False,  # the generalised neuron (params [10], see _neuron_params)
+    BEFORE: tl.constexpr = False,  # its reset_before_leak
+    SIGMOID: tl.constexpr = False,  # its sigmoid surrogate
 ):
     n, mask = _neurons(N, PACKED, BLOCK)
     v_th, gamma, alpha = _prologue(alpha_ptr, params_ptr, n, C, S1, S2, alpha_stride, mask)
+    if GENERAL:
+        fire_th, scale, reset_k, reset_r, grad_k, grad_r, v_rest, decay = _neuron_params(
+            params_ptr)
+        b = (1 - alpha) * v_rest
+        c = 1 - decay * alpha
     x_ptrs = x_ptr + _neuron_offsets(n, C, S1, S2, sx_b, sx_c, sx_1, sx_2,
                                      PACKED, ALIGN, BLOCK)
     s_ptrs = s_ptr + _neuron_offsets(n, C, S1, S2, ss_b, ss_c, ss_1, ss_2,
@@ -144,8 +184,13 @@ def plif_fwd_kernel(
                                other=0),)
         for j in tl.static_range(CHUNK):
             valid = _before(t0 + j, T, n)
-            v_new, s_new = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED,
-                                      SPIKING)
+            if GENERAL:
+                v_new, s_new, _ = _neuron_step(v, s, xs[j].to(v_th.dtype), alpha, b, c, v_th,
+                                               gamma, fire_th, scale, reset_k, reset_r, SIGNED,
+                                               SPIKING, BEFORE, SIGMOID)
+            else:
+                v_new, s_new = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma,
+                                          SIGNED, SPIKING)
             v = tl.where(valid, v_new, v)
             s = tl.where(valid, s_new, s)
             tl.store(s_ptrs + _step_offset(t0 + j, ss_t, PACKED, ALIGN),
@@ -183,6 +228,9 @@ def plif_bwd_kernel(
     ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    GENERAL: tl.constexpr = False,  # as plif_fwd_kernel's (DETACH_RESET: in grad_k, grad_r)
+    BEFORE: tl.constexpr = False,
+    SIGMOID: tl.constexpr = False,
 ):
     # Chunks of CHUNK steps from the last to the first. Each chunk first recomputes its
     # membranes from the checkpoint before it (the forward's code: identical rounding), held
@@ -204,41 +252,123 @@ def plif_bwd_kernel(
     s_init = _load_or_zeros(s0_ptr, n, mask, HAS_STATE, v_th.dtype)
     dalpha = tl.zeros([BLOCK], dtype=v_th.dtype)
     chunks = tl.cdiv(T, CHUNK)
+    if GENERAL:
+        dalpha, dv_carry, ds_carry = _general_bwd_chunks(
+            g_ptrs, x_ptrs, d_ptrs, dx_ptr, v_saved_ptr, params_ptr, alpha, v_th, gamma, v_init,
+            s_init, ds_carry, dv_carry, dalpha, n, mask, T, N, sg_t, sx_t, sd_t,
+            SIGNED, SPIKING, BEFORE, SIGMOID, PACKED, ALIGN, CHUNK, BLOCK)
+    else:
+        for kk in range(chunks):
+            k = tl.cast(chunks - 1 - kk, tl.int64)
+            t0 = k * CHUNK
+            # the state entering the chunk: a checkpoint, or the initial state for the first chunk
+            has_prev = _before(0, k, n)  # k > 0
+            v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
+                              mask=mask & has_prev, other=0)
+            v_start = tl.where(has_prev, v_start, v_init)
+            s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
+            # every load of the chunk (x and dL/ds) is issued before its serial arithmetic
+            xs = ()
+            gs = ()
+            for j in tl.static_range(CHUNK):
+                valid = mask & _before(t0 + j, T, n)
+                xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
+                                   other=0),)
+                gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
+                                   other=0),)
+            vs = (v_start,)  # vs[j + 1] = v after step t0 + j
+            v, s = v_start, s_start
+            for j in tl.static_range(CHUNK):
+                v, s = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED, SPIKING)
+                vs = vs + (v,)
+            for j in tl.static_range(CHUNK - 1, -1, -1):
+                valid = _before(t0 + j, T, n)
+                g = gs[j].to(v_th.dtype)
+                dv = (g + ds_carry) * spike_surrogate(vs[j + 1], v_th, gamma, SIGNED) + dv_carry
+                tl.store(d_ptrs + _step_offset(t0 + j, sd_t, PACKED, ALIGN),
+                         dv.to(dx_ptr.dtype.element_ty), mask=mask & valid)
+                dalpha += tl.where(valid, dv * vs[j], 0)
+                if DETACH_RESET:
+                    ds_carry = tl.where(valid, 0, ds_carry)
+                else:
+                    ds_carry = tl.where(valid, -v_th * dv, ds_carry)
+                dv_carry = tl.where(valid, alpha * dv, dv_carry)
+    tl.store(dalpha_ptr + n, dalpha, mask=mask)
+    tl.store(dv0_ptr + n, dv_carry.to(dv0_ptr.dtype.element_ty), mask=mask)
+    tl.store(ds0_ptr + n, ds_carry.to(ds0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _general_bwd_chunks(g_ptrs, x_ptrs, d_ptrs, dx_ptr, v_saved_ptr, params_ptr, alpha, v_th, gamma,
+                        v_init, s_init, ds_carry, dv_carry, dalpha, n, mask, T, N,
+                        sg_t, sx_t, sd_t,
+                        SIGNED: tl.constexpr, SPIKING: tl.constexpr, BEFORE: tl.constexpr,
+                        SIGMOID: tl.constexpr, PACKED: tl.constexpr, ALIGN: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """plif_bwd_kernel's chunks for the generalised neuron: each chunk's states recomputed
+    with _neuron_step, then the reverse recursion derived in docs/neurons.md (csrc/plif_cpu.cpp
+    has the same, with the same names): with dR/dh = 1 - reset_k s and
+    dR/ds = grad_r - grad_k h, paper order (carried h, pre_t = alpha h_{t-1} + b + c x_t):
+        dh = (dL/ds_t + ds_carry) f'(h_t) + dv_carry;  dpre = dh (1 - reset_k s_{t-1})
+        dx_t = c dpre;  dalpha += dpre (h_{t-1} - v_rest - decay x_t)
+        ds_carry = dh (grad_r - grad_k pre_t);  dv_carry = alpha dpre
+    BEFORE (carried u, h_t = alpha u_{t-1} + b + c x_t, u_t = R(h_t, s_t)):
+        ds = dL/ds_t + dv_carry (grad_r - grad_k h_t) (+ dL/ds_T at t = T - 1)
+        dh = dv_carry (1 - reset_k s_t) + ds f'(h_t);  dx_t = c dh
+        dalpha += dh (u_{t-1} - v_rest - decay x_t);  dv_carry = alpha dh
+    Returns (dalpha, dL/dv_0, dL/ds_0)."""
+    fire_th, scale, reset_k, reset_r, grad_k, grad_r, v_rest, decay = _neuron_params(params_ptr)
+    b = (1 - alpha) * v_rest
+    c = 1 - decay * alpha
+    ds_last = ds_carry  # dL/ds_T (BEFORE: added at t = T - 1 only)
+    chunks = tl.cdiv(T, CHUNK)
     for kk in range(chunks):
         k = tl.cast(chunks - 1 - kk, tl.int64)
         t0 = k * CHUNK
-        # the state entering the chunk: a checkpoint, or the initial state for the first chunk
         has_prev = _before(0, k, n)  # k > 0
         v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
                           mask=mask & has_prev, other=0)
         v_start = tl.where(has_prev, v_start, v_init)
-        s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
-        # every load of the chunk (x and dL/ds) is issued before its serial arithmetic
+        s_start = tl.where(has_prev, fire_act(v_start, v_th, gamma, fire_th, scale, SIGNED,
+                                              SPIKING, SIGMOID), s_init)
         xs = ()
         gs = ()
         for j in tl.static_range(CHUNK):
             valid = mask & _before(t0 + j, T, n)
             xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
-                               other=0),)
+                               other=0).to(v_th.dtype),)
             gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
                                other=0),)
-        vs = (v_start,)  # vs[j + 1] = v after step t0 + j
+        vs = (v_start,)  # vs[j + 1]: the carried state after step t0 + j
+        ss = (s_start,)  # ss[j + 1]: the spikes of step t0 + j
+        hs = ()  # hs[j]: h of step t0 + j
         v, s = v_start, s_start
         for j in tl.static_range(CHUNK):
-            v, s = _plif_step(v, s, xs[j].to(v_th.dtype), alpha, v_th, gamma, SIGNED, SPIKING)
+            v, s, h = _neuron_step(v, s, xs[j], alpha, b, c, v_th, gamma, fire_th, scale,
+                                   reset_k, reset_r, SIGNED, SPIKING, BEFORE, SIGMOID)
             vs = vs + (v,)
+            ss = ss + (s,)
+            hs = hs + (h,)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             valid = _before(t0 + j, T, n)
             g = gs[j].to(v_th.dtype)
-            dv = (g + ds_carry) * spike_surrogate(vs[j + 1], v_th, gamma, SIGNED) + dv_carry
-            tl.store(d_ptrs + _step_offset(t0 + j, sd_t, PACKED, ALIGN),
-                     dv.to(dx_ptr.dtype.element_ty), mask=mask & valid)
-            dalpha += tl.where(valid, dv * vs[j], 0)
-            if DETACH_RESET:
-                ds_carry = tl.where(valid, 0, ds_carry)
+            v_prev = vs[j]
+            if BEFORE:
+                h = hs[j]
+                last = tl.full(n.shape, t0 + j, tl.int64) == T - 1
+                ds = g + dv_carry * (grad_r - grad_k * h) + tl.where(last, ds_last, 0)
+                dpre = dv_carry * (1 - reset_k * ss[j + 1]) + ds * fire_surrogate(
+                    h, v_th, gamma, scale, SIGNED, SIGMOID)
             else:
-                ds_carry = tl.where(valid, -v_th * dv, ds_carry)
-            dv_carry = tl.where(valid, alpha * dv, dv_carry)
-    tl.store(dalpha_ptr + n, dalpha, mask=mask)
-    tl.store(dv0_ptr + n, dv_carry.to(dv0_ptr.dtype.element_ty), mask=mask)
-    tl.store(ds0_ptr + n, ds_carry.to(ds0_ptr.dtype.element_ty), mask=mask)
+                pre = alpha * v_prev + b + c * xs[j]
+                dh = (g + ds_carry) * fire_surrogate(vs[j + 1], v_th, gamma, scale, SIGNED,
+                                                     SIGMOID) + dv_carry
+                dpre = dh * (1 - reset_k * ss[j])
+                ds_carry = tl.where(valid, dh * (grad_r - grad_k * pre), ds_carry)
+            tl.store(d_ptrs + _step_offset(t0 + j, sd_t, PACKED, ALIGN),
+                     (c * dpre).to(dx_ptr.dtype.element_ty), mask=mask & valid)
+            dalpha += tl.where(valid, dpre * ((v_prev - v_rest) - decay * xs[j]), 0)
+            dv_carry = tl.where(valid, alpha * dpre, dv_carry)
+    if BEFORE:
+        ds_carry = tl.where(_before(0, T, n), 0, ds_carry)  # s_0 is not used (T > 0)
+    return dalpha, dv_carry, ds_carry
