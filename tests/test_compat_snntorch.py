@@ -30,7 +30,8 @@ needs_snntorch = pytest.mark.skipif(
     snntorch is None, reason="snntorch is not installed (pip install --no-deps -r "
     "requirements-compat.txt)")
 
-BACKENDS = ["reference"] + [b for b in ("cpu",) if dispatch.availability("plif", b, "cpu").available]
+BACKENDS = ["reference"] + [b for b in ("cpu",)
+                            if dispatch.availability("plif", b, "cpu").available]
 T = 8
 MECHANISMS = [("subtract", True), ("zero", True), ("zero", False), ("none", True), ("none", False)]
 SPIKE_GRADS = [None, ("atan", 3.0), ("sigmoid", 5)]

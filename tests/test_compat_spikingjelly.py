@@ -31,7 +31,8 @@ needs_sj = pytest.mark.skipif(
     "requirements-compat.txt)")
 
 # The fused CPU backend where it is built, and the reference.
-BACKENDS = ["reference"] + [b for b in ("cpu",) if dispatch.availability("plif", b, "cpu").available]
+BACKENDS = ["reference"] + [b for b in ("cpu",)
+                            if dispatch.availability("plif", b, "cpu").available]
 NODES = ("IFNode", "LIFNode", "ParametricLIFNode")
 SURROGATES = (("ATan", 2.0), ("Sigmoid", 4.0), ("ATan", 0.7), ("Sigmoid", 1.5))
 T, N, F = 8, 3, 5
