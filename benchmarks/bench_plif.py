@@ -3,6 +3,7 @@ memory and the byte floor, appended to results/plif.csv.
 
     python benchmarks/bench_plif.py                 # GPU: the paper's layers; CPU: small sizes
     python benchmarks/bench_plif.py --quick         # one size, fewer providers' repeats
+    python benchmarks/bench_plif.py --quick --neuron spikingjelly-lif   # a generalised neuron
 
 Providers: the neurokern reference loop; the paper-style loop (batch-major, per-step einsum leak
 multiply, as the paper's code); SpikingJelly's ParametricLIFNode with its Triton implementation
@@ -26,6 +27,20 @@ from neurokern import reference
 import common
 
 PAPER_LAYERS = [(64, 44, 44), (64, 22, 22), (128, 11, 11), (256, 6, 6), (512, 3, 3)]
+
+# --neuron: the paper's PLIF, or the generalised neuron's options (docs/neurons.md) of the
+# libraries' default neurons; its rows' provider names end in [name]
+NEURONS = {
+    "paper": {},
+    # SpikingJelly LIFNode / ParametricLIFNode: hard reset to 0 before the leak, input decay,
+    # Sigmoid(alpha=4)
+    "spikingjelly-lif": dict(reset="hard", v_reset=0.0, reset_before_leak=True,
+                             decay_input=True, surrogate="sigmoid", gamma=4.0),
+    # snnTorch Leaky(reset_mechanism="subtract", spike_grad=atan(alpha=2)): fires on >,
+    # detached reset, gamma = (pi alpha / 2)^2, scale alpha / 2
+    "snntorch-leaky": dict(strict_threshold=True, detach_reset=True, gamma=3.141592653589793 ** 2,
+                           surrogate_scale=1.0),
+}
 
 
 def paper_loop(x, alpha, v_th=1.0):
@@ -62,18 +77,23 @@ def spikingjelly_provider(channels, device):
     return run, None
 
 
-def providers(device, channels):
+def providers(device, channels, neuron="paper"):
     alpha = torch.full((channels,), 0.9, device=device, requires_grad=True)
+    options = NEURONS[neuron]
+    suffix = "" if neuron == "paper" else f" [{neuron}]"
     out = {
-        "reference loop": lambda x: nk.plif(x, alpha, batch_first=True, backend="reference"),
-        "paper loop (einsum)": lambda x: paper_loop(x, alpha),
+        "reference loop" + suffix: lambda x: nk.plif(x, alpha, batch_first=True,
+                                                     backend="reference", **options),
     }
-    sj, why = spikingjelly_provider(channels, device)
-    if sj is not None:
-        out["spikingjelly (triton)"] = sj
+    why = None
+    if neuron == "paper":
+        out["paper loop (einsum)"] = lambda x: paper_loop(x, alpha)
+        sj, why = spikingjelly_provider(channels, device)
+        if sj is not None:
+            out["spikingjelly (triton)"] = sj
     for backend in common.fused_backends("plif", device):
-        out[f"neurokern {backend}"] = (
-            lambda x, b=backend: nk.plif(x, alpha, batch_first=True, backend=b))
+        out[f"neurokern {backend}{suffix}"] = (
+            lambda x, b=backend: nk.plif(x, alpha, batch_first=True, backend=b, **options))
     if device.type == "cuda" and "neurokern triton" in out:
         out[GRAPHED] = out["neurokern triton"]
     return out, why, alpha
@@ -88,6 +108,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the headline size")
     parser.add_argument("--skip-slow", action="store_true",
                         help="time the Python loops in forward+backward only")
+    parser.add_argument("--neuron", choices=sorted(NEURONS), default="paper",
+                        help="the neuron's options (docs/neurons.md): the paper's PLIF or a "
+                             "library's default neuron")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -111,7 +134,7 @@ def main(argv=None):
             bandwidth = common.copy_bandwidth(device, numel * itemsize)
             floors = {"forward": 2 * numel * itemsize / bandwidth * 1e3,
                       "fwd+bwd": 5 * numel * itemsize / bandwidth * 1e3}
-            provs, why, alpha = providers(device, size[2])
+            provs, why, alpha = providers(device, size[2], args.neuron)
             label = "x".join(map(str, size))
             print(f"[B, T, C, H, W] = {list(size)} {str(dtype)[6:]}, copy bandwidth "
                   f"{bandwidth / 1e12:.3f} TB/s" + (f"  ({why})" if why else ""), flush=True)

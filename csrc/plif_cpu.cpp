@@ -377,19 +377,30 @@ struct GeneralStep {
                                    scalar_t* __restrict__ out, opmath_t) const {
     const opmath_t* __restrict__ b = coeffs;
     const opmath_t* __restrict__ c = coeffs + L;
-    for (int64_t j = 0; j < L; ++j) {
-      const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
-      opmath_t vj, sj;
-      if constexpr (BEFORE) {
-        sj = fire(h);
-        vj = h * (opmath_t(1) - k.reset_k * sj) + k.reset_r * sj;
-      } else {
-        vj = h * (opmath_t(1) - k.reset_k * s[j]) + k.reset_r * s[j];
-        sj = fire(vj);
+    const opmath_t reset_k = k.reset_k, reset_r = k.reset_r;
+    const FireT f = fire;  // a local copy: its thresholds stay in registers
+    if constexpr (BEFORE) {
+      // Two passes: a spike computed and multiplied in one loop makes GCC turn the product
+      // into a branch on the comparison (-ftrapping-math), which stops the vectoriser.
+      for (int64_t j = 0; j < L; ++j) {
+        const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
+        const opmath_t sj = f(h);
+        v_out[j] = h;
+        s[j] = sj;
+        out[j] = static_cast<scalar_t>(sj);
       }
-      v_out[j] = vj;
-      s[j] = sj;
-      out[j] = static_cast<scalar_t>(sj);
+      for (int64_t j = 0; j < L; ++j) {
+        v_out[j] = v_out[j] * (opmath_t(1) - reset_k * s[j]) + reset_r * s[j];
+      }
+    } else {
+      for (int64_t j = 0; j < L; ++j) {
+        const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
+        const opmath_t vj = h * (opmath_t(1) - reset_k * s[j]) + reset_r * s[j];
+        const opmath_t sj = f(vj);
+        v_out[j] = vj;
+        s[j] = sj;
+        out[j] = static_cast<scalar_t>(sj);
+      }
     }
   }
 };
@@ -1019,63 +1030,122 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
 // The reverse pass recomputes pre_t / h_t from the carried state before the step and x_t, with
 // the forward's expression (so bit-identically), and s_{t-1} = fire(h_{t-1}) (s_0 at t = 0).
 
+// The spikes fire(v) of a row of L neurons (a pass of its own: see GeneralStep).
+template <typename opmath_t, typename FireT>
+NEUROKERN_INLINE void fire_row(int64_t L, const opmath_t* __restrict__ v,
+                               opmath_t* __restrict__ s, const FireT& fire) {
+  const FireT f = fire;
+  for (int64_t j = 0; j < L; ++j) s[j] = f(v[j]);
+}
+
 // One reverse step of the paper order for L neurons (see above). v_prev: h_{t-1}; v_t: h_t;
-// S_GIVEN: s_{t-1} is s_prev (t = 0), else fire(v_prev).
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool S_GIVEN>
+// s_prev: s_{t-1}.
+template <typename scalar_t, typename opmath_t, typename Sur>
 NEUROKERN_INLINE void general_bwd_step_paper(
     int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
     const opmath_t* __restrict__ v_t, const opmath_t* __restrict__ v_prev,
     const opmath_t* __restrict__ s_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, opmath_t* __restrict__ ds_c,
     opmath_t* __restrict__ dh_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
-    const NeuronCoefficients<opmath_t>& k, const FireT& fire, const Sur& sur) {
+    const NeuronCoefficients<opmath_t>& k, const Sur& sur) {
   const opmath_t* __restrict__ b = coeffs;
   const opmath_t* __restrict__ c = coeffs + L;
+  const opmath_t reset_k = k.reset_k, grad_k = k.grad_k, grad_r = k.grad_r;
+  const opmath_t v_rest = k.v_rest, decay = k.decay;
   for (int64_t j = 0; j < L; ++j) {
     const opmath_t hp = v_prev[j];
     const opmath_t xj = static_cast<opmath_t>(x[j]);
     const opmath_t pre = a[j] * hp + b[j] + c[j] * xj;
-    const opmath_t sp = S_GIVEN ? s_prev[j] : fire(hp);
+    const opmath_t sp = s_prev[j];
     const opmath_t dh = (static_cast<opmath_t>(grad_s[j]) + ds_c[j]) * sur(v_t[j]) + dh_c[j];
-    const opmath_t dpre = dh * (opmath_t(1) - k.reset_k * sp);
+    const opmath_t dpre = dh * (opmath_t(1) - reset_k * sp);
     dx[j] = static_cast<scalar_t>(c[j] * dpre);
-    dalpha[j] += dpre * ((hp - k.v_rest) - k.decay * xj);
-    ds_c[j] = dh * (k.grad_r - k.grad_k * pre);
+    dalpha[j] += dpre * ((hp - v_rest) - decay * xj);
+    ds_c[j] = dh * (grad_r - grad_k * pre);
     dh_c[j] = a[j] * dpre;
   }
 }
 
 // One reverse step of the SpikingJelly order (see above). u_prev: u_{t-1}; LAST: t = T-1, where
-// ds_c holds dL/ds_T.
+// ds_c holds dL/ds_T. s_row: scratch for the step's spikes, computed in a pass of their own
+// (see GeneralStep) from h recomputed as the forward does.
 template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool LAST>
 NEUROKERN_INLINE void general_bwd_step_before(
     int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
     const opmath_t* __restrict__ u_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, const opmath_t* __restrict__ ds_c,
     opmath_t* __restrict__ du_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
-    const NeuronCoefficients<opmath_t>& k, const FireT& fire, const Sur& sur) {
+    opmath_t* __restrict__ s_row, const NeuronCoefficients<opmath_t>& k, const FireT& fire,
+    const Sur& sur) {
   const opmath_t* __restrict__ b = coeffs;
   const opmath_t* __restrict__ c = coeffs + L;
+  const opmath_t reset_k = k.reset_k, grad_k = k.grad_k, grad_r = k.grad_r;
+  const opmath_t v_rest = k.v_rest, decay = k.decay;
+  const FireT f = fire;
+  for (int64_t j = 0; j < L; ++j) {
+    s_row[j] = f(a[j] * u_prev[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]));
+  }
   for (int64_t j = 0; j < L; ++j) {
     const opmath_t up = u_prev[j];
     const opmath_t xj = static_cast<opmath_t>(x[j]);
     const opmath_t h = a[j] * up + b[j] + c[j] * xj;
-    const opmath_t sj = fire(h);
+    const opmath_t sj = s_row[j];
     const opmath_t du = du_c[j];
-    opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (k.grad_r - k.grad_k * h);
+    opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (grad_r - grad_k * h);
     if constexpr (LAST) ds = ds + ds_c[j];
-    const opmath_t dh = du * (opmath_t(1) - k.reset_k * sj) + ds * sur(h);
+    const opmath_t dh = du * (opmath_t(1) - reset_k * sj) + ds * sur(h);
     dx[j] = static_cast<scalar_t>(c[j] * dh);
-    dalpha[j] += dh * ((up - k.v_rest) - k.decay * xj);
+    dalpha[j] += dh * ((up - v_rest) - decay * xj);
     du_c[j] = a[j] * dh;
   }
 }
 
-// Length of the per-task buffer of general_bwd_tasks, in opmath_t elements: 7 rows (a, b, c, the
-// two carries, dalpha, the recomputation's spikes) and the membrane rows (min(k, T) + 1 with
-// recomputation, else 1: the state before the first step).
+// The general reverse steps t_end-1 .. t_begin of one task's L neurons, with v_{t-1} =
+// v_before(t) and v_t = v_row(t) (general_bwd_tasks has the buffers' meanings).
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
+          typename VRow, typename VBefore>
+NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p,
+                                        const NeuronCoefficients<opmath_t>& k, const FireT& fire,
+                                        const Sur& sur, int64_t row, int64_t m0, int64_t L,
+                                        int64_t t_begin, int64_t t_end, const VRow& v_row,
+                                        const VBefore& v_before, const opmath_t* a,
+                                        const opmath_t* coeffs, const opmath_t* sp,
+                                        opmath_t* ds_c, opmath_t* dh_c, opmath_t* dalpha,
+                                        opmath_t* s_row, scalar_t* scratch) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
+    const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
+    const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
+    scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
+    scalar_t* out = p.stream ? scratch : dxt;
+    if (t - kPrefetchSteps >= 0) {
+      prefetch_row(gt - kPrefetchSteps * p.g_view.stride_t, L);
+      prefetch_row(xt - kPrefetchSteps * p.x_view.stride_t, L);
+      if (!p.stream) prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
+    }
+    if constexpr (BEFORE) {
+      if (t == p.T - 1) {
+        general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, true>(
+            L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, s_row, k, fire, sur);
+      } else {
+        general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, false>(
+            L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, s_row, k, fire, sur);
+      }
+    } else {
+      // s_{t-1}: s_0 at t = 0, else fire(h_{t-1}) as the forward computed it
+      if (t > 0) fire_row(L, v_before(t), s_row, fire);
+      general_bwd_step_paper<scalar_t, opmath_t, Sur>(L, gt, xt, v_row(t), v_before(t),
+                                                      t > 0 ? s_row : sp, a, coeffs, ds_c,
+                                                      dh_c, dalpha, out, k, sur);
+    }
+    if (p.stream) stream_row(dxt, scratch, L);
+  }
+}
+
+// Rows of the per-task buffer of general_bwd_tasks (of chunk opmath_t elements): 8 (a, b, c, the
+// two carries, dalpha, the recomputation's spikes or s_0, a step's spikes) and the membrane rows
+// (min(k, T) + 1 with recomputation, else 1: the state before the first step).
 int64_t general_bwd_rows(int64_t T, int64_t k) {
-  return 7 + (k > 1 ? std::min(k, T) + 1 : 1);
+  return 8 + (k > 1 ? std::min(k, T) + 1 : 1);
 }
 
 // Runs tasks [begin, end) of the general backward: plif_bwd_tasks' structure (membranes from
@@ -1095,7 +1165,8 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
   opmath_t* dh_c = ds_c + ch.chunk;        // [chunk]
   opmath_t* dalpha = dh_c + ch.chunk;      // [chunk]
   opmath_t* sp = dalpha + ch.chunk;        // [chunk] spikes of the recomputation, or s_0
-  opmath_t* vs = sp + ch.chunk;            // [rows, L]: row r = v_{t0 + r - 1}
+  opmath_t* s_row = sp + ch.chunk;         // [chunk] a reverse step's spikes
+  opmath_t* vs = s_row + ch.chunk;         // [rows, L]: row r = v_{t0 + r - 1}
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / ch.per_row;
     const int64_t m0 = (task % ch.per_row) * ch.chunk;
@@ -1108,40 +1179,6 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
       ds_c[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
       dalpha[j] = opmath_t(0);
     }
-    // The reverse steps t_end-1 .. t_begin, with v_{t-1} = v_before(t), v_t = v_row(t).
-    auto reverse = [&](int64_t t_begin, int64_t t_end, auto&& v_row, auto&& v_before) {
-      for (int64_t t = t_end - 1; t >= t_begin; --t) {
-        const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
-        const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
-        scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
-        scalar_t* out = p.stream ? scratch : dxt;
-        if (t - kPrefetchSteps >= 0) {
-          prefetch_row(gt - kPrefetchSteps * p.g_view.stride_t, L);
-          prefetch_row(xt - kPrefetchSteps * p.x_view.stride_t, L);
-          if (!p.stream) prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
-        }
-        if constexpr (BEFORE) {
-          if (t == p.T - 1) {
-            general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, true>(
-                L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, k, fire, sur);
-          } else {
-            general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, false>(
-                L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, k, fire, sur);
-          }
-        } else {
-          if (t == 0) {
-            general_bwd_step_paper<scalar_t, opmath_t, FireT, Sur, true>(
-                L, gt, xt, v_row(t), v_before(t), sp, a, coeffs, ds_c, dh_c, dalpha, out, k,
-                fire, sur);
-          } else {
-            general_bwd_step_paper<scalar_t, opmath_t, FireT, Sur, false>(
-                L, gt, xt, v_row(t), v_before(t), sp, a, coeffs, ds_c, dh_c, dalpha, out, k,
-                fire, sur);
-          }
-        }
-        if (p.stream) stream_row(dxt, scratch, L);
-      }
-    };
     // The state before the first step (row 0 of vs) and s_0 (sp), used at t = 0.
     auto load_initial = [&]() {
       for (int64_t j = 0; j < L; ++j) {
@@ -1152,8 +1189,10 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
     if (p.k == 1) {
       load_initial();
       const opmath_t* v_task = p.v_saved + n0;
-      reverse(0, p.T, [&](int64_t t) { return v_task + t * p.N; },
-              [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : vs; });
+      general_bwd_steps<scalar_t, opmath_t, FireT, Sur, BEFORE>(
+          p, k, fire, sur, row, m0, L, 0, p.T, [&](int64_t t) { return v_task + t * p.N; },
+          [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : vs; }, a, coeffs, sp, ds_c,
+          dh_c, dalpha, s_row, scratch);
     } else {
       for (int64_t cc = saved_rows(p.T, p.k) - 1; cc >= 0; --cc) {
         const int64_t t0 = cc * p.k;
@@ -1162,10 +1201,8 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
           load_initial();
         } else {
           const opmath_t* v_in = p.v_saved + (cc - 1) * p.N + n0;
-          for (int64_t j = 0; j < L; ++j) {
-            vs[j] = v_in[j];
-            sp[j] = fire(v_in[j]);
-          }
+          std::copy(v_in, v_in + L, vs);
+          fire_row(L, v_in, sp, fire);
         }
         for (int64_t r = 0; r < len; ++r) {
           const int64_t t = t0 + r;
@@ -1176,8 +1213,11 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
         if (cc == 0) {  // the recomputation overwrote sp: s_0 again for t = 0
           for (int64_t j = 0; j < L; ++j) sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
         }
-        reverse(t0, t0 + len, [&](int64_t t) { return vs + (t - t0 + 1) * L; },
-                [&](int64_t t) { return vs + (t - t0) * L; });
+        general_bwd_steps<scalar_t, opmath_t, FireT, Sur, BEFORE>(
+            p, k, fire, sur, row, m0, L, t0, t0 + len,
+            [&](int64_t t) { return vs + (t - t0 + 1) * L; },
+            [&](int64_t t) { return vs + (t - t0) * L; }, a, coeffs, sp, ds_c, dh_c, dalpha,
+            s_row, scratch);
       }
     }
     for (int64_t j = 0; j < L; ++j) {

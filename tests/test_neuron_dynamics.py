@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neurokern as nk
@@ -203,6 +203,7 @@ def test_bad_options(changes, error, match):
 
 from conftest import backend_device, fused_backends  # noqa: E402
 from test_fused_plif import launch_config  # noqa: E402
+from test_verified import gpu, table  # noqa: E402,F401  (gpu: the fake-GPU fixture)
 
 BACKENDS = fused_backends("plif")
 
@@ -305,9 +306,7 @@ def run(case, backend, dtype, x, alpha, state, spiking=True):
 NAMES = ["s", "v_T", "s_T", "dx", "dalpha", "dv0", "ds0"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@given(case=neuron_cases())
-def test_fused_float64_equals_reference(poison_empty, backend, case):
+def check_float64(backend, case):
     """float64: spikes exactly the reference's, the final state and every gradient (dalpha and
     the gradients through the returned final state included) to round-off, for non-contiguous
     inputs and incoming gradients too."""
@@ -318,6 +317,26 @@ def test_fused_float64_equals_reference(poison_empty, backend, case):
     assert torch.equal(out[2], ref[2]), "final spikes differ in float64"
     for name, a, b in zip(NAMES[1:], out[1:], ref[1:]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+# The hypothesis tests run the C++ backend with the profile's examples and the Triton
+# interpreter, which is slow, with a quarter of them.
+CPU = [p for p in BACKENDS if p.values[0] == "cpu"]
+TRITON = [p for p in BACKENDS if p.values[0] != "cpu"]
+FEWER = settings(max_examples=max(4, settings().max_examples // 4))
+
+
+@pytest.mark.parametrize("backend", CPU)
+@given(case=neuron_cases())
+def test_cpu_float64_equals_reference(poison_empty, backend, case):
+    check_float64(backend, case)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@FEWER
+@given(case=neuron_cases())
+def test_triton_float64_equals_reference(poison_empty, backend, case):
+    check_float64(backend, case)
 
 
 def test_fused_dalpha_with_transposed_incoming_gradient():
@@ -345,10 +364,7 @@ def _flips(case, out_s, ref_s):
     return (out_s != ref_s).any(time_dim)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@given(case=neuron_cases())
-def test_fused_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
+def check_low_precision(backend, dtype, case):
     """float32/bfloat16/float16 (float32 state): spikes equal the float64 reference's on the
     inputs as rounded, except for rare threshold flips; the final membrane and every gradient,
     on neurons without a flip, as close to the float64 reference as the same-dtype reference
@@ -376,6 +392,24 @@ def test_fused_low_precision_against_float64_reference(poison_empty, backend, dt
     if not flips.any():
         allowed = 4 * (ref[4] - ref64[4]).abs().max()
         assert (out[4] - ref64[4]).abs().max() <= allowed + ulp * (1 + ref64[4].abs().max())
+
+
+LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@given(case=neuron_cases())
+def test_cpu_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
+    check_low_precision(backend, dtype, case)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@FEWER
+@given(case=neuron_cases())
+def test_triton_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
+    check_low_precision(backend, dtype, case)
 
 
 def gradcheck_cases(detach_reset=False):
@@ -455,7 +489,8 @@ def test_fused_detach_reset_smooth(backend, case):
             outs = smooth_plif(case, be)(*leaves)
         gen.manual_seed(8)
         cots = [torch.randn(o.shape, generator=gen, dtype=f64).to(device) for o in outs]
-        results.append(torch.autograd.grad(outs, leaves, cots))
+        results.append(torch.autograd.grad(outs, leaves, cots, allow_unused=True,
+                                           materialize_grads=True))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -475,3 +510,81 @@ def test_default_options_run_the_paper_kernels(backend, monkeypatch):
     nk.plif(x, 0.5, backend=backend, **(reference.NEURON_DEFAULTS | dict(v_reset=0.4)))
     nk.plif(x, 0.5, backend=backend, reset="hard")
     assert seen[0] == () and seen[1] == () and seen[2] != ()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_general(backend):
+    """The ops with the generalised neuron's options pass torch.library's checks (schema,
+    fake tensors, autograd registration)."""
+    from neurokern.plif_ops import checkpoint_interval, plif_ops
+
+    device = backend_device(backend)
+    fwd, bwd = plif_ops(backend)
+    x = torch.randn(4, 2, 3, 5, device=device)
+    alpha = torch.full((3,), 0.9, device=device)
+    state = torch.randn(2, 3, 5, device=device), torch.rand(2, 3, 5, device=device)
+    k = checkpoint_interval(backend, x.dtype)
+    for options in (("hard", -0.2, True, True, False, "sigmoid", 1.0),
+                    ("none", 0.0, False, False, True, "atan", 0.5)):
+        args = (x, alpha, *state, 1.0, 4.0, False, False, True, k, *options)
+        torch.library.opcheck(fwd, args)
+        s, v_saved, v_last, _ = fwd(*args)
+        torch.library.opcheck(bwd, (torch.randn_like(s), torch.randn_like(v_last), None, x,
+                                    v_saved, alpha, *state, 1.0, 4.0, False, False, True, True,
+                                    k, *options))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_general(backend):
+    """torch.compile(fullgraph=True) traces a call with the generalised neuron's options."""
+    device = backend_device(backend)
+    torch._dynamo.reset()
+    x = torch.randn(4, 2, 3, 5, device=device, requires_grad=True)
+    alpha = torch.full((3,), 0.8, device=device, requires_grad=True)
+
+    def fn(x, alpha):
+        return nk.plif(x, alpha, reset="hard", reset_before_leak=True, decay_input=True,
+                       surrogate="sigmoid", gamma=4.0, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, alpha)
+    assert torch.equal(out, fn(x, alpha))
+    out.sum().backward()
+    assert alpha.grad is not None
+
+
+def test_auto_on_a_gpu_runs_the_general_kernels_only_where_verified(gpu, caplog, monkeypatch):
+    """On a GPU, a call with the generalised neuron's options is resolved with its own variant,
+    triton.plif.general: the paper's variants passing does not make `auto` run it; the
+    reference runs, with a warning naming the variant, until it passed or is opted in."""
+    from neurokern import dispatch, verified
+
+    cuda = torch.device("cuda")
+    gpu(table({"triton.plif.strided/float32": [(9, "passed", "2026-11-23")]}), 9)
+    assert dispatch.resolve("plif", "auto", cuda, torch.float32)[0] == "triton"
+    with caplog.at_level("INFO", logger="neurokern"):
+        assert dispatch.resolve("plif", "auto", cuda, torch.float32, "plif_general")[0] == \
+            "reference"
+    assert any("triton.plif.general/float32 opt-in" in r.getMessage() for r in caplog.records)
+    gpu(table({"triton.plif.general/float32": [(9, "passed", "2026-12-02")]}), 9)
+    assert dispatch.resolve("plif", "auto", cuda, torch.float32, "plif_general")[0] == "triton"
+    gpu({"variants": {}}, 9)
+    monkeypatch.setenv(verified.ENV_OPT_IN, "triton.plif.general")
+    assert dispatch.resolve("plif", "auto", cuda, torch.float32, "plif_general")[0] == "triton"
+
+
+def test_general_launches_note_their_variant(monkeypatch):
+    """The Triton launchers note triton.plif.general (for the GPU test run's record) for a
+    general call, and the paper's variants otherwise."""
+    if not any(p.values[0] == "triton" and not p.marks for p in BACKENDS):
+        pytest.skip("the Triton backend cannot run here")
+    from neurokern import verified
+
+    noted = []
+    monkeypatch.setattr(verified, "note", lambda name, dtype, device: noted.append(name))
+    x = torch.randn(3, 2, 4, device=backend_device("triton"), requires_grad=True)
+    nk.plif(x, 0.5, reset="none", backend="triton").sum().backward()
+    assert noted == ["triton.plif.general"] * 2  # forward and backward
+    noted.clear()
+    nk.plif(x, 0.5, backend="triton").sum().backward()
+    assert len(noted) == 2 and "triton.plif.general" not in noted

@@ -31,6 +31,9 @@ SCRIPT = textwrap.dedent('''
 
     def compile_for_h100(fn, dtype, consts, num_warps=4, divisible=()):
         compute = "fp64" if dtype == "fp64" else "fp32"
+        # constexprs with a default (the generalised neuron's switches) as a launch gives them
+        consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+                  **consts}
         low = lambda name: name in GRU_LOW if "spikgru2plus" in fn.__name__ else (
             name not in COMPUTE)
         sig = {}
@@ -78,6 +81,15 @@ SCRIPT = textwrap.dedent('''
             # the PACKED path exists for its vector loads and stores of x, s, dL/ds and dx
             for text in ptx if packed else ():
                 assert_vectorised(text, dtype, size)
+        if dtype == "fp32":  # the generalised neuron's kernels (docs/neurons.md), strided
+            general = dict(GENERAL=True, BEFORE=True, SIGMOID=True, PACKED=False, ALIGN=1,
+                           CHUNK=launch["checkpoint"], BLOCK=launch["BLOCK"])
+            compile_for_h100(plif_fwd_kernel, dtype, dict(
+                HAS_STATE=True, SAVE=True, SIGNED=False, SPIKING=True, **general),
+                num_warps=launch["num_warps"])
+            compile_for_h100(plif_bwd_kernel, dtype, dict(
+                HAS_GRAD_V_LAST=True, HAS_GRAD_S_LAST=True, HAS_STATE=True, SIGNED=False,
+                SPIKING=True, DETACH_RESET=False, **general), num_warps=launch["num_warps"])
         for fn, consts in ((spike_fwd_kernel, dict(SIGNED=True, SPIKING=True, BLOCK=1024)),
                            (spike_bwd_kernel, dict(SIGNED=False, BLOCK=1024))):
             assert_vectorised(compile_for_h100(fn, dtype, consts, divisible=("n",)), dtype, size)
@@ -97,4 +109,4 @@ def test_triton_kernels_compile_for_h100():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 24
+    assert proc.stdout.count("compiled") == 26
