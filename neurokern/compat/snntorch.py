@@ -247,7 +247,10 @@ class Leaky(nn.Module):
             spk = torch.cat(spikes) if len(spikes) > 1 else spk
         mem_t = mem_t.reshape(step_shape)
         self.mem = mem_t.float() if half else mem_t
-        spk = spk.reshape(x.shape[0], *step_shape).float() * self.graded_spikes_factor
+        spk = spk.reshape(x.shape[0], *step_shape).float()
+        gsf = self.graded_spikes_factor
+        if isinstance(gsf, nn.Parameter) or gsf.numel() != 1 or float(gsf) != 1.0:
+            spk = spk * gsf  # a pass over all spikes: skipped for the default factor 1
         return spk, self.mem
 
     def extra_repr(self):
