@@ -406,7 +406,8 @@ struct GeneralStep {
 };
 
 // Runs tasks [begin, end): each carries one chunk of neurons through all T steps.
-// buffer: (4 + Step::kCoeffRows) * chunking.chunk elements; s_row: chunking.chunk elements (with p.stream).
+// buffer: (4 + Step::kCoeffRows) * chunking.chunk elements; s_row: chunking.chunk elements
+// (with p.stream).
 template <typename scalar_t, typename opmath_t, typename Step>
 NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step,
                                      int64_t begin, int64_t end, opmath_t* buffer,
@@ -1024,7 +1025,8 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
 // SpikingJelly order (carried u; h_t = a u_{t-1} + b + c x_t, s_t = f(h_t), u_t = R(h_t, s_t)),
 // from du = dL/du_T:
 //   ds = grad_s_t + du (grad_r - grad_k h_t) (+ dL/ds_T at t = T-1)
-//   dh_t = du (1 - k s_t) + ds f'(h_t);  dx_t = c dh_t;  dalpha += dh_t (u_{t-1} - v_rest - decay x_t)
+//   dh_t = du (1 - k s_t) + ds f'(h_t);  dx_t = c dh_t
+//   dalpha += dh_t (u_{t-1} - v_rest - decay x_t)
 //   du = a dh_t
 // and dv0 = du, ds0 = 0 (s_0 is not used).
 // The reverse pass recomputes pre_t / h_t from the carried state before the step and x_t, with
