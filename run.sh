@@ -44,6 +44,9 @@ setup() {
         echo "[setup] triton before 3.7: numpy<2.4"
         "$PY" -m pip install -q 'numpy<2.4'
     fi
+    echo "[setup] installing SpikingJelly and snnTorch for the compat tests (--no-deps: their" \
+         "requirements would replace torch)"
+    "$PY" -m pip install -q --no-deps -r requirements-compat.txt
     echo "[setup] building neurokern (C++ extension; about 4 CPU-minutes, docs/install.md)"
     "$PY" -m pip install -q --no-build-isolation -e .
     "$PY" -m neurokern --summary

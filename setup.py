@@ -188,7 +188,8 @@ setup(
     **metadata_license,
     python_requires=">=3.10",
     # csrc/ ships as neurokern/csrc (data, no Python): the JIT build compiles it on first use
-    packages=["neurokern", "neurokern.triton_kernels", "neurokern.csrc", "neurokern.csrc.cuda"],
+    packages=["neurokern", "neurokern.compat", "neurokern.triton_kernels", "neurokern.csrc",
+              "neurokern.csrc.cuda"],
     package_dir={"neurokern": "neurokern", "neurokern.triton_kernels": "triton_kernels",
                  "neurokern.csrc": "csrc", "neurokern.csrc.cuda": "csrc/cuda"},
     package_data={"neurokern": ["verified.json"],  # the record of verified GPU variants

@@ -123,6 +123,12 @@ def test_isolated_build_makes_a_pure_python_package_with_the_sources(clean_tree,
     shipped = {n.removeprefix("neurokern/") for n in names if n.startswith("neurokern/csrc/")}
     sources = {"csrc/" + f for f in _toolchain.extension_files(os.path.join(ROOT, "csrc"))}
     assert sources and sources <= shipped, sorted(sources - shipped)
+    # every Python module of the package and its subpackages (a subpackage missing from
+    # setup.py's `packages` works in an editable tree and is absent from every real install)
+    modules = {os.path.relpath(os.path.join(folder, f), ROOT).replace(os.sep, "/")
+               for folder, _, files in os.walk(os.path.join(ROOT, "neurokern"))
+               for f in files if f.endswith(".py")}
+    assert modules and modules <= set(names), sorted(modules - set(names))
 
 
 def test_missing_torch_outside_isolation_says_what_happens():
