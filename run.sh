@@ -96,9 +96,9 @@ MATRIX_TESTS=(tests/test_api.py tests/test_fused_plif.py tests/test_fused_spike.
 # tree (tracked and untracked-but-not-ignored files; the build writes neurokern/_C*.so into the
 # tree it builds, so versions never share one) in .venv-matrix/src-VERSION, built in the venv
 # .venv-matrix/pyX.Y-torch-VERSION (of $PYTHON; kept: a rerun installs nothing new), then
-# MATRIX_TESTS (--full: the whole suite) there. Stops at the first version that fails.
+# MATRIX_TESTS (--full: the whole suite) there. Every version runs; fails if any failed.
 matrix() {
-    local full=0 versions=() version
+    local full=0 versions=() version passed=() failed=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --full) full=1 ;;
@@ -120,14 +120,21 @@ matrix() {
         git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
         local tests=("${MATRIX_TESTS[@]}")
         [ "$full" -eq 0 ] || tests=()
-        NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
-            bash "$src/run.sh" test -q -p no:cacheprovider "${tests[@]}"
-        "$venv/bin/python" -c "import sys, torch
+        if NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
+                bash "$src/run.sh" test -q -p no:cacheprovider "${tests[@]}" &&
+            "$venv/bin/python" -c "import sys, torch
 if torch.__version__.split('+')[0] != sys.argv[1]:
     sys.exit(f'run.sh matrix: asked for torch {sys.argv[1]}, the venv has {torch.__version__}')
 print('[matrix] passed on torch', torch.__version__, 'Python', sys.version.split()[0])" "$version"
+        then
+            passed+=("$version")
+        else
+            failed+=("$version")
+        fi
         echo "[matrix] torch $version: $((SECONDS - start)) s (set-up, build and tests)"
     done
+    echo "[matrix] $py, torch: passed ${passed[*]:-none}; failed ${failed[*]:-none}"
+    [ ${#failed[@]} -eq 0 ]
 }
 
 case "${1:-}" in
