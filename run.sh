@@ -118,6 +118,9 @@ matrix() {
         rm -rf "$src"
         mkdir -p "$src"
         git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
+        # a git checkout of its own: tests/test_install.py copies the files `git ls-files` lists,
+        # which inside this (ignored) folder of the tree would be none
+        git -C "$src" init -q && git -C "$src" add -A
         local tests=("${MATRIX_TESTS[@]}")
         [ "$full" -eq 0 ] || tests=()
         if NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
