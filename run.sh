@@ -4,21 +4,25 @@
 #   bash run.sh main    set up .venv, build, run the main job (demo + benchmarks)
 #   bash run.sh test    set up .venv, build, run the test suite   [extra pytest arguments]
 #   bash run.sh sdist   build the sdist, install it in a fresh venv, smoke-test the install
+#   bash run.sh matrix  the supported-torch subset on the oldest and newest supported torch
+#                       [torch versions; --full: the whole suite]
 #
-# Set-up: a virtual environment in .venv (or $NEUROKERN_VENV) with torch ($NEUROKERN_TORCH,
-# default torch==2.13.0; if the Python running this already has torch, e.g. a CUDA build on a GPU
-# machine, the venv reuses it), triton, the test tools, and neurokern itself built in place
-# (`pip install --no-build-isolation -e .`, which compiles neurokern._C).
+# Set-up: a virtual environment in .venv (or $NEUROKERN_VENV) with torch: $NEUROKERN_TORCH (a pip
+# requirement, e.g. torch==2.15.0) if set, installed into the venv even over another torch;
+# else torch==2.13.0, or, if the Python running this already has torch (e.g. a CUDA build on a
+# GPU machine), the venv reuses that. Then triton, the test tools, and neurokern itself built in
+# place (`pip install --no-build-isolation -e .`, which compiles neurokern._C).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=${NEUROKERN_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-# make_venv DIR: a venv in DIR with torch (that of $PYTHON if it has one, else $NEUROKERN_TORCH)
+# make_venv DIR: a venv in DIR with torch: exactly $NEUROKERN_TORCH if set, else that of $PYTHON
+# if it has one, else torch==2.13.0
 make_venv() {
     if [ ! -x "$1/bin/python" ]; then
-        if "$PYTHON" -c "import torch" 2>/dev/null; then
+        if [ -z "${NEUROKERN_TORCH:-}" ] && "$PYTHON" -c "import torch" 2>/dev/null; then
             echo "[setup] creating $1 (reusing the torch of $PYTHON)"
             "$PYTHON" -m venv --system-site-packages "$1"
         else
@@ -26,9 +30,12 @@ make_venv() {
             "$PYTHON" -m venv "$1"
         fi
     fi
-    if ! "$1/bin/python" -c "import torch" 2>/dev/null; then
-        echo "[setup] installing ${NEUROKERN_TORCH:-torch==2.13.0}"
-        "$1/bin/python" -m pip install -q "${NEUROKERN_TORCH:-torch==2.13.0}"
+    if [ -n "${NEUROKERN_TORCH:-}" ]; then
+        echo "[setup] installing $NEUROKERN_TORCH"
+        "$1/bin/python" -m pip install -q "$NEUROKERN_TORCH"
+    elif ! "$1/bin/python" -c "import torch" 2>/dev/null; then
+        echo "[setup] installing torch==2.13.0"
+        "$1/bin/python" -m pip install -q torch==2.13.0
     fi
 }
 
@@ -94,6 +101,66 @@ print("[sdist] smoke test passed:", _extension.build_info())
     rm -rf "$work"
 }
 
+# The supported torch range (docs/install.md, "Supported torch versions"): CI runs MATRIX_TESTS
+# on the oldest and the newest; the full suite runs on torch==2.13.0 (bash run.sh test).
+MATRIX_TORCH=(2.11.0 2.15.0)
+# the API, one fused-op file per op (PLIF, spike, SpikGRU2+), the model
+MATRIX_TESTS=(tests/test_api.py tests/test_fused_plif.py tests/test_fused_spike.py
+              tests/test_fused_spikgru2plus.py tests/test_models.py)
+
+# matrix [--full] [VERSION...]: for each torch version (default: MATRIX_TORCH), a copy of this
+# tree (tracked and untracked-but-not-ignored files; the build writes neurokern/_C*.so into the
+# tree it builds, so versions never share one) in .venv-matrix/src-VERSION, built in the venv
+# .venv-matrix/pyX.Y-torch-VERSION (of $PYTHON; kept: a rerun installs nothing new), then
+# MATRIX_TESTS (--full: the whole suite) there. Every version runs; fails if any failed.
+matrix() {
+    local full=0 versions=() version passed=() failed=()
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --full) full=1 ;;
+            -*) echo "run.sh matrix: unknown option $1 (usage: matrix [--full] [VERSION...])" >&2
+                exit 2 ;;
+            *) versions+=("$1") ;;
+        esac
+        shift
+    done
+    [ ${#versions[@]} -gt 0 ] || versions=("${MATRIX_TORCH[@]}")
+    local root=$PWD/.venv-matrix py
+    py=$("$PYTHON" -c 'import sys; print("py%d.%d" % sys.version_info[:2])')
+    mkdir -p "$root"
+    for version in "${versions[@]}"; do
+        local src=$root/src-$py-$version venv=$root/$py-torch-$version start=$SECONDS
+        echo "[matrix] torch $version: copying the tree to $src"
+        rm -rf "$src"
+        mkdir -p "$src"
+        git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
+        # a git checkout of its own: tests/test_install.py copies the files `git ls-files` lists,
+        # which inside this (ignored) folder of the tree would be none
+        git -C "$src" init -q && git -C "$src" add -A
+        # `run.sh test` always runs pytest on tests/: the subset is the rest of it --ignore'd
+        local tests=() file
+        if [ "$full" -eq 0 ]; then
+            for file in tests/test_*.py; do
+                [[ " ${MATRIX_TESTS[*]} " == *" $file "* ]] || tests+=("--ignore=$file")
+            done
+        fi
+        if NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
+                bash "$src/run.sh" test -q -p no:cacheprovider "${tests[@]}" &&
+            "$venv/bin/python" -c "import sys, torch
+if torch.__version__.split('+')[0] != sys.argv[1]:
+    sys.exit(f'run.sh matrix: asked for torch {sys.argv[1]}, the venv has {torch.__version__}')
+print('[matrix] passed on torch', torch.__version__, 'Python', sys.version.split()[0])" "$version"
+        then
+            passed+=("$version")
+        else
+            failed+=("$version")
+        fi
+        echo "[matrix] torch $version: $((SECONDS - start)) s (set-up, build and tests)"
+    done
+    echo "[matrix] $py, torch: passed ${passed[*]:-none}; failed ${failed[*]:-none}"
+    [ ${#failed[@]} -eq 0 ]
+}
+
 case "${1:-}" in
     main)
         setup
@@ -118,8 +185,12 @@ case "${1:-}" in
     sdist)
         sdist_check
         ;;
+    matrix)
+        shift
+        matrix "$@"
+        ;;
     *)
-        echo "usage: bash run.sh main|test|sdist [args]" >&2
+        echo "usage: bash run.sh main|test|sdist|matrix [args]" >&2
         exit 2
         ;;
 esac
