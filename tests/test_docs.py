@@ -20,7 +20,7 @@
 
 - Links: every relative link of README.md and docs/*.md points to an existing file, and to an
   existing heading where it names an anchor; every docs/*.md page is reachable from
-  docs/index.md (PENDING_PAGES: pages other branches are writing).
+  docs/index.md.
 - docs/results.md: its tables are generated from benchmarks/results/*.csv
   (`python tests/test_docs.py --write-results`) and must equal what the CSVs give.
 
@@ -329,10 +329,6 @@ def test_bash_block_commands(block, monkeypatch):
 # Links: every relative link resolves, every page is reachable from docs/index.md
 # ---------------------------------------------------------------------------------------------
 
-# Pages other branches are writing: links to them may point nowhere until they are merged.
-# The coordinator empties this list once they are in main (then a missing one fails).
-PENDING_PAGES = set()
-
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^()\s]+)\)")   # [text](target); images have no check
 
 
@@ -374,8 +370,7 @@ def test_relative_links_resolve(path):
     broken = []
     for target, anchor in relative_links(path):
         if not (ROOT / target).exists():
-            if target not in PENDING_PAGES:
-                broken.append(f"{target}: no such file")
+            broken.append(f"{target}: no such file")
         elif anchor and target.endswith(".md") and anchor not in heading_anchors(ROOT / target):
             broken.append(f"{target}#{anchor}: no such heading")
     assert not broken, f"{path.relative_to(ROOT)} links to {broken}"
@@ -401,10 +396,10 @@ def test_link_checks_can_fail(tmp_path, monkeypatch):
     (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text("[docs](docs/index.md)\n")
     index = tmp_path / "docs/index.md"
-    index.write_text("# Index\n[a](a.md#usage-the-x-op) `[b](b.md)` [n](neurons.md)\n")
+    index.write_text("# Index\n[a](a.md#usage-the-x-op) `[b](b.md)`\n")
     (tmp_path / "docs/a.md").write_text("# Usage: the `x` op\n```\n# not a heading\n```\n")
     (tmp_path / "docs/b.md").write_text("[gone](gone.md)\n")
-    test_relative_links_resolve(index)        # the anchor exists; neurons.md is pending
+    test_relative_links_resolve(index)        # the anchor exists
     with pytest.raises(AssertionError, match="docs/b.md"):
         test_every_page_is_reachable_from_the_index()   # b.md: its link is inline code
     with pytest.raises(AssertionError, match="gone.md: no such file"):
