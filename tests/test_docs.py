@@ -424,6 +424,7 @@ RESULT_FILES = [  # (csv, title, script)
     ("spike", "Spike activations", "bench_spike.py"),
     ("train_step", "One training step (forward, cross-entropy, backward, Adam)",
      "bench_train_step.py"),
+    ("compat", "SpikingJelly and snnTorch neurons beside neurokern.compat", "bench_compat.py"),
 ]
 MODES = ("forward", "backward", "fwd+bwd")
 HEADLINE_CASES = {   # the cases of the "At a glance" table: the paper's sizes, the CPU defaults
@@ -470,7 +471,7 @@ def results_tables():
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
-            case = row["size"] if name != "spike" else f"{row['op']} {row['size']}"
+            case = row["size"] if name not in ("spike", "compat") else f"{row['op']} {row['size']}"
             key = (row["device"], result_command(script, row))
             groups.setdefault(key, {}).setdefault((case, row["dtype"], row["provider"]),
                                                   {})[row["mode"]] = row
@@ -528,6 +529,11 @@ def _results_page_with(tables):
     text = RESULTS_PAGE.read_text(encoding="utf-8")
     start, end = text.index(BEGIN_GENERATED), text.index(END_GENERATED) + len(END_GENERATED)
     return text[:start] + tables + text[end:]
+
+
+def test_every_results_csv_is_on_the_page():
+    listed = {name for name, _, _ in RESULT_FILES}
+    assert listed == {p.stem for p in RESULTS_DIR.glob("*.csv")}, "add it to RESULT_FILES"
 
 
 def test_results_page_is_the_csvs():
