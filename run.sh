@@ -5,7 +5,8 @@
 #   bash run.sh test    set up .venv, build, run the test suite   [extra pytest arguments]
 #   bash run.sh sdist   build the sdist, install it in a fresh venv, smoke-test the install
 #   bash run.sh matrix  the supported-torch subset on the oldest and newest supported torch
-#                       [torch versions; --full: the whole suite]
+#                       [torch versions; --full: the whole suite; --venvs: only the venvs
+#                       with their torch, the downloads, e.g. in the background of other steps]
 #
 # Set-up: a virtual environment in .venv (or $NEUROKERN_VENV) with torch: $NEUROKERN_TORCH (a pip
 # requirement, e.g. torch==2.15.0) if set, installed into the venv even over another torch;
@@ -113,12 +114,14 @@ MATRIX_TESTS=(tests/test_api.py tests/test_fused_plif.py tests/test_fused_spike.
 # tree it builds, so versions never share one) in .venv-matrix/src-VERSION, built in the venv
 # .venv-matrix/pyX.Y-torch-VERSION (of $PYTHON; kept: a rerun installs nothing new), then
 # MATRIX_TESTS (--full: the whole suite) there. Every version runs; fails if any failed.
+# --venvs: only create the venvs with their torch (what is downloaded), nothing else.
 matrix() {
-    local full=0 versions=() version passed=() failed=()
+    local full=0 venvs_only=0 versions=() version passed=() failed=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --full) full=1 ;;
-            -*) echo "run.sh matrix: unknown option $1 (usage: matrix [--full] [VERSION...])" >&2
+            --venvs) venvs_only=1 ;;
+            -*) echo "run.sh matrix: unknown option $1 (usage: matrix [--full|--venvs] [VERSION...])" >&2
                 exit 2 ;;
             *) versions+=("$1") ;;
         esac
@@ -130,6 +133,11 @@ matrix() {
     mkdir -p "$root"
     for version in "${versions[@]}"; do
         local src=$root/src-$py-$version venv=$root/$py-torch-$version start=$SECONDS
+        if [ "$venvs_only" -eq 1 ]; then
+            NEUROKERN_TORCH=torch==$version make_venv "$venv"
+            echo "[matrix] torch $version: venv $venv in $((SECONDS - start)) s"
+            continue
+        fi
         echo "[matrix] torch $version: copying the tree to $src"
         rm -rf "$src"
         mkdir -p "$src"
@@ -157,6 +165,7 @@ print('[matrix] passed on torch', torch.__version__, 'Python', sys.version.split
         fi
         echo "[matrix] torch $version: $((SECONDS - start)) s (set-up, build and tests)"
     done
+    [ "$venvs_only" -eq 0 ] || return 0
     echo "[matrix] $py, torch: passed ${passed[*]:-none}; failed ${failed[*]:-none}"
     [ ${#failed[@]} -eq 0 ]
 }
