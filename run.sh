@@ -110,8 +110,9 @@ MATRIX_TESTS=(tests/test_api.py tests/test_fused_plif.py tests/test_fused_spike.
               tests/test_fused_spikgru2plus.py tests/test_models.py)
 
 # matrix [--full] [VERSION...]: for each torch version (default: MATRIX_TORCH), a copy of this
-# tree (tracked and untracked-but-not-ignored files; the build writes neurokern/_C*.so into the
-# tree it builds, so versions never share one) in .venv-matrix/src-VERSION, built in the venv
+# tree (a clone at HEAD, this tree's tracked and untracked-but-not-ignored files over it; the
+# build writes neurokern/_C*.so into the tree it builds, so versions never share one) in
+# .venv-matrix/src-VERSION, built in the venv
 # .venv-matrix/pyX.Y-torch-VERSION (of $PYTHON; kept: a rerun installs nothing new), then
 # MATRIX_TESTS (--full: the whole suite) there. Every version runs; fails if any failed.
 # --venvs: only create the venvs with their torch (what is downloaded), nothing else.
@@ -140,11 +141,12 @@ matrix() {
         fi
         echo "[matrix] torch $version: copying the tree to $src"
         rm -rf "$src"
-        mkdir -p "$src"
+        # a clone at this commit, with its history (tests/test_install.py copies the files `git
+        # ls-files` lists, which inside this ignored folder would be none; neurokern.verified
+        # reads the benchmark rows' commits with `git blame`), then this tree's files over it
+        git clone -q --shared --no-checkout . "$src"
+        git -C "$src" checkout -q --detach "$(git rev-parse HEAD)"
         git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
-        # a git checkout of its own: tests/test_install.py copies the files `git ls-files` lists,
-        # which inside this (ignored) folder of the tree would be none
-        git -C "$src" init -q && git -C "$src" add -A
         # `run.sh test` always runs pytest on tests/: the subset is the rest of it --ignore'd
         local tests=() file
         if [ "$full" -eq 0 ]; then
