@@ -116,6 +116,7 @@ MATRIX_TESTS=(tests/test_api.py tests/test_fused_plif.py tests/test_fused_spike.
 # .venv-matrix/pyX.Y-torch-VERSION (of $PYTHON; kept: a rerun installs nothing new), then
 # MATRIX_TESTS (--full: the whole suite) there. Every version runs; fails if any failed.
 # --venvs: only create the venvs with their torch (what is downloaded), nothing else.
+# NEUROKERN_MATRIX_TIMEOUT=SECONDS: each version's time box; a version past it has failed.
 matrix() {
     local full=0 venvs_only=0 versions=() version passed=() failed=()
     while [ $# -gt 0 ]; do
@@ -154,8 +155,17 @@ matrix() {
                 [[ " ${MATRIX_TESTS[*]} " == *" $file "* ]] || tests+=("--ignore=$file")
             done
         fi
-        if NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
-                bash "$src/run.sh" test -q -p no:cacheprovider "${tests[@]}" &&
+        # the time box: NEUROKERN_MATRIX_TIMEOUT seconds per version (set-up, build and tests)
+        local box=()
+        [ -z "${NEUROKERN_MATRIX_TIMEOUT:-}" ] || box=(timeout -k 30 "$NEUROKERN_MATRIX_TIMEOUT")
+        local rc=0
+        NEUROKERN_VENV=$venv NEUROKERN_TORCH=torch==$version \
+            "${box[@]}" bash "$src/run.sh" test -q -p no:cacheprovider "${tests[@]}" || rc=$?
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            echo "[matrix] torch $version: stopped at the time box of $NEUROKERN_MATRIX_TIMEOUT s" \
+                 "(NEUROKERN_MATRIX_TIMEOUT): a failure" >&2
+        fi
+        if [ "$rc" -eq 0 ] &&
             "$venv/bin/python" -c "import sys, torch
 if torch.__version__.split('+')[0] != sys.argv[1]:
     sys.exit(f'run.sh matrix: asked for torch {sys.argv[1]}, the venv has {torch.__version__}')
