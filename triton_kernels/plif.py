@@ -143,16 +143,17 @@ def _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, PACKED: tl.constexpr,
-                 ALIGN: tl.constexpr, CHUNK: tl.constexpr):
-    """The backward's loads of chunk t0..t0 + CHUNK - 1 (x and dL/ds, in their own dtypes; 0
-    past T), all issued before the chunk's serial arithmetic."""
+def _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, x_dtype: tl.constexpr,
+                 PACKED: tl.constexpr, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+    """The backward's loads of chunk t0..t0 + CHUNK - 1 (0 past T), all issued before the
+    chunk's serial arithmetic: x converted to x_dtype (its own dtype: no conversion) and dL/ds
+    in its own dtype."""
     xs = ()
     gs = ()
     for j in tl.static_range(CHUNK):
         valid = mask & _before(t0 + j, T, n)
         xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
-                           other=0),)
+                           other=0).to(x_dtype),)
         gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
                            other=0),)
     return xs, gs
@@ -290,7 +291,8 @@ def plif_bwd_kernel(
             t0 = k * CHUNK
             v_start, has_prev = _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED, BLOCK)
             s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
-            xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, PACKED, ALIGN, CHUNK)
+            xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t,
+                                  x_ptr.dtype.element_ty, PACKED, ALIGN, CHUNK)
             vs = (v_start,)  # vs[j + 1] = v after step t0 + j
             v, s = v_start, s_start
             for j in tl.static_range(CHUNK):
@@ -343,21 +345,21 @@ def _general_bwd_chunks(g_ptrs, x_ptrs, d_ptrs, dx_ptr, v_saved_ptr, params_ptr,
         v_start, has_prev = _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED, BLOCK)
         s_start = tl.where(has_prev, fire_act(v_start, v_th, gamma, fire_th, scale, SIGNED,
                                               SPIKING, SIGMOID), s_init)
-        xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, PACKED, ALIGN, CHUNK)
+        xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, v_th.dtype, PACKED,
+                              ALIGN, CHUNK)
         vs = (v_start,)  # vs[j + 1]: the carried state after step t0 + j
         ss = (s_start,)  # ss[j + 1]: the spikes of step t0 + j
         hs = ()  # hs[j]: h of step t0 + j
         v, s = v_start, s_start
         for j in tl.static_range(CHUNK):
-            v, s, h = _neuron_step(v, s, xs[j].to(v_th.dtype), alpha, b, c, v_th, gamma, fire_th,
-                                   scale, reset_k, reset_r, SIGNED, SPIKING, BEFORE, SIGMOID)
+            v, s, h = _neuron_step(v, s, xs[j], alpha, b, c, v_th, gamma, fire_th, scale,
+                                   reset_k, reset_r, SIGNED, SPIKING, BEFORE, SIGMOID)
             vs = vs + (v,)
             ss = ss + (s,)
             hs = hs + (h,)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             valid = _before(t0 + j, T, n)
             g = gs[j].to(v_th.dtype)
-            x = xs[j].to(v_th.dtype)
             v_prev = vs[j]
             if BEFORE:
                 h = hs[j]
@@ -366,14 +368,14 @@ def _general_bwd_chunks(g_ptrs, x_ptrs, d_ptrs, dx_ptr, v_saved_ptr, params_ptr,
                 dpre = dv_carry * (1 - reset_k * ss[j + 1]) + ds * fire_surrogate(
                     h, v_th, gamma, scale, SIGNED, SIGMOID)
             else:
-                pre = alpha * v_prev + b + c * x
+                pre = alpha * v_prev + b + c * xs[j]
                 dh = (g + ds_carry) * fire_surrogate(vs[j + 1], v_th, gamma, scale, SIGNED,
                                                      SIGMOID) + dv_carry
                 dpre = dh * (1 - reset_k * ss[j])
                 ds_carry = tl.where(valid, dh * (grad_r - grad_k * pre), ds_carry)
             tl.store(d_ptrs + _step_offset(t0 + j, sd_t, PACKED, ALIGN),
                      (c * dpre).to(dx_ptr.dtype.element_ty), mask=mask & valid)
-            dalpha += tl.where(valid, dpre * ((v_prev - v_rest) - decay * x), 0)
+            dalpha += tl.where(valid, dpre * ((v_prev - v_rest) - decay * xs[j]), 0)
             dv_carry = tl.where(valid, alpha * dpre, dv_carry)
     if BEFORE:
         ds_carry = tl.where(_before(0, T, n), 0, ds_carry)  # s_0 is not used (T > 0)
