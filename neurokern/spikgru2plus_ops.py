@@ -49,8 +49,8 @@ Saved for backward, per step and batch row: gi (3H values), s, v and i (H each) 
 dtype and gh = U s_{t-1} (3H, in the products' dtype), i.e. 9H values, plus x (time-major, in
 the products' dtype; a copy for batch_first input). The gates are recomputed in the backward
 from gi and gh. Keeping gh costs 3H values per step and row (35 MB per direction of the
-paper's layer in float32) and saves the backward a product S_prev U^T over all steps, which
-measured 0.92 ms per bidirectional float32 layer on an H100 (docs/kernels.md).
+paper's layer in float32) and saves the backward a product S_prev U^T over all steps (the
+forward's per-step products write gh anyway).
 """
 
 import os

@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import torch
@@ -58,6 +59,26 @@ def fused_backends(op, *, with_op=False):
         values = (op, name) if with_op else (name,)
         params.append(pytest.param(*values, marks=marks, id=f"{op}-{name}" if with_op else name))
     return params
+
+
+def reference_and_cpu(op):
+    """The backends of tests that compare `op` with a CPU-only library (the compat tests): the
+    reference and, where `neurokern._C` is built, the fused CPU backend."""
+    return ["reference"] + (["cpu"] if dispatch.availability(op, "cpu", "cpu").available else [])
+
+
+def compat_library(*modules):
+    """The modules (dotted names) of a library the compat tests compare with, all None if it is
+    not installed, followed by the mark that skips a test needing it (saying how to install
+    it; CI does: requirements-compat.txt). The tests that do not need it still run."""
+    try:
+        found = [importlib.import_module(name) for name in modules]
+    except ImportError:
+        found = [None] * len(modules)
+    library = modules[0].split(".")[0]
+    return (*found, pytest.mark.skipif(
+        found[0] is None, reason=f"{library} is not installed (pip install --no-deps -r "
+        "requirements-compat.txt)"))
 
 
 @pytest.fixture

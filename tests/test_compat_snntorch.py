@@ -16,22 +16,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neurokern import dispatch
+from conftest import compat_library, reference_and_cpu
 from neurokern.compat import snntorch as nk
 from neurokern.compat import surrogate as nk_surrogate
 
-try:
-    import snntorch
-    from snntorch import surrogate as snn_surrogate
-except ImportError:
-    snntorch = None
+snntorch, snn_surrogate, needs_snntorch = compat_library("snntorch", "snntorch.surrogate")
 
-needs_snntorch = pytest.mark.skipif(
-    snntorch is None, reason="snntorch is not installed (pip install --no-deps -r "
-    "requirements-compat.txt)")
-
-BACKENDS = ["reference"] + [b for b in ("cpu",)
-                            if dispatch.availability("plif", b, "cpu").available]
+BACKENDS = reference_and_cpu("plif")
 T = 8
 MECHANISMS = [("subtract", True), ("zero", True), ("zero", False), ("none", True), ("none", False)]
 SPIKE_GRADS = [None, ("atan", 3.0), ("sigmoid", 5)]

@@ -15,24 +15,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neurokern import dispatch
+from conftest import compat_library, reference_and_cpu
 from neurokern.compat import spikingjelly as nk
 from neurokern.compat import surrogate as nk_surrogate
 
-try:
-    from spikingjelly.activation_based import functional as sj_functional
-    from spikingjelly.activation_based import neuron as sj
-    from spikingjelly.activation_based import surrogate as sj_surrogate
-except ImportError:
-    sj = None
+sj_functional, sj, sj_surrogate, needs_sj = compat_library(
+    "spikingjelly.activation_based.functional", "spikingjelly.activation_based.neuron",
+    "spikingjelly.activation_based.surrogate")
 
-needs_sj = pytest.mark.skipif(
-    sj is None, reason="spikingjelly is not installed (pip install --no-deps -r "
-    "requirements-compat.txt)")
-
-# The fused CPU backend where it is built, and the reference.
-BACKENDS = ["reference"] + [b for b in ("cpu",)
-                            if dispatch.availability("plif", b, "cpu").available]
+BACKENDS = reference_and_cpu("plif")
 NODES = ("IFNode", "LIFNode", "ParametricLIFNode")
 SURROGATES = (("ATan", 2.0), ("Sigmoid", 4.0), ("ATan", 0.7), ("Sigmoid", 1.5))
 T, N, F = 8, 3, 5

@@ -131,6 +131,34 @@ def _load_or_zeros(ptr, n, mask, PRESENT: tl.constexpr, dtype: tl.constexpr):
     return out
 
 
+@triton.jit
+def _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward's state entering chunk k: the forward's checkpoint at the end of chunk
+    k - 1, or v_init for the first chunk; and whether there is a checkpoint (k > 0), for the
+    caller's spikes of that state."""
+    has_prev = _before(0, k, n)  # k > 0
+    v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
+                      mask=mask & has_prev, other=0)
+    return tl.where(has_prev, v_start, v_init), has_prev
+
+
+@triton.jit
+def _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, x_dtype: tl.constexpr,
+                 PACKED: tl.constexpr, ALIGN: tl.constexpr, CHUNK: tl.constexpr):
+    """The backward's loads of chunk t0..t0 + CHUNK - 1 (0 past T), all issued before the
+    chunk's serial arithmetic: x converted to x_dtype (its own dtype: no conversion) and dL/ds
+    in its own dtype."""
+    xs = ()
+    gs = ()
+    for j in tl.static_range(CHUNK):
+        valid = mask & _before(t0 + j, T, n)
+        xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
+                           other=0).to(x_dtype),)
+        gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
+                           other=0),)
+    return xs, gs
+
+
 # Time runs in chunks of CHUNK steps unrolled at compile time, so the loads of a chunk's inputs
 # are all issued before its serial arithmetic. T and the strides that change with T (the batch
 # stride of batch-major tensors) are not specialised: a new sequence length reuses the kernel.
@@ -261,21 +289,10 @@ def plif_bwd_kernel(
         for kk in range(chunks):
             k = tl.cast(chunks - 1 - kk, tl.int64)
             t0 = k * CHUNK
-            # the state entering the chunk: a checkpoint, or the initial state for the first chunk
-            has_prev = _before(0, k, n)  # k > 0
-            v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
-                              mask=mask & has_prev, other=0)
-            v_start = tl.where(has_prev, v_start, v_init)
+            v_start, has_prev = _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED, BLOCK)
             s_start = tl.where(has_prev, spike_act(v_start, v_th, gamma, SIGNED, SPIKING), s_init)
-            # every load of the chunk (x and dL/ds) is issued before its serial arithmetic
-            xs = ()
-            gs = ()
-            for j in tl.static_range(CHUNK):
-                valid = mask & _before(t0 + j, T, n)
-                xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
-                                   other=0),)
-                gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
-                                   other=0),)
+            xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t,
+                                  x_ptr.dtype.element_ty, PACKED, ALIGN, CHUNK)
             vs = (v_start,)  # vs[j + 1] = v after step t0 + j
             v, s = v_start, s_start
             for j in tl.static_range(CHUNK):
@@ -325,20 +342,11 @@ def _general_bwd_chunks(g_ptrs, x_ptrs, d_ptrs, dx_ptr, v_saved_ptr, params_ptr,
     for kk in range(chunks):
         k = tl.cast(chunks - 1 - kk, tl.int64)
         t0 = k * CHUNK
-        has_prev = _before(0, k, n)  # k > 0
-        v_start = tl.load(v_saved_ptr + _step_offset(k - 1, N, PACKED, BLOCK) + n,
-                          mask=mask & has_prev, other=0)
-        v_start = tl.where(has_prev, v_start, v_init)
+        v_start, has_prev = _chunk_start(v_saved_ptr, v_init, k, N, n, mask, PACKED, BLOCK)
         s_start = tl.where(has_prev, fire_act(v_start, v_th, gamma, fire_th, scale, SIGNED,
                                               SPIKING, SIGMOID), s_init)
-        xs = ()
-        gs = ()
-        for j in tl.static_range(CHUNK):
-            valid = mask & _before(t0 + j, T, n)
-            xs = xs + (tl.load(x_ptrs + _step_offset(t0 + j, sx_t, PACKED, ALIGN), mask=valid,
-                               other=0).to(v_th.dtype),)
-            gs = gs + (tl.load(g_ptrs + _step_offset(t0 + j, sg_t, PACKED, ALIGN), mask=valid,
-                               other=0),)
+        xs, gs = _chunk_loads(x_ptrs, g_ptrs, t0, T, n, mask, sx_t, sg_t, v_th.dtype, PACKED,
+                              ALIGN, CHUNK)
         vs = (v_start,)  # vs[j + 1]: the carried state after step t0 + j
         ss = (s_start,)  # ss[j + 1]: the spikes of step t0 + j
         hs = ()  # hs[j]: h of step t0 + j
