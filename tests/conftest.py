@@ -90,3 +90,10 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(previous)
+
+
+# A torch other than the one running, (version, CUDA version) as a build record names them: the
+# tests of a binary or a cache entry built for another torch edit their record to it (the matrix
+# runs them on torch 2.11.0 too, so no one fixed version will do).
+OTHER_TORCH = ("2.15.0+cu132", "13.2") if torch.__version__.startswith("2.11.") else (
+    "2.11.0+cu130", "13.0")

@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import OTHER_TORCH
 from neurokern import _extension, _toolchain, dispatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,19 +244,18 @@ def test_binary_built_for_another_torch_is_not_loaded(package_copy):
 
     record_path = package_copy / _toolchain.RECORD_NAME
     record = json.loads(record_path.read_text())
-    record["torch"] = "2.11.0+cu130"
-    record["torch_cuda"] = "13.0"
+    record["torch"], record["torch_cuda"] = OTHER_TORCH
     record_path.write_text(json.dumps(record))
     other, log = _probe(site)
     assert not other["loaded"] and not other["ops_registered"]
     for text in (other["error"], other["cpu_backend"]):
-        assert "built for torch 2.11.0+cu130" in text and "CUDA 13.0" in text
+        assert f"built for torch {OTHER_TORCH[0]}" in text and f"CUDA {OTHER_TORCH[1]}" in text
         assert f"this is torch {torch.__version__}" in text
         assert "pip install --no-build-isolation" in text
     assert "compiling it on first use is off (NEUROKERN_JIT=0)" in other["cpu_backend"]
     assert other["auto"] == "reference"
     assert "LOG WARNING neurokern: spike on cpu runs the slow reference backend" in log
-    assert "built for torch 2.11.0+cu130" in log
+    assert f"built for torch {OTHER_TORCH[0]}" in log
 
     record_path.unlink()  # a binary from before the record existed
     unrecorded, _ = _probe(site)

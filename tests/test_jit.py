@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import neurokern
+from conftest import OTHER_TORCH
 from neurokern import _jit, _toolchain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,7 +133,7 @@ def test_corrupted_or_incomplete_entry_is_rebuilt_not_loaded(tiny):
     assert "LOG neurokern: compiling _tiny" in err and os.path.isfile(record_path)
 
     record = json.load(open(record_path))  # an entry of another torch under the same name
-    record["torch"] = "2.11.0+cu130"
+    record["torch"] = OTHER_TORCH[0]
     _toolchain.write_record(record_path, record)
     again, err = _run_tiny(source, cache)
     assert "LOG neurokern: compiling _tiny" in err
