@@ -195,8 +195,9 @@ setup(
     package_data={"neurokern": ["verified.json"],  # the record of verified GPU variants
                   "neurokern.csrc": ["*.cpp", "*.h"],
                   "neurokern.csrc.cuda": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    # torch: from the oldest of the tested range (docs/install.md, "Supported torch versions");
     # ninja: torch.utils.cpp_extension.load, which compiles neurokern._C on first use, needs it
-    install_requires=["torch>=2.4", "numpy", "tqdm", "ninja"],
+    install_requires=["torch>=2.11", "numpy", "tqdm", "ninja"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "hypothesis"],
