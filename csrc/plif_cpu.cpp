@@ -1195,7 +1195,8 @@ NEUROKERN_INLINE void general_bwd_step_before(
 }
 
 // The row pointers of step t of one task (x, dL/ds, dx) and the prefetch of the rows
-// kPrefetchSteps steps earlier, for the reverse passes below.
+// kPrefetchSteps steps earlier, for the reverse passes below (x's only with k = 1: with k > 1
+// the recomputation has just read the chunk's rows of x, which are still in the cache).
 template <typename scalar_t>
 struct ReverseRows {
   const scalar_t* g;
@@ -1212,7 +1213,7 @@ NEUROKERN_INLINE ReverseRows<scalar_t> reverse_rows(
       p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0};
   if (t - kPrefetchSteps >= 0) {
     prefetch_row(r.g - kPrefetchSteps * p.g_view.stride_t, L);
-    prefetch_row(r.x - kPrefetchSteps * p.x_view.stride_t, L);
+    if (p.k == 1) prefetch_row(r.x - kPrefetchSteps * p.x_view.stride_t, L);
     if (!p.stream) prefetch_row<true>(r.dx - kPrefetchSteps * p.dx_view.stride_t, L);
   }
   return r;
