@@ -141,6 +141,17 @@ Chunking make_chunking(int64_t B, int64_t M, std::initializer_list<SeqView> view
   return {rows, row_len, chunk, ceil_div(row_len, chunk)};
 }
 
+// One task's neurons: positions [m0, m0 + L) of run `row`, neuron indices n0 .. n0 + L - 1.
+struct TaskSpan {
+  int64_t row, m0, L, n0;
+};
+
+NEUROKERN_INLINE TaskSpan task_span(const Chunking& ch, int64_t task) {
+  const int64_t row = task / ch.per_row;
+  const int64_t m0 = (task % ch.per_row) * ch.chunk;
+  return {row, m0, std::min(ch.chunk, ch.row_len - m0), row * ch.row_len + m0};
+}
+
 void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
               t.device());
@@ -236,6 +247,17 @@ NEUROKERN_INLINE void stream_row(T* __restrict__ dst, const T* __restrict__ src,
   const int64_t head = std::min<int64_t>(n, (16 - int64_t(reinterpret_cast<std::uintptr_t>(d) & 15)) & 15);
   std::memcpy(d, s, head);
   int64_t i = head;
+  // a cache line (64 bytes) per iteration: the loop's own instructions were half of the copy's
+  for (; i + 64 <= n; i += 64) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i v3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v0);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), v1);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), v2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), v3);
+  }
   for (; i + 16 <= n; i += 16) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
@@ -368,6 +390,16 @@ struct GeneralStep {
     }
   }
 
+  // The step's input h = a v + b + c x (in the reference's order) and the reset map R(h, s).
+  NEUROKERN_INLINE static opmath_t pre(opmath_t a, opmath_t v, opmath_t b, opmath_t c,
+                                       opmath_t x) {
+    return a * v + b + c * x;
+  }
+  NEUROKERN_INLINE static opmath_t reset(opmath_t h, opmath_t s, opmath_t reset_k,
+                                         opmath_t reset_r) {
+    return h * (opmath_t(1) - reset_k * s) + reset_r * s;
+  }
+
   template <typename scalar_t>
   NEUROKERN_INLINE void operator()(int64_t L, const scalar_t* __restrict__ x,
                                    const opmath_t* __restrict__ a,
@@ -383,24 +415,46 @@ struct GeneralStep {
       // Two passes: a spike computed and multiplied in one loop makes GCC turn the product
       // into a branch on the comparison (-ftrapping-math), which stops the vectoriser.
       for (int64_t j = 0; j < L; ++j) {
-        const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
+        const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
         const opmath_t sj = f(h);
         v_out[j] = h;
         s[j] = sj;
         out[j] = static_cast<scalar_t>(sj);
       }
-      for (int64_t j = 0; j < L; ++j) {
-        v_out[j] = v_out[j] * (opmath_t(1) - reset_k * s[j]) + reset_r * s[j];
-      }
+      for (int64_t j = 0; j < L; ++j) v_out[j] = reset(v_out[j], s[j], reset_k, reset_r);
     } else {
       for (int64_t j = 0; j < L; ++j) {
-        const opmath_t h = a[j] * v_in[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]);
-        const opmath_t vj = h * (opmath_t(1) - reset_k * s[j]) + reset_r * s[j];
+        const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
+        const opmath_t vj = reset(h, s[j], reset_k, reset_r);
         const opmath_t sj = f(vj);
         v_out[j] = vj;
         s[j] = sj;
         out[j] = static_cast<scalar_t>(sj);
       }
+    }
+  }
+
+  // BEFORE only, for the backward: operator()'s step (the same expressions, so the same
+  // values) keeping the step's h (h_out) and spikes (s) in rows of their own, and writing no
+  // spikes out; u (v_out) only if v_out is not null.
+  template <typename scalar_t>
+  NEUROKERN_INLINE void recompute(int64_t L, const scalar_t* __restrict__ x,
+                                  const opmath_t* __restrict__ a,
+                                  const opmath_t* __restrict__ coeffs,
+                                  const opmath_t* __restrict__ v_in, opmath_t* __restrict__ v_out,
+                                  opmath_t* __restrict__ h_out, opmath_t* __restrict__ s) const {
+    static_assert(BEFORE, "the paper's order recomputes with operator()");
+    const opmath_t* __restrict__ b = coeffs;
+    const opmath_t* __restrict__ c = coeffs + L;
+    const opmath_t reset_k = k.reset_k, reset_r = k.reset_r;
+    const FireT f = fire;
+    for (int64_t j = 0; j < L; ++j) {  // two passes, as operator()
+      const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
+      h_out[j] = h;
+      s[j] = f(h);
+    }
+    if (v_out) {
+      for (int64_t j = 0; j < L; ++j) v_out[j] = reset(h_out[j], s[j], reset_k, reset_r);
     }
   }
 };
@@ -418,10 +472,8 @@ NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p,
   opmath_t* coeffs = a + ch.chunk;        // [Step::kCoeffRows, chunk] the step's coefficients
   opmath_t* v_buffers = coeffs + Step::kCoeffRows * ch.chunk;  // [2, chunk] v before and after
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t row = task / ch.per_row;
-    const int64_t m0 = (task % ch.per_row) * ch.chunk;
-    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
-    const int64_t n0 = row * ch.row_len + m0;
+    const TaskSpan span = task_span(ch, task);
+    const int64_t row = span.row, m0 = span.m0, L = span.L, n0 = span.n0;
     fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
     step.coefficients(a, coeffs, L);
     opmath_t* v = v_buffers;             // [L] membrane
@@ -551,6 +603,12 @@ struct NeuronOptions {
     return reset == 0 && !before && !decay_input && !strict && !sigmoid && scale == 1.0;
   }
 
+  // Whether these are the paper's equations with another threshold test or surrogate scale
+  // (snnTorch's Leaky with a subtracted reset): the paper's kernels run them, with Fire and
+  // FireSurrogate as the activation and surrogate (with b = 0, c = 1 and R(h, s) = h - v_th s
+  // the general step rounds as the paper's: a v + 0 + 1 x = a v + x).
+  bool paper_form() const { return reset == 0 && !before && !decay_input && !sigmoid; }
+
   template <typename opmath_t>
   NeuronCoefficients<opmath_t> coefficients(double v_th, bool detach_reset) const {
     NeuronCoefficients<opmath_t> k;
@@ -632,7 +690,17 @@ void dispatch_neuron(bool is_signed, bool spiking, const NeuronOptions& o, Fn&& 
   }
 }
 
-// The generalised neuron's forward: plif_fwd_kernel with GeneralStep.
+// Whether the paper's kernels run a neuron of these types when NeuronOptions::paper_form():
+// the paper's order, spikes by the step and the atan surrogate (smooth mode, for checks, keeps
+// the general kernels).
+template <typename FireT, typename Sur, bool BEFORE>
+constexpr bool kPaperKernels = false;
+template <typename T, bool SIGNED>
+constexpr bool kPaperKernels<neurokern::Fire<T, SIGNED, neurokern::kFireStep>,
+                             neurokern::FireSurrogate<T, SIGNED, false>, false> = true;
+
+// The generalised neuron's forward: plif_fwd_kernel with GeneralStep (or PaperStep, see
+// kPaperKernels).
 template <typename scalar_t>
 void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
                              const std::optional<at::Tensor>& v0,
@@ -644,9 +712,17 @@ void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
   const auto p = plif_fwd_params<scalar_t>(x, alpha, v0, s0, v_th, batch_first, checkpoint, s,
                                            v_saved, v_last, s_last);
   const auto k = o.coefficients<opmath_t>(v_th, false);
-  dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto*, auto before) {
+  dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto* sur_tag,
+                                                       auto before) {
     using FireT = std::remove_pointer_t<decltype(fire_tag)>;
+    using Sur = std::remove_pointer_t<decltype(sur_tag)>;
     const FireT fire(v_th, gamma, o.strict, o.scale);
+    if constexpr (kPaperKernels<FireT, Sur, decltype(before)::value>) {
+      if (o.paper_form()) {
+        plif_fwd_run(p, PaperStep<opmath_t, FireT>{fire});
+        return;
+      }
+    }
     plif_fwd_run(p, GeneralStep<opmath_t, FireT, decltype(before)::value>{fire, k});
   });
 }
@@ -733,6 +809,24 @@ struct PlifBwdParams {
 int64_t bwd_buffer_len(int64_t chunk, int64_t T, int64_t k) {
   const int64_t recompute = k > 1 ? (std::min(k, T) + 2) * chunk : 0;
   return 4 * chunk + recompute;
+}
+
+// The start of a backward task (plif_bwd_tasks and general_bwd_tasks): its neurons, their leaks
+// a, the carries into step T-1 (dv from grad_v_last, ds from grad_s_last; zeros if None) and
+// dalpha zeroed.
+template <typename scalar_t, typename opmath_t>
+NEUROKERN_INLINE TaskSpan bwd_task_start(const PlifBwdParams<scalar_t, opmath_t>& p,
+                                         int64_t task, opmath_t* a, opmath_t* dv, opmath_t* ds,
+                                         opmath_t* dalpha) {
+  const TaskSpan span = task_span(p.chunking, task);
+  const int64_t n0 = span.n0, L = span.L;
+  fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
+  for (int64_t j = 0; j < L; ++j) {
+    dv[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
+    ds[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
+    dalpha[j] = opmath_t(0);
+  }
+  return span;
 }
 
 // One reverse step for L neurons. dv_next holds dL/dv_{t+1} (all paths), from which the carries
@@ -832,16 +926,8 @@ NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
   opmath_t* sp = a + ch.chunk;             // [chunk] last spikes of the recomputation
   opmath_t* vs = sp + ch.chunk;            // [min(k, T) + 1, L]: row r = v_{t0 + r - 1}
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t row = task / ch.per_row;
-    const int64_t m0 = (task % ch.per_row) * ch.chunk;
-    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
-    const int64_t n0 = row * ch.row_len + m0;
-    fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
-    for (int64_t j = 0; j < L; ++j) {
-      dv[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
-      ds_carry[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
-      dalpha[j] = opmath_t(0);
-    }
+    const TaskSpan span = bwd_task_start(p, task, a, dv, ds_carry, dalpha);
+    const int64_t row = span.row, m0 = span.m0, L = span.L, n0 = span.n0;
     const opmath_t* v0 = p.v0 ? p.v0 + n0 : nullptr;
     if (p.k == 1) {
       const opmath_t* v_task = p.v_saved + n0;
@@ -965,23 +1051,24 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
   return p;
 }
 
-template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
-void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
-                     const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
-                     const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
-                     const at::Tensor& x,                           // grad_s's shape and dtype
-                     const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
-                     const at::Tensor& alpha,                       // [C] or 0-d compute dtype
-                     const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
-                     const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
-                     double v_th, double gamma, bool batch_first, int64_t checkpoint,
-                     at::Tensor& dx,                 // x's shape, contiguous
-                     at::Tensor& dalpha_per_neuron,  // [N] compute dtype
-                     at::Tensor& dv0,                // [B, C, *S]
-                     at::Tensor& ds0) {              // [B, C, *S]
+// The paper's backward over all threads, with the activation act and its surrogate sur
+// (Activation and Surrogate, or Fire and FireSurrogate: see kPaperKernels).
+template <typename scalar_t, typename Act, typename Sur, bool DETACH>
+void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
+                  const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
+                  const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
+                  const at::Tensor& x,                           // grad_s's shape and dtype
+                  const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
+                  const at::Tensor& alpha,                       // [C] or 0-d compute dtype
+                  const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
+                  const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
+                  double v_th, bool batch_first, int64_t checkpoint,
+                  at::Tensor& dx,                 // x's shape, contiguous
+                  at::Tensor& dalpha_per_neuron,  // [N] compute dtype
+                  at::Tensor& dv0,                // [B, C, *S]
+                  at::Tensor& ds0,                // [B, C, *S]
+                  const Act& act, const Sur& sur) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Act = Activation<opmath_t, SIGNED, SPIKING>;
-  using Sur = Surrogate<opmath_t, SIGNED>;
   // With recomputation, the buffer of min(k, T) + 2 rows of chunk neurons must fit in
   // kBwdBufferBytes (k = 1 needs no such buffer, and does not read x).
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
@@ -989,8 +1076,6 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0,
       checkpoint > 1 ? std::min(checkpoint, T) + 2 : 0, checkpoint > 1);
-  const Act act(v_th, gamma);
-  const Sur sur(v_th, gamma);
   const bool avx2 = use_avx2();
 
   at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
@@ -1006,6 +1091,22 @@ void plif_bwd_kernel(const at::Tensor& grad_s,                      // x's shape
     plif_bwd_tasks_default<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end,
                                                                  buffer.data(), scratch.data());
   });
+}
+
+template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
+void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
+                     const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
+                     const at::Tensor& v_saved, const at::Tensor& alpha,
+                     const std::optional<at::Tensor>& v0, const std::optional<at::Tensor>& s0,
+                     double v_th, double gamma, bool batch_first, int64_t checkpoint,
+                     at::Tensor& dx, at::Tensor& dalpha_per_neuron, at::Tensor& dv0,
+                     at::Tensor& ds0) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  plif_bwd_run<scalar_t, Activation<opmath_t, SIGNED, SPIKING>, Surrogate<opmath_t, SIGNED>,
+               DETACH>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th,
+                       batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0,
+                       Activation<opmath_t, SIGNED, SPIKING>(v_th, gamma),
+                       Surrogate<opmath_t, SIGNED>(v_th, gamma));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1068,44 +1169,60 @@ NEUROKERN_INLINE void general_bwd_step_paper(
   }
 }
 
-// One reverse step of the SpikingJelly order (see above). u_prev: u_{t-1}; LAST: t = T-1, where
-// ds_c holds dL/ds_T. s_row: scratch for the step's spikes, computed in a pass of their own
-// (see GeneralStep) from h recomputed as the forward does.
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool LAST>
+// One reverse step of the SpikingJelly order (see above). h_t, s_t: the step's h and spikes,
+// as the forward computed them; u_prev: u_{t-1}; LAST: t = T-1, where ds_c holds dL/ds_T.
+template <typename scalar_t, typename opmath_t, typename Sur, bool LAST>
 NEUROKERN_INLINE void general_bwd_step_before(
     int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
+    const opmath_t* __restrict__ h_t, const opmath_t* __restrict__ s_t,
     const opmath_t* __restrict__ u_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, const opmath_t* __restrict__ ds_c,
     opmath_t* __restrict__ du_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
-    opmath_t* __restrict__ s_row, const NeuronCoefficients<opmath_t>& k, const FireT& fire,
-    const Sur& sur) {
-  const opmath_t* __restrict__ b = coeffs;
+    const NeuronCoefficients<opmath_t>& k, const Sur& sur) {
   const opmath_t* __restrict__ c = coeffs + L;
   const opmath_t reset_k = k.reset_k, grad_k = k.grad_k, grad_r = k.grad_r;
   const opmath_t v_rest = k.v_rest, decay = k.decay;
-  const FireT f = fire;
   for (int64_t j = 0; j < L; ++j) {
-    s_row[j] = f(a[j] * u_prev[j] + b[j] + c[j] * static_cast<opmath_t>(x[j]));
-  }
-  for (int64_t j = 0; j < L; ++j) {
-    const opmath_t up = u_prev[j];
-    const opmath_t xj = static_cast<opmath_t>(x[j]);
-    const opmath_t h = a[j] * up + b[j] + c[j] * xj;
-    const opmath_t sj = s_row[j];
+    const opmath_t h = h_t[j];
     const opmath_t du = du_c[j];
     opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (grad_r - grad_k * h);
     if constexpr (LAST) ds = ds + ds_c[j];
-    const opmath_t dh = du * (opmath_t(1) - reset_k * sj) + ds * sur(h);
+    const opmath_t dh = du * (opmath_t(1) - reset_k * s_t[j]) + ds * sur(h);
     dx[j] = static_cast<scalar_t>(c[j] * dh);
-    dalpha[j] += dh * ((up - v_rest) - decay * xj);
+    dalpha[j] += dh * ((u_prev[j] - v_rest) - decay * static_cast<opmath_t>(x[j]));
     du_c[j] = a[j] * dh;
   }
 }
 
-// The general reverse steps t_end-1 .. t_begin of one task's L neurons, with v_{t-1} =
-// v_before(t) and v_t = v_row(t) (general_bwd_tasks has the buffers' meanings).
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
-          typename VRow, typename VBefore>
+// The row pointers of step t of one task (x, dL/ds, dx) and the prefetch of the rows
+// kPrefetchSteps steps earlier, for the reverse passes below (x's only with k = 1: with k > 1
+// the recomputation has just read the chunk's rows of x, which are still in the cache).
+template <typename scalar_t>
+struct ReverseRows {
+  const scalar_t* g;
+  const scalar_t* x;
+  scalar_t* dx;
+};
+
+template <typename scalar_t, typename opmath_t>
+NEUROKERN_INLINE ReverseRows<scalar_t> reverse_rows(
+    const PlifBwdParams<scalar_t, opmath_t>& p, int64_t t, int64_t row, int64_t m0, int64_t L) {
+  const ReverseRows<scalar_t> r{
+      p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0,
+      p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0,
+      p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0};
+  if (t - kPrefetchSteps >= 0) {
+    prefetch_row(r.g - kPrefetchSteps * p.g_view.stride_t, L);
+    if (p.k == 1) prefetch_row(r.x - kPrefetchSteps * p.x_view.stride_t, L);
+    if (!p.stream) prefetch_row<true>(r.dx - kPrefetchSteps * p.dx_view.stride_t, L);
+  }
+  return r;
+}
+
+// The general reverse steps t_end-1 .. t_begin of the paper's order for one task's L neurons,
+// with v_{t-1} = v_before(t) and v_t = v_row(t) (general_bwd_tasks has the buffers' meanings).
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, typename VRow,
+          typename VBefore>
 NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p,
                                         const NeuronCoefficients<opmath_t>& k, const FireT& fire,
                                         const Sur& sur, int64_t row, int64_t m0, int64_t L,
@@ -1115,44 +1232,58 @@ NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>&
                                         opmath_t* ds_c, opmath_t* dh_c, opmath_t* dalpha,
                                         opmath_t* s_row, scalar_t* scratch) {
   for (int64_t t = t_end - 1; t >= t_begin; --t) {
-    const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
-    const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
-    scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
-    scalar_t* out = p.stream ? scratch : dxt;
-    if (t - kPrefetchSteps >= 0) {
-      prefetch_row(gt - kPrefetchSteps * p.g_view.stride_t, L);
-      prefetch_row(xt - kPrefetchSteps * p.x_view.stride_t, L);
-      if (!p.stream) prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
-    }
-    if constexpr (BEFORE) {
-      if (t == p.T - 1) {
-        general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, true>(
-            L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, s_row, k, fire, sur);
-      } else {
-        general_bwd_step_before<scalar_t, opmath_t, FireT, Sur, false>(
-            L, gt, xt, v_before(t), a, coeffs, ds_c, dh_c, dalpha, out, s_row, k, fire, sur);
-      }
+    const auto r = reverse_rows(p, t, row, m0, L);
+    // s_{t-1}: s_0 at t = 0, else fire(h_{t-1}) as the forward computed it
+    if (t > 0) fire_row(L, v_before(t), s_row, fire);
+    general_bwd_step_paper<scalar_t, opmath_t, Sur>(L, r.g, r.x, v_row(t), v_before(t),
+                                                    t > 0 ? s_row : sp, a, coeffs, ds_c, dh_c,
+                                                    dalpha, p.stream ? scratch : r.dx, k, sur);
+    if (p.stream) stream_row(r.dx, scratch, L);
+  }
+}
+
+// The reverse steps t_end-1 .. t_begin of SpikingJelly's order for one task's L neurons:
+// step(t, x_t) gives {h_t, s_t} ([L] rows, recomputed or computed there), u_before(t) u_{t-1}.
+template <typename scalar_t, typename opmath_t, typename Sur, typename Step, typename UBefore>
+NEUROKERN_INLINE void general_bwd_steps_before(const PlifBwdParams<scalar_t, opmath_t>& p,
+                                               const NeuronCoefficients<opmath_t>& k,
+                                               const Sur& sur, int64_t row, int64_t m0,
+                                               int64_t L, int64_t t_begin, int64_t t_end,
+                                               const Step& step, const UBefore& u_before,
+                                               const opmath_t* a, const opmath_t* coeffs,
+                                               const opmath_t* ds_c, opmath_t* du_c,
+                                               opmath_t* dalpha, scalar_t* scratch) {
+  for (int64_t t = t_end - 1; t >= t_begin; --t) {
+    const auto r = reverse_rows(p, t, row, m0, L);
+    const auto [h, s] = step(t, r.x);
+    scalar_t* out = p.stream ? scratch : r.dx;
+    if (t == p.T - 1) {
+      general_bwd_step_before<scalar_t, opmath_t, Sur, true>(L, r.g, r.x, h, s, u_before(t), a,
+                                                             coeffs, ds_c, du_c, dalpha, out, k,
+                                                             sur);
     } else {
-      // s_{t-1}: s_0 at t = 0, else fire(h_{t-1}) as the forward computed it
-      if (t > 0) fire_row(L, v_before(t), s_row, fire);
-      general_bwd_step_paper<scalar_t, opmath_t, Sur>(L, gt, xt, v_row(t), v_before(t),
-                                                      t > 0 ? s_row : sp, a, coeffs, ds_c,
-                                                      dh_c, dalpha, out, k, sur);
+      general_bwd_step_before<scalar_t, opmath_t, Sur, false>(L, r.g, r.x, h, s, u_before(t), a,
+                                                              coeffs, ds_c, du_c, dalpha, out,
+                                                              k, sur);
     }
-    if (p.stream) stream_row(dxt, scratch, L);
+    if (p.stream) stream_row(r.dx, scratch, L);
   }
 }
 
 // Rows of the per-task buffer of general_bwd_tasks (of chunk opmath_t elements): 8 (a, b, c, the
-// two carries, dalpha, the recomputation's spikes or s_0, a step's spikes) and the membrane rows
-// (min(k, T) + 1 with recomputation, else 1: the state before the first step).
-int64_t general_bwd_rows(int64_t T, int64_t k) {
-  return 8 + (k > 1 ? std::min(k, T) + 1 : 1);
+// two carries, dalpha, the recomputation's spikes or s_0, a step's spikes), the membrane rows
+// (min(k, T) + 1 with recomputation, else 1: the state before the first step) and, in
+// SpikingJelly's order, the rows of h and of the spikes (min(k, T) each, else 1 each).
+int64_t general_bwd_rows(int64_t T, int64_t k, bool before) {
+  const int64_t steps = k > 1 ? std::min(k, T) : 0;
+  return 8 + steps + 1 + (before ? 2 * std::max<int64_t>(steps, 1) : 0);
 }
 
 // Runs tasks [begin, end) of the general backward: plif_bwd_tasks' structure (membranes from
 // v_saved with k = 1, else recomputed per chunk of k steps with the forward's step), with the
-// reverse steps above. buffer: general_bwd_rows(T, k) * chunk elements; scratch: chunk elements.
+// reverse steps above. In SpikingJelly's order the recomputation keeps each step's h and
+// spikes, which the reverse step reads (with k = 1 it computes them from u_{t-1} and x_t).
+// buffer: general_bwd_rows(T, k, BEFORE) * chunk elements; scratch: chunk elements.
 template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
 NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
                                         const GeneralStep<opmath_t, FireT, BEFORE>& step,
@@ -1161,6 +1292,7 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
                                         scalar_t* scratch) {
   const Chunking& ch = p.chunking;
   const FireT& fire = step.fire;
+  const int64_t steps = p.k > 1 ? std::min(p.k, p.T) : 0;
   opmath_t* a = buffer;                    // [chunk] leak of each neuron
   opmath_t* coeffs = a + ch.chunk;         // [2, chunk] b, c
   opmath_t* ds_c = coeffs + 2 * ch.chunk;  // [chunk] carries (see above)
@@ -1168,19 +1300,14 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
   opmath_t* dalpha = dh_c + ch.chunk;      // [chunk]
   opmath_t* sp = dalpha + ch.chunk;        // [chunk] spikes of the recomputation, or s_0
   opmath_t* s_row = sp + ch.chunk;         // [chunk] a reverse step's spikes
-  opmath_t* vs = s_row + ch.chunk;         // [rows, L]: row r = v_{t0 + r - 1}
+  opmath_t* vs = s_row + ch.chunk;         // [steps + 1, L]: row r = v_{t0 + r - 1}
+  // SpikingJelly's order: [max(steps, 1), L] each, row r = h, s of step t0 + r
+  opmath_t* hs = vs + (steps + 1) * ch.chunk;
+  opmath_t* ss = hs + std::max<int64_t>(steps, 1) * ch.chunk;
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t row = task / ch.per_row;
-    const int64_t m0 = (task % ch.per_row) * ch.chunk;
-    const int64_t L = std::min(ch.chunk, ch.row_len - m0);
-    const int64_t n0 = row * ch.row_len + m0;
-    fill_leak(a, p.alpha, p.scalar_alpha, n0, L, p.C, p.P);
+    const TaskSpan span = bwd_task_start(p, task, a, dh_c, ds_c, dalpha);
+    const int64_t row = span.row, m0 = span.m0, L = span.L, n0 = span.n0;
     step.coefficients(a, coeffs, L);
-    for (int64_t j = 0; j < L; ++j) {
-      dh_c[j] = p.grad_v_last ? p.grad_v_last[n0 + j] : opmath_t(0);
-      ds_c[j] = p.grad_s_last ? p.grad_s_last[n0 + j] : opmath_t(0);
-      dalpha[j] = opmath_t(0);
-    }
     // The state before the first step (row 0 of vs) and s_0 (sp), used at t = 0.
     auto load_initial = [&]() {
       for (int64_t j = 0; j < L; ++j) {
@@ -1191,10 +1318,20 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
     if (p.k == 1) {
       load_initial();
       const opmath_t* v_task = p.v_saved + n0;
-      general_bwd_steps<scalar_t, opmath_t, FireT, Sur, BEFORE>(
-          p, k, fire, sur, row, m0, L, 0, p.T, [&](int64_t t) { return v_task + t * p.N; },
-          [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : vs; }, a, coeffs, sp, ds_c,
-          dh_c, dalpha, s_row, scratch);
+      auto v_before = [&](int64_t t) { return t > 0 ? v_task + (t - 1) * p.N : vs; };
+      if constexpr (BEFORE) {
+        general_bwd_steps_before<scalar_t, opmath_t, Sur>(
+            p, k, sur, row, m0, L, 0, p.T,
+            [&](int64_t t, const scalar_t* xt) {
+              step.recompute(L, xt, a, coeffs, v_before(t), nullptr, hs, ss);
+              return std::pair<const opmath_t*, const opmath_t*>(hs, ss);
+            },
+            v_before, a, coeffs, ds_c, dh_c, dalpha, scratch);
+      } else {
+        general_bwd_steps<scalar_t, opmath_t, FireT, Sur>(
+            p, k, fire, sur, row, m0, L, 0, p.T, [&](int64_t t) { return v_task + t * p.N; },
+            v_before, a, coeffs, sp, ds_c, dh_c, dalpha, s_row, scratch);
+      }
     } else {
       for (int64_t cc = saved_rows(p.T, p.k) - 1; cc >= 0; --cc) {
         const int64_t t0 = cc * p.k;
@@ -1204,22 +1341,37 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
         } else {
           const opmath_t* v_in = p.v_saved + (cc - 1) * p.N + n0;
           std::copy(v_in, v_in + L, vs);
-          fire_row(L, v_in, sp, fire);
+          if constexpr (!BEFORE) fire_row(L, v_in, sp, fire);
         }
         for (int64_t r = 0; r < len; ++r) {
           const int64_t t = t0 + r;
           const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
           if (r + kPrefetchSteps < len) prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
-          step(L, xt, a, coeffs, vs + r * L, vs + (r + 1) * L, sp, scratch, p.v_th);
+          if constexpr (BEFORE) {
+            step.recompute(L, xt, a, coeffs, vs + r * L, vs + (r + 1) * L, hs + r * L,
+                           ss + r * L);
+          } else {
+            step(L, xt, a, coeffs, vs + r * L, vs + (r + 1) * L, sp, scratch, p.v_th);
+          }
         }
-        if (cc == 0) {  // the recomputation overwrote sp: s_0 again for t = 0
-          for (int64_t j = 0; j < L; ++j) sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+        auto v_before = [&](int64_t t) { return vs + (t - t0) * L; };
+        if constexpr (BEFORE) {
+          general_bwd_steps_before<scalar_t, opmath_t, Sur>(
+              p, k, sur, row, m0, L, t0, t0 + len,
+              [&](int64_t t, const scalar_t*) {
+                return std::pair<const opmath_t*, const opmath_t*>(hs + (t - t0) * L,
+                                                                   ss + (t - t0) * L);
+              },
+              v_before, a, coeffs, ds_c, dh_c, dalpha, scratch);
+        } else {
+          if (cc == 0) {  // the recomputation overwrote sp: s_0 again for t = 0
+            for (int64_t j = 0; j < L; ++j) sp[j] = p.s0 ? p.s0[n0 + j] : opmath_t(0);
+          }
+          general_bwd_steps<scalar_t, opmath_t, FireT, Sur>(
+              p, k, fire, sur, row, m0, L, t0, t0 + len,
+              [&](int64_t t) { return vs + (t - t0 + 1) * L; }, v_before, a, coeffs, sp, ds_c,
+              dh_c, dalpha, s_row, scratch);
         }
-        general_bwd_steps<scalar_t, opmath_t, FireT, Sur, BEFORE>(
-            p, k, fire, sur, row, m0, L, t0, t0 + len,
-            [&](int64_t t) { return vs + (t - t0 + 1) * L; },
-            [&](int64_t t) { return vs + (t - t0) * L; }, a, coeffs, sp, ds_c, dh_c, dalpha,
-            s_row, scratch);
       }
     }
     for (int64_t j = 0; j < L; ++j) {
@@ -1262,7 +1414,7 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
                              at::Tensor& dalpha_per_neuron, at::Tensor& dv0, at::Tensor& ds0) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
-  const int64_t rows = general_bwd_rows(T, checkpoint);
+  const int64_t rows = general_bwd_rows(T, checkpoint, o.before);
   const auto p = plif_bwd_params<scalar_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true);
@@ -1275,6 +1427,21 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
     constexpr bool kBefore = decltype(before)::value;
     const FireT fire(v_th, gamma, o.strict, o.scale);
     const Sur sur(v_th, gamma, o.scale);
+    if constexpr (kPaperKernels<FireT, Sur, kBefore>) {
+      if (o.paper_form()) {
+        auto run = [&](auto detach_c) {
+          plif_bwd_run<scalar_t, FireT, Sur, decltype(detach_c)::value>(
+              grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
+              checkpoint, dx, dalpha_per_neuron, dv0, ds0, fire, sur);
+        };
+        if (detach_reset) {
+          run(std::true_type{});
+        } else {
+          run(std::false_type{});
+        }
+        return;
+      }
+    }
     const GeneralStep<opmath_t, FireT, kBefore> step{fire, o.coefficients<opmath_t>(v_th, false)};
     at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin,
                                                                      int64_t end) {

@@ -16,7 +16,7 @@ registers, with the forward's own code (so bit-identically): traffic per neuron 
 x + s forward and x + dL/ds + dx backward, plus 2/k for the checkpoints, i.e. the floor of 5
 values within 2/k. Saving every v (k = 1) costs 6: v written forward and read backward. The
 Triton backend uses k = 16 for float32 (5.125 values) and 8 for bf16/fp16, chosen by
-measurement (`LAUNCH`, docs/kernels.md); the C++ backend one chunk per sequence (k = 1 << 30,
+measurement (`LAUNCH` below); the C++ backend one chunk per sequence (k = 1 << 30,
 so v_saved is one row, [1, N]): its backward recomputes all T membranes of a block of neurons
 into a per-thread buffer that stays in cache, and the forward no longer writes a fresh [T, N]
 tensor (its page faults cost more than the recomputation). The leak gradient is reduced deterministically: the kernels write one partial
@@ -41,8 +41,8 @@ from neurokern.reference import NEURON_DEFAULTS, compute_dtype
 # interval k of the membranes saved for the backward, which recomputes the k steps in between
 # from x (triton_kernels/plif.py; the forward also issues the loads of k steps at a time).
 # Measured on an H100 (benchmarks/probe_plif_tune.py, [32, 90, 64, 22, 22], 2026-11-23, BLOCK
-# 256/512/1024 x 2/4/8 warps x k 4/8/16; docs/kernels.md); float64 keeps k = 4: its backward
-# with k = 16 took two minutes to compile.
+# 256/512/1024 x 2/4/8 warps x k 4/8/16; the timings are not kept in docs/results.md: rerun the
+# probe on a GPU); float64 keeps k = 4: its backward with k = 16 took two minutes to compile.
 LAUNCH = {
     8: dict(BLOCK=256, num_warps=4, checkpoint=4),  # float64
     4: dict(BLOCK=256, num_warps=4, checkpoint=16),  # float32
