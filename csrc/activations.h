@@ -16,12 +16,17 @@
 // Under nvcc they are host-device functions: the persistent CUDA kernels
 // (cuda/spikgru2plus_persistent.cuh) call the same activations; the constructors stay on the
 // host.
+// NEUROKERN_INLINE_LAMBDA does the same for a lambda (after its parameter list): GCC compiles a
+// lambda that is not inlined for the default ISA, even inside an AVX2 function.
 #if defined(__CUDACC__)
 #define NEUROKERN_INLINE __host__ __device__ __forceinline__
+#define NEUROKERN_INLINE_LAMBDA
 #elif defined(__GNUC__) || defined(__clang__)
 #define NEUROKERN_INLINE inline __attribute__((always_inline))
+#define NEUROKERN_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define NEUROKERN_INLINE inline
+#define NEUROKERN_INLINE_LAMBDA
 #endif
 
 namespace neurokern {

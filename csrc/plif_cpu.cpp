@@ -412,16 +412,15 @@ struct GeneralStep {
     const opmath_t reset_k = k.reset_k, reset_r = k.reset_r;
     const FireT f = fire;  // a local copy: its thresholds stay in registers
     if constexpr (BEFORE) {
-      // Two passes: a spike computed and multiplied in one loop makes GCC turn the product
-      // into a branch on the comparison (-ftrapping-math), which stops the vectoriser.
+      // one pass: under -fno-trapping-math (_toolchain.CXX_FLAGS) GCC vectorises a spike
+      // computed and multiplied in one loop
       for (int64_t j = 0; j < L; ++j) {
         const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
         const opmath_t sj = f(h);
-        v_out[j] = h;
+        v_out[j] = reset(h, sj, reset_k, reset_r);
         s[j] = sj;
         out[j] = static_cast<scalar_t>(sj);
       }
-      for (int64_t j = 0; j < L; ++j) v_out[j] = reset(v_out[j], s[j], reset_k, reset_r);
     } else {
       for (int64_t j = 0; j < L; ++j) {
         const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
@@ -448,13 +447,20 @@ struct GeneralStep {
     const opmath_t* __restrict__ c = coeffs + L;
     const opmath_t reset_k = k.reset_k, reset_r = k.reset_r;
     const FireT f = fire;
-    for (int64_t j = 0; j < L; ++j) {  // two passes, as operator()
-      const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
-      h_out[j] = h;
-      s[j] = f(h);
-    }
     if (v_out) {
-      for (int64_t j = 0; j < L; ++j) v_out[j] = reset(h_out[j], s[j], reset_k, reset_r);
+      for (int64_t j = 0; j < L; ++j) {
+        const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
+        const opmath_t sj = f(h);
+        h_out[j] = h;
+        s[j] = sj;
+        v_out[j] = reset(h, sj, reset_k, reset_r);
+      }
+    } else {
+      for (int64_t j = 0; j < L; ++j) {
+        const opmath_t h = pre(a[j], v_in[j], b[j], c[j], static_cast<opmath_t>(x[j]));
+        h_out[j] = h;
+        s[j] = f(h);
+      }
     }
   }
 };
@@ -800,6 +806,7 @@ struct PlifBwdParams {
   scalar_t* dv0;                // [N]
   scalar_t* ds0;                // [N]
   bool stream;                  // dx written with non-temporal stores (stream_row)
+  bool leak_grad;               // dalpha wanted (the general kernels skip it otherwise)
   int64_t T, N, C, P;
   opmath_t v_th, neg_v_th;
   Chunking chunking;
@@ -1048,6 +1055,7 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
       ? make_chunking(B, M, {p.g_view, p.dx_view, p.x_view}, max_chunk)
       : make_chunking(B, M, {p.g_view, p.dx_view});
   p.stream = stream_output(dx.nbytes());
+  p.leak_grad = true;
   return p;
 }
 
@@ -1133,6 +1141,17 @@ void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& 
 // The reverse pass recomputes pre_t / h_t from the carried state before the step and x_t, with
 // the forward's expression (so bit-identically), and s_{t-1} = fire(h_{t-1}) (s_0 at t = 0).
 
+// body(std::true_type) if leak_grad, else body(std::false_type): a reverse step's loop compiled
+// with and without the leak gradient's sum (plif_bwd's leak_grad = False skips it).
+template <typename Body>
+NEUROKERN_INLINE void with_leak_grad(bool leak_grad, const Body& body) {
+  if (leak_grad) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
 // The spikes fire(v) of a row of L neurons (a pass of its own: see GeneralStep).
 template <typename opmath_t, typename FireT>
 NEUROKERN_INLINE void fire_row(int64_t L, const opmath_t* __restrict__ v,
@@ -1150,23 +1169,25 @@ NEUROKERN_INLINE void general_bwd_step_paper(
     const opmath_t* __restrict__ s_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, opmath_t* __restrict__ ds_c,
     opmath_t* __restrict__ dh_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
-    const NeuronCoefficients<opmath_t>& k, const Sur& sur) {
+    const NeuronCoefficients<opmath_t>& k, const Sur& sur, bool leak_grad) {
   const opmath_t* __restrict__ b = coeffs;
   const opmath_t* __restrict__ c = coeffs + L;
   const opmath_t reset_k = k.reset_k, grad_k = k.grad_k, grad_r = k.grad_r;
   const opmath_t v_rest = k.v_rest, decay = k.decay;
-  for (int64_t j = 0; j < L; ++j) {
-    const opmath_t hp = v_prev[j];
-    const opmath_t xj = static_cast<opmath_t>(x[j]);
-    const opmath_t pre = a[j] * hp + b[j] + c[j] * xj;
-    const opmath_t sp = s_prev[j];
-    const opmath_t dh = (static_cast<opmath_t>(grad_s[j]) + ds_c[j]) * sur(v_t[j]) + dh_c[j];
-    const opmath_t dpre = dh * (opmath_t(1) - reset_k * sp);
-    dx[j] = static_cast<scalar_t>(c[j] * dpre);
-    dalpha[j] += dpre * ((hp - v_rest) - decay * xj);
-    ds_c[j] = dh * (grad_r - grad_k * pre);
-    dh_c[j] = a[j] * dpre;
-  }
+  with_leak_grad(leak_grad, [&](auto leak_c) NEUROKERN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < L; ++j) {
+      const opmath_t hp = v_prev[j];
+      const opmath_t xj = static_cast<opmath_t>(x[j]);
+      const opmath_t pre = a[j] * hp + b[j] + c[j] * xj;
+      const opmath_t sp = s_prev[j];
+      const opmath_t dh = (static_cast<opmath_t>(grad_s[j]) + ds_c[j]) * sur(v_t[j]) + dh_c[j];
+      const opmath_t dpre = dh * (opmath_t(1) - reset_k * sp);
+      dx[j] = static_cast<scalar_t>(c[j] * dpre);
+      if constexpr (decltype(leak_c)::value) dalpha[j] += dpre * ((hp - v_rest) - decay * xj);
+      ds_c[j] = dh * (grad_r - grad_k * pre);
+      dh_c[j] = a[j] * dpre;
+    }
+  });
 }
 
 // One reverse step of the SpikingJelly order (see above). h_t, s_t: the step's h and spikes,
@@ -1178,20 +1199,24 @@ NEUROKERN_INLINE void general_bwd_step_before(
     const opmath_t* __restrict__ u_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, const opmath_t* __restrict__ ds_c,
     opmath_t* __restrict__ du_c, opmath_t* __restrict__ dalpha, scalar_t* __restrict__ dx,
-    const NeuronCoefficients<opmath_t>& k, const Sur& sur) {
+    const NeuronCoefficients<opmath_t>& k, const Sur& sur, bool leak_grad) {
   const opmath_t* __restrict__ c = coeffs + L;
   const opmath_t reset_k = k.reset_k, grad_k = k.grad_k, grad_r = k.grad_r;
   const opmath_t v_rest = k.v_rest, decay = k.decay;
-  for (int64_t j = 0; j < L; ++j) {
-    const opmath_t h = h_t[j];
-    const opmath_t du = du_c[j];
-    opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (grad_r - grad_k * h);
-    if constexpr (LAST) ds = ds + ds_c[j];
-    const opmath_t dh = du * (opmath_t(1) - reset_k * s_t[j]) + ds * sur(h);
-    dx[j] = static_cast<scalar_t>(c[j] * dh);
-    dalpha[j] += dh * ((u_prev[j] - v_rest) - decay * static_cast<opmath_t>(x[j]));
-    du_c[j] = a[j] * dh;
-  }
+  with_leak_grad(leak_grad, [&](auto leak_c) NEUROKERN_INLINE_LAMBDA {
+    for (int64_t j = 0; j < L; ++j) {
+      const opmath_t h = h_t[j];
+      const opmath_t du = du_c[j];
+      opmath_t ds = static_cast<opmath_t>(grad_s[j]) + du * (grad_r - grad_k * h);
+      if constexpr (LAST) ds = ds + ds_c[j];
+      const opmath_t dh = du * (opmath_t(1) - reset_k * s_t[j]) + ds * sur(h);
+      dx[j] = static_cast<scalar_t>(c[j] * dh);
+      if constexpr (decltype(leak_c)::value) {
+        dalpha[j] += dh * ((u_prev[j] - v_rest) - decay * static_cast<opmath_t>(x[j]));
+      }
+      du_c[j] = a[j] * dh;
+    }
+  });
 }
 
 // The row pointers of step t of one task (x, dL/ds, dx) and the prefetch of the rows
@@ -1237,7 +1262,8 @@ NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>&
     if (t > 0) fire_row(L, v_before(t), s_row, fire);
     general_bwd_step_paper<scalar_t, opmath_t, Sur>(L, r.g, r.x, v_row(t), v_before(t),
                                                     t > 0 ? s_row : sp, a, coeffs, ds_c, dh_c,
-                                                    dalpha, p.stream ? scratch : r.dx, k, sur);
+                                                    dalpha, p.stream ? scratch : r.dx, k, sur,
+                                                    p.leak_grad);
     if (p.stream) stream_row(r.dx, scratch, L);
   }
 }
@@ -1260,11 +1286,11 @@ NEUROKERN_INLINE void general_bwd_steps_before(const PlifBwdParams<scalar_t, opm
     if (t == p.T - 1) {
       general_bwd_step_before<scalar_t, opmath_t, Sur, true>(L, r.g, r.x, h, s, u_before(t), a,
                                                              coeffs, ds_c, du_c, dalpha, out, k,
-                                                             sur);
+                                                             sur, p.leak_grad);
     } else {
       general_bwd_step_before<scalar_t, opmath_t, Sur, false>(L, r.g, r.x, h, s, u_before(t), a,
                                                               coeffs, ds_c, du_c, dalpha, out,
-                                                              k, sur);
+                                                              k, sur, p.leak_grad);
     }
     if (p.stream) stream_row(r.dx, scratch, L);
   }
@@ -1322,7 +1348,7 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
       if constexpr (BEFORE) {
         general_bwd_steps_before<scalar_t, opmath_t, Sur>(
             p, k, sur, row, m0, L, 0, p.T,
-            [&](int64_t t, const scalar_t* xt) {
+            [&](int64_t t, const scalar_t* xt) NEUROKERN_INLINE_LAMBDA {
               step.recompute(L, xt, a, coeffs, v_before(t), nullptr, hs, ss);
               return std::pair<const opmath_t*, const opmath_t*>(hs, ss);
             },
@@ -1410,14 +1436,16 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
                              const std::optional<at::Tensor>& v0,
                              const std::optional<at::Tensor>& s0, double v_th, double gamma,
                              bool is_signed, bool batch_first, bool spiking, bool detach_reset,
-                             const NeuronOptions& o, int64_t checkpoint, at::Tensor& dx,
-                             at::Tensor& dalpha_per_neuron, at::Tensor& dv0, at::Tensor& ds0) {
+                             const NeuronOptions& o, int64_t checkpoint, bool leak_grad,
+                             at::Tensor& dx, at::Tensor& dalpha_per_neuron, at::Tensor& dv0,
+                             at::Tensor& ds0) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
   const int64_t rows = general_bwd_rows(T, checkpoint, o.before);
-  const auto p = plif_bwd_params<scalar_t>(
+  auto p = plif_bwd_params<scalar_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true);
+  p.leak_grad = leak_grad;
   const auto k = o.coefficients<opmath_t>(v_th, detach_reset);
   const bool avx2 = use_avx2();
   dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto* sur_tag,
@@ -1472,7 +1500,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
     double v_th, double gamma, bool is_signed, bool batch_first, bool spiking,
     bool detach_reset, int64_t checkpoint, c10::string_view reset, double v_reset,
     bool reset_before_leak, bool decay_input, bool strict_threshold, c10::string_view surrogate,
-    double surrogate_scale) {
+    double surrogate_scale, bool leak_grad) {
   constexpr const char* op = "neurokern::plif_bwd";
   const NeuronOptions options =
       neuron_options(op, reset, v_reset, reset_before_leak, decay_input, strict_threshold,
@@ -1521,7 +1549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
     if (!options.paper()) {
       plif_general_bwd_kernel<scalar_t>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
                                         s0, v_th, gamma, is_signed, batch_first, spiking,
-                                        detach_reset, options, checkpoint, dx,
+                                        detach_reset, options, checkpoint, leak_grad, dx,
                                         dalpha_per_neuron, dv0, ds0);
       return;
     }

@@ -33,13 +33,15 @@ TORCH_LIBRARY(neurokern, m) {
   // None, before the first), bit-identically to the forward; with k = 1, x is not read.
   // grad_v_last / grad_s_last may be None (zero). Returns dx (x's shape and dtype, contiguous),
   // dalpha_per_neuron ([N] in the compute dtype: sum over t of dL/dv_t * v_{t-1}, reduced to
-  // alpha's shape by the caller), dv0 and ds0 ([B, C, *S], x's dtype).
+  // alpha's shape by the caller), dv0 and ds0 ([B, C, *S], x's dtype). leak_grad = False: the
+  // caller needs no gradient of alpha, and dalpha_per_neuron's values are unspecified (the
+  // general neuron's C++ kernels skip its sum and leave zeros; the others compute it anyway).
   m.def(
       "plif_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_s_last, Tensor x, "
       "Tensor v_saved, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
       "bool signed, bool batch_first, bool spiking, bool detach_reset, int checkpoint, "
-      NEUROKERN_NEURON_OPTIONS ") -> (Tensor dx, Tensor dalpha_per_neuron, Tensor dv0, "
-      "Tensor ds0)");
+      NEUROKERN_NEURON_OPTIONS ", bool leak_grad=True) -> (Tensor dx, "
+      "Tensor dalpha_per_neuron, Tensor dv0, Tensor ds0)");
   // The recurrent loop of one SpikGRU2+ layer direction (SPEC.md 3) from the input projection
   // gi = x W^T + b_ih ([T, B, 3H], time-major, contiguous), which the caller computes in one
   // product for all steps. Returns s_seq, v_seq, i_seq ([T, B, H]; s in gi's dtype, v and i in

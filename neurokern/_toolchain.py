@@ -117,7 +117,9 @@ def no_torch_build_message(python: str, environ, sys_path) -> str:
 
 # No -std flag: torch.utils.cpp_extension adds the one its torch's headers need (c++17 with torch
 # 2.11, c++20 with 2.13).
-CXX_FLAGS = ("-O3", "-fopenmp")
+# -fno-trapping-math: FP operations may run speculatively (values round as without it), so
+# GCC vectorises loops that multiply by a spike computed in the same iteration.
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 # no --use_fast_math: the kernels' exp and divisions round as the reference's do
 NVCC_FLAGS = ("-O3",)
 CUDA_MACRO = "NEUROKERN_WITH_CUDA"

@@ -5,7 +5,7 @@ Ops (same schema on both backends; the C++ ones are declared in csrc/register.cp
     plif_fwd(x, alpha, v0?, s0?, v_th, gamma, signed, batch_first, spiking, checkpoint)
         -> (s, v_saved, v_last, s_last)
     plif_bwd(grad_s, grad_v_last?, grad_s_last?, x, v_saved, alpha, v0?, s0?, v_th, gamma,
-             signed, batch_first, spiking, detach_reset, checkpoint)
+             signed, batch_first, spiking, detach_reset, checkpoint, leak_grad=True)
         -> (dx, dalpha_per_neuron, dv0, ds0)
 `neurokern::*` run the C++ CPU kernels, `neurokern_triton::*` the Triton kernels.
 
@@ -285,7 +285,10 @@ if triton_available():
         detach_reset: bool, checkpoint: int, reset: str = "soft", v_reset: float = 0.0,
         reset_before_leak: bool = False, decay_input: bool = False,
         strict_threshold: bool = False, surrogate: str = "atan", surrogate_scale: float = 1.0,
+        leak_grad: bool = True,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # leak_grad = False allows skipping dalpha (csrc/register.cpp); on a GPU its sum rides
+        # along with the loads the kernel makes anyway, so it is always computed
         options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
                    surrogate_scale)
         params = neuron_params(v_th, gamma, options, detach_reset, grad_s.dtype, grad_s.device)
@@ -335,7 +338,8 @@ def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, 
 
 
 def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-                   signed, batch_first, spiking, detach_reset, checkpoint, *options):
+                   signed, batch_first, spiking, detach_reset, checkpoint, *options,
+                   leak_grad=True):
     dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
     return (grad_s.new_empty(grad_s.shape), v_saved.new_empty((dv0.numel(),)), dv0,
             torch.empty_like(dv0))
@@ -383,7 +387,8 @@ class PLIFFunction(torch.autograd.Function):
             grad_s = torch.zeros_like(x)
         dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
                                      s0, v_th, gamma, signed, batch_first, spiking,
-                                     detach_reset, checkpoint, *options)
+                                     detach_reset, checkpoint, *options,
+                                     leak_grad=ctx.needs_input_grad[1])
         dalpha = None
         if ctx.needs_input_grad[1]:
             if alpha.dim():  # per channel: neurons are ordered (b, c, spatial)

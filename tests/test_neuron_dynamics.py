@@ -224,6 +224,9 @@ def neuron_cases(draw):
         grad_layout=draw(st.sampled_from(["contiguous", "transposed", "sliced"])),
         opts=opts,
         scalar_leak=draw(st.booleans()),
+        # a leak without gradient (SpikingJelly's LIFNode, snnTorch's Leaky): plif_bwd's
+        # leak_grad = False, which the general C++ kernels skip
+        fixed_leak=draw(st.booleans()),
         with_state=draw(st.booleans()),
         detach_reset=draw(st.booleans()),
         v_th=draw(st.floats(0.4, 1.5)),
@@ -284,7 +287,7 @@ def run(case, backend, dtype, x, alpha, state, spiking=True):
     device = backend_device(backend)
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     x = x.detach().to(device, dtype).requires_grad_()
-    alpha = alpha.detach().to(device, param_dtype).requires_grad_()
+    alpha = alpha.detach().to(device, param_dtype).requires_grad_(not case.get("fixed_leak"))
     st_ = None if state is None else tuple(
         t.detach().to(device, dtype).requires_grad_() for t in state)
     config = contextlib.nullcontext() if backend == "reference" else launch_config(
@@ -298,8 +301,10 @@ def run(case, backend, dtype, x, alpha, state, spiking=True):
         gen = torch.Generator().manual_seed(case["seed"] + 1)
         grads = [g.to(device, dtype) for g in cotangents(case, s, v_last, gen)]
         leaves = [x, alpha] + ([] if st_ is None else list(st_))
-        grads = torch.autograd.grad((s, v_last, s_last), leaves, grads, allow_unused=True,
-                                    materialize_grads=True)
+        wanted = [t for t in leaves if t.requires_grad]
+        found = iter(torch.autograd.grad((s, v_last, s_last), wanted, grads, allow_unused=True,
+                                         materialize_grads=True))
+        grads = [next(found) if t.requires_grad else torch.zeros_like(t) for t in leaves]
     return [t.detach().double().cpu() for t in (s, v_last, s_last, *grads)]
 
 
@@ -535,9 +540,10 @@ def test_opcheck_general(backend):
         args = (x, alpha, *state, 1.0, 4.0, False, False, True, k, *options)
         torch.library.opcheck(fwd, args)
         s, v_saved, v_last, _ = fwd(*args)
-        torch.library.opcheck(bwd, (torch.randn_like(s), torch.randn_like(v_last), None, x,
-                                    v_saved, alpha, *state, 1.0, 4.0, False, False, True, True,
-                                    k, *options))
+        for leak_grad in (True, False):
+            torch.library.opcheck(bwd, (torch.randn_like(s), torch.randn_like(v_last), None, x,
+                                        v_saved, alpha, *state, 1.0, 4.0, False, False, True,
+                                        True, k, *options), dict(leak_grad=leak_grad))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
