@@ -96,35 +96,47 @@ struct Surrogate {
 // sigmoid surrogate.
 enum FireMode { kFireStep = 0, kFireSmoothAtan = 1, kFireSmoothSigmoid = 2 };
 
-// exp(z) for z <= 0 (or NaN): float: a Cephes-style polynomial (about 1 ulp) that vectorises,
-// unlike std::exp: the range reduction rounds with the 1.5 * 2^23 trick and 2^n is built from
-// its bits; z is clamped to -87 (exp underflows below) in the integer domain, where a
-// comparison does not stop GCC's vectoriser as a float one does under -ftrapping-math. Any
-// other T: std::exp (float64 runs are for checking, not speed).
+// The float exp of the CPU kernels (Cephes expf, about 1 ulp), for a float or a GCC vector of
+// floats V whose integer vector is I (int32_t for float), so that the loops that call it
+// vectorise, unlike std::exp: x = n ln2 + r with |r| <= ln2 / 2, where the range reduction
+// rounds with the 1.5 * 2^23 trick, exp(r) by a polynomial, times 2^n built in the exponent bits.
+// x must be in [-87, 88] (2^n a normal number): the callers clamp it (exp_nonpositive below,
+// vexp in spikgru2plus_cpu.cpp).
+template <typename To, typename From>
+NEUROKERN_INLINE To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as reinterprets values of the same size");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+template <typename V, typename I>
+NEUROKERN_INLINE V expf_in_range(V x) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const V t = x * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
+  const V n = t - magic;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const I scale = ((bits_as<I>(t) - bits_as<int32_t>(magic)) + 127) << 23;
+  return p * bits_as<V>(scale);
+}
+
+// exp(z) for z <= 0 (or NaN): float: expf_in_range with z clamped to -87 (exp underflows below)
+// in the integer domain, where a comparison does not stop GCC's vectoriser as a float one does
+// under -ftrapping-math. Any other T: std::exp (float64 runs are for checking, not speed).
 template <typename T>
 NEUROKERN_INLINE T exp_nonpositive(T z) {
   if constexpr (std::is_same_v<T, float>) {
-    int32_t zi;
-    std::memcpy(&zi, &z, 4);
     // z <= 0 has its sign bit set: as int32, a more negative float is a larger integer
     constexpr int32_t kLimit = -1028784128;  // the bits of -87.0f
-    zi = zi > kLimit ? kLimit : zi;
-    std::memcpy(&z, &zi, 4);
-    const float magic = 12582912.0f;  // 1.5 * 2^23
-    const float n = (z * 1.44269504088896341f + magic) - magic;  // round(z / ln 2)
-    float r = z - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    poly = poly * (r * r) + r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return poly * scale;
+    const int32_t zi = bits_as<int32_t>(z);
+    return expf_in_range<float, int32_t>(bits_as<float>(zi > kLimit ? kLimit : zi));
   } else {
     return std::exp(z);
   }

@@ -132,24 +132,11 @@ NEUROKERN_INLINE V saturated(V x, V lo, V hi, V e) {
 
 NEUROKERN_INLINE Simd<float>::V vexp(Simd<float>::V x) {
   using V = Simd<float>::V;
-  using I = Simd<float>::I;
-  const V lo = splat(-87.0f), hi = splat(88.0f), magic = splat(12582912.0f);  // 1.5 * 2^23
+  const V lo = splat(-87.0f), hi = splat(88.0f);
   const V x_in = x;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const V t = x * 1.44269504088896341f + magic;  // round(x / ln2) in the low mantissa bits
-  const V n = t - magic;
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const I scale = (((I)t - (I)magic) + 127) << 23;
-  return saturated(x_in, lo, hi, p * (V)scale);
+  return saturated(x_in, lo, hi, neurokern::expf_in_range<V, Simd<float>::I>(x));
 }
 
 NEUROKERN_INLINE Simd<double>::V vexp(Simd<double>::V x) {
