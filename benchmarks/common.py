@@ -22,7 +22,27 @@ FIELDS = ["date", "device", "torch", "triton", "op", "provider", "size", "dtype"
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    allocator = cpu_allocator()
+    return f"{name}, {allocator}" if allocator else name
+
+
+def cpu_allocator() -> str:
+    """The process's malloc where it is not glibc's with its default settings (which give fresh
+    pages to large tensors whose memory went back to the OS: docs/benchmarks.md): the
+    preloaded allocator, or the glibc settings taken from the environment; "" for the default."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return ""
+    for allocator in ("jemalloc", "tcmalloc", "mimalloc"):
+        if f"lib{allocator}" in maps:
+            return allocator
+    tunables = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        tunables.append("GLIBC_TUNABLES")
+    return "glibc " + " ".join(f"{k}={os.environ[k]}" for k in tunables) if tunables else ""
 
 
 def versions():

@@ -8,8 +8,9 @@
 #   COMMIT=$(git rev-parse --short HEAD) STEPS="build tests quick" OUT=$OUT bash benchmarks/gpu_run.sh
 #   STEPS="build tests bench"  (default: all three; e.g. STEPS="build bench" skips the tests;
 #                              "quick" instead of "bench": the activations at 64 M elements,
-#                              the PLIF and SpikGRU2+ headline sizes only, Python loops
-#                              in forward+backward only, the stack also with split products,
+#                              the PLIF, compat-neuron and SpikGRU2+ headline sizes only,
+#                              Python loops in forward+backward only, the stack also with
+#                              split products,
 #                              the SpikGRU2+ loops alone per step (probe_spikgru2plus_loops.py);
 #                              meant to fit one 10-minute device call with the tests, untimed;
 #                              "tune": the PLIF launch configurations and checkpoint intervals,
@@ -21,6 +22,10 @@
 #                              are stopped (SIGINT) where they would run past it
 #   COMMIT                     the commit under test, for the record (default: git's HEAD,
 #                              "+dirty" with uncommitted changes; "unknown" without git)
+# SpikingJelly and snnTorch (the compat benchmark's and tests' peers) are pure-Python wheels; a
+# machine without them and without a package index gets them from .whl/ (carried, git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       spikingjelly==2.0.0 snntorch==1.0.0 loguru==0.7.3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -36,6 +41,10 @@ export PYTHONUNBUFFERED=1
 status=0
 left() {  # seconds of the budget left, less a reserve (at least 1: timeout 0 never stops)
     local s=$((BUDGET - SECONDS - $1)); echo $((s > 1 ? s : 1)); }
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
     | tee "$OUT/gpu.txt"
 if [[ $STEPS == *build* ]]; then
@@ -69,7 +78,7 @@ if [[ $STEPS == *bench* ]]; then
 elif [[ $STEPS == *quick* ]]; then
     {
         failed=0
-        for args in "bench_spike.py" "bench_plif.py --quick --skip-slow" \
+        for args in "bench_spike.py" "bench_plif.py --quick --skip-slow" "bench_compat.py --quick" \
                     "bench_spikgru2plus.py --quick --skip-slow" \
                     "bench_spikgru2plus.py --quick --skip-slow --split-products" \
                     "probe_spikgru2plus_loops.py" "plot.py"; do

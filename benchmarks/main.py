@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_compat  # noqa: E402
 import bench_plif  # noqa: E402
 import bench_spike  # noqa: E402
 import bench_spikgru2plus  # noqa: E402
@@ -38,6 +39,8 @@ def main():
     steps = [
         ("spike activations", lambda: bench_spike.main(common_args)),
         ("PLIF", lambda: bench_plif.main(common_args + (["--quick"] if args.quick else []))),
+        ("SpikingJelly's and snnTorch's neurons beside neurokern.compat's",
+         lambda: bench_compat.main(common_args + (["--quick"] if args.quick else []))),
         ("SpikGRU2+", lambda: bench_spikgru2plus.main(common_args)),
         ("SpikGRU2+ stack with split products of the spike inputs (GPU only)",
          lambda: device.type == "cuda" and bench_spikgru2plus.main(

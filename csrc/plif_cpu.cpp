@@ -813,7 +813,7 @@ struct PlifBwdParams {
   scalar_t* dv0;                // [N]
   scalar_t* ds0;                // [N]
   bool stream;                  // dx written with non-temporal stores (stream_row)
-  bool leak_grad;               // dalpha wanted (the general kernels skip it otherwise)
+  bool leak_grad;               // dalpha wanted (its sum is skipped otherwise)
   int64_t T, N, C, P;
   opmath_t v_th, neg_v_th;
   Chunking chunking;
@@ -892,7 +892,7 @@ NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* grad_s, const opm
 
 // The reverse pass over steps t_end-1 down to t_begin for one task's L neurons. v_row(t) gives
 // v_t ([L], t_begin <= t < t_end); v_before(t) gives v_{t-1}, or null when that is the zero
-// initial state.
+// initial state. v_{t-1} serves only dalpha's sum, so without p.leak_grad it is not read.
 template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, typename VRow,
           typename VBefore>
 NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
@@ -909,14 +909,13 @@ NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p,
       if (!p.stream) prefetch_row<true>(dxt - kPrefetchSteps * p.dx_view.stride_t, L);
       if (t - kPrefetchSteps >= t_begin) prefetch_row(v_row(t - kPrefetchSteps), L);
     }
+    const opmath_t* v_prev = p.leak_grad ? v_before(t) : nullptr;
     if (t == p.T - 1) {
-      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, true>(L, gt, v_row(t), v_before(t), a,
-                                                           ds_carry, dv, dalpha, out,
-                                                           p.neg_v_th, sur);
+      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, true>(L, gt, v_row(t), v_prev, a, ds_carry,
+                                                           dv, dalpha, out, p.neg_v_th, sur);
     } else {
-      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, false>(L, gt, v_row(t), v_before(t), a,
-                                                            nullptr, dv, dalpha, out,
-                                                            p.neg_v_th, sur);
+      plif_bwd_step<scalar_t, opmath_t, Sur, DETACH, false>(L, gt, v_row(t), v_prev, a, nullptr,
+                                                            dv, dalpha, out, p.neg_v_th, sur);
     }
     if (p.stream) stream_row(dxt, dx_row, L);
   }
@@ -1015,7 +1014,8 @@ __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
 #endif
 
 // The parameters of a plif_bwd call; `rows`: rows of chunk neurons in each task's buffer of
-// recomputed membranes (0: none); `reads_x`: the reverse pass reads x.
+// recomputed membranes (0: none); `reads_x`: the reverse pass reads x; `leak_grad`: dalpha's sum
+// wanted.
 template <typename scalar_t>
 PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
     const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
@@ -1023,7 +1023,7 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
     const at::Tensor& v_saved, const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
     const std::optional<at::Tensor>& s0, double v_th, bool batch_first, int64_t checkpoint,
     at::Tensor& dx, at::Tensor& dalpha_per_neuron, at::Tensor& dv0, at::Tensor& ds0,
-    int64_t rows, bool reads_x) {
+    int64_t rows, bool reads_x, bool leak_grad) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = grad_s.size(batch_first ? 0 : 1);
   const int64_t C = grad_s.size(2);
@@ -1062,7 +1062,7 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
       ? make_chunking(B, M, {p.g_view, p.dx_view, p.x_view}, max_chunk)
       : make_chunking(B, M, {p.g_view, p.dx_view});
   p.stream = stream_output(dx.nbytes());
-  p.leak_grad = true;
+  p.leak_grad = leak_grad;
   return p;
 }
 
@@ -1077,7 +1077,7 @@ void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
                   const at::Tensor& alpha,                       // [C] or 0-d compute dtype
                   const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
                   const std::optional<at::Tensor>& s0,           // [B, C, *S] compute dtype
-                  double v_th, bool batch_first, int64_t checkpoint,
+                  double v_th, bool batch_first, int64_t checkpoint, bool leak_grad,
                   at::Tensor& dx,                 // x's shape, contiguous
                   at::Tensor& dalpha_per_neuron,  // [N] compute dtype
                   at::Tensor& dv0,                // [B, C, *S]
@@ -1090,7 +1090,7 @@ void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
   const auto p = plif_bwd_params<scalar_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0,
-      checkpoint > 1 ? std::min(checkpoint, T) + 2 : 0, checkpoint > 1);
+      checkpoint > 1 ? std::min(checkpoint, T) + 2 : 0, checkpoint > 1, leak_grad);
   const bool avx2 = use_avx2();
 
   at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
@@ -1114,12 +1114,12 @@ void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& 
                      const at::Tensor& v_saved, const at::Tensor& alpha,
                      const std::optional<at::Tensor>& v0, const std::optional<at::Tensor>& s0,
                      double v_th, double gamma, bool batch_first, int64_t checkpoint,
-                     at::Tensor& dx, at::Tensor& dalpha_per_neuron, at::Tensor& dv0,
-                     at::Tensor& ds0) {
+                     bool leak_grad, at::Tensor& dx, at::Tensor& dalpha_per_neuron,
+                     at::Tensor& dv0, at::Tensor& ds0) {
   using opmath_t = at::opmath_type<scalar_t>;
   plif_bwd_run<scalar_t, Activation<opmath_t, SIGNED, SPIKING>, Surrogate<opmath_t, SIGNED>,
                DETACH>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th,
-                       batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0,
+                       batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0,
                        Activation<opmath_t, SIGNED, SPIKING>(v_th, gamma),
                        Surrogate<opmath_t, SIGNED>(v_th, gamma));
 }
@@ -1449,10 +1449,9 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
   const int64_t rows = general_bwd_rows(T, checkpoint, o.before);
-  auto p = plif_bwd_params<scalar_t>(
+  const auto p = plif_bwd_params<scalar_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
-      checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true);
-  p.leak_grad = leak_grad;
+      checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true, leak_grad);
   const auto k = o.coefficients<opmath_t>(v_th, detach_reset);
   const bool avx2 = use_avx2();
   dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto* sur_tag,
@@ -1467,7 +1466,7 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
         auto run = [&](auto detach_c) {
           plif_bwd_run<scalar_t, FireT, Sur, decltype(detach_c)::value>(
               grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
-              checkpoint, dx, dalpha_per_neuron, dv0, ds0, fire, sur);
+              checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0, fire, sur);
         };
         if (detach_reset) {
           run(std::true_type{});
@@ -1566,11 +1565,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
       if (spiking) {
         plif_bwd_kernel<scalar_t, kSigned, true, kDetach>(
             grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-            batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0);
+            batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
       } else {
         plif_bwd_kernel<scalar_t, kSigned, false, kDetach>(
             grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-            batch_first, checkpoint, dx, dalpha_per_neuron, dv0, ds0);
+            batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
       }
     });
   });

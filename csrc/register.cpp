@@ -34,8 +34,8 @@ TORCH_LIBRARY(neurokern, m) {
   // grad_v_last / grad_s_last may be None (zero). Returns dx (x's shape and dtype, contiguous),
   // dalpha_per_neuron ([N] in the compute dtype: sum over t of dL/dv_t * v_{t-1}, reduced to
   // alpha's shape by the caller), dv0 and ds0 ([B, C, *S], x's dtype). leak_grad = False: the
-  // caller needs no gradient of alpha, and dalpha_per_neuron's values are unspecified (the
-  // general neuron's C++ kernels skip its sum and leave zeros; the others compute it anyway).
+  // caller needs no gradient of alpha, and dalpha_per_neuron's values are unspecified (the C++
+  // kernels skip its sum and leave zeros; the Triton kernels compute it anyway).
   m.def(
       "plif_bwd(Tensor grad_s, Tensor? grad_v_last, Tensor? grad_s_last, Tensor x, "
       "Tensor v_saved, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "

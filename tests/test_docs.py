@@ -239,20 +239,25 @@ _pip_help = {}
 
 
 def check_pip(where, args):
-    assert args[:1] == ["install"], f"{where}: no check for `pip {shlex.join(args)}`"
-    if "install" not in _pip_help:
-        _pip_help["install"] = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--help"], capture_output=True, text=True,
+    """`pip install` / `pip download`: flags must be that command's, files named must exist,
+    requirements must parse."""
+    command = args[0] if args else ""
+    assert command in ("install", "download"), f"{where}: no check for `pip {shlex.join(args)}`"
+    if command not in _pip_help:
+        _pip_help[command] = subprocess.run(
+            [sys.executable, "-m", "pip", command, "--help"], capture_output=True, text=True,
             check=True).stdout
     words = iter(args[1:])
     for word in words:
         if word.startswith("-"):
             flag = word.split("=")[0]
-            assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,=]|$)", _pip_help["install"],
-                             re.M), f"{where}: `pip install {flag}` is not a pip option"
+            assert re.search(rf"(^|[\s,]){re.escape(flag)}([\s,=]|$)", _pip_help[command],
+                             re.M), f"{where}: `pip {command} {flag}` is not a pip option"
             if flag in ("-r", "--requirement", "-e", "--editable"):
                 word = next(words)
                 assert (ROOT / word).exists(), f"{where}: {word} (after {flag}) does not exist"
+            elif flag in ("-d", "--dest", "--python-version") and "=" not in word:
+                next(words)  # a folder pip creates, a version: nothing to check
         elif word.startswith((".", "/")):
             assert (ROOT / word).exists(), f"{where}: {word} does not exist"
         else:   # a requirement, e.g. torch==2.13.0
