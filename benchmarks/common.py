@@ -36,9 +36,11 @@ def cpu_allocator() -> str:
             maps = f.read()
     except OSError:
         return ""
-    for allocator in ("jemalloc", "tcmalloc", "mimalloc"):
+    for allocator, settings in (("jemalloc", "MALLOC_CONF"), ("tcmalloc", "TCMALLOC_"),
+                                ("mimalloc", "MIMALLOC_")):
         if f"lib{allocator}" in maps:
-            return allocator
+            named = sorted(k for k in os.environ if k.startswith(settings))
+            return " ".join([allocator] + [f"{k}={os.environ[k]}" for k in named])
     tunables = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         tunables.append("GLIBC_TUNABLES")
