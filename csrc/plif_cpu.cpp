@@ -847,7 +847,7 @@ NEUROKERN_INLINE TaskSpan bwd_task_start(const PlifBwdParams<scalar_t, opmath_t>
 // into step t follow: dL/ds_t += -v_th dv_{t+1} (unless DETACH), dL/dv_t += alpha dv_{t+1}.
 // With EXPLICIT_CARRY (the last step, t = T-1) the carries are given instead: ds_carry, and
 // dv_next holding the dv carry. On return dv_next holds dL/dv_t. HAS_PREV: v_prev holds v_{t-1}
-// (otherwise v_{t-1} = 0 and dalpha gets nothing).
+// (otherwise v_{t-1} = 0, or dalpha is not wanted: dalpha gets nothing).
 template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY,
           bool HAS_PREV>
 NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* __restrict__ grad_s,
