@@ -307,8 +307,9 @@ NEUROKERN_INLINE void fill_leak(opmath_t* a, const opmath_t* alpha, bool scalar_
 // ---------------------------------------------------------------------------------------------
 
 // Pointers and sizes of one plif_fwd call; the neuron index n = b * M + m is row-major in
-// [B, C, *S], so neuron n has channel (n / P) % C.
-template <typename scalar_t, typename opmath_t>
+// [B, C, *S], so neuron n has channel (n / P) % C. spike_t: the spikes' element type, x's or
+// (spike_dtype, for float16/bfloat16 x) the compute dtype.
+template <typename scalar_t, typename opmath_t, typename spike_t>
 struct PlifFwdParams {
   const scalar_t* x;       // [T, B, M] view: x + t * x_view.stride_t + b * x_view.stride_b + m
   SeqView x_view;
@@ -316,7 +317,7 @@ struct PlifFwdParams {
   bool scalar_alpha;
   const opmath_t* v0;      // [N] or null (zeros)
   const opmath_t* s0;      // [N] or null (zeros)
-  scalar_t* s;             // [T, B, M] view like x, contiguous in x's logical layout
+  spike_t* s;              // [T, B, M] view like x, contiguous in x's logical layout
   SeqView s_view;
   opmath_t* v_saved;       // [ceil(T / k), N], or null with checkpoint = 0
   int64_t k;               // checkpoint interval (>= 1 when v_saved is set)
@@ -333,19 +334,19 @@ struct PlifFwdParams {
 // template arguments), so the recomputed membranes equal the forward's bit for bit. v_in and
 // v_out are distinct buffers: the recomputation writes each step's membranes straight into its
 // own row, and the forward alternates between two.
-template <typename scalar_t, typename opmath_t, typename Act>
+template <typename scalar_t, typename opmath_t, typename Act, typename spike_t>
 NEUROKERN_INLINE void plif_fwd_step(int64_t L, const scalar_t* __restrict__ x,
                                     const opmath_t* __restrict__ a,
                                     const opmath_t* __restrict__ v_in,
                                     opmath_t* __restrict__ v_out, opmath_t* __restrict__ s,
-                                    scalar_t* __restrict__ out, opmath_t v_th, const Act& act) {
+                                    spike_t* __restrict__ out, opmath_t v_th, const Act& act) {
   for (int64_t j = 0; j < L; ++j) {
     // Same order as the reference: (alpha * v + x_t) - v_th * s.
     const opmath_t vj = a[j] * v_in[j] + static_cast<opmath_t>(x[j]) - v_th * s[j];
     const opmath_t sj = act(vj);
     v_out[j] = vj;
     s[j] = sj;
-    out[j] = static_cast<scalar_t>(sj);
+    out[j] = static_cast<spike_t>(sj);
   }
 }
 
@@ -357,11 +358,11 @@ struct PaperStep {
 
   NEUROKERN_INLINE void coefficients(const opmath_t*, opmath_t*, int64_t) const {}
 
-  template <typename scalar_t>
+  template <typename scalar_t, typename spike_t>
   NEUROKERN_INLINE void operator()(int64_t L, const scalar_t* x, const opmath_t* a,
                                    const opmath_t*, const opmath_t* v_in, opmath_t* v_out,
-                                   opmath_t* s, scalar_t* out, opmath_t v_th) const {
-    plif_fwd_step<scalar_t, opmath_t, Act>(L, x, a, v_in, v_out, s, out, v_th, act);
+                                   opmath_t* s, spike_t* out, opmath_t v_th) const {
+    plif_fwd_step<scalar_t, opmath_t, Act, spike_t>(L, x, a, v_in, v_out, s, out, v_th, act);
   }
 };
 
@@ -407,13 +408,13 @@ struct GeneralStep {
     return h * (opmath_t(1) - reset_k * s) + reset_r * s;
   }
 
-  template <typename scalar_t>
+  template <typename scalar_t, typename spike_t>
   NEUROKERN_INLINE void operator()(int64_t L, const scalar_t* __restrict__ x,
                                    const opmath_t* __restrict__ a,
                                    const opmath_t* __restrict__ coeffs,
                                    const opmath_t* __restrict__ v_in,
                                    opmath_t* __restrict__ v_out, opmath_t* __restrict__ s,
-                                   scalar_t* __restrict__ out, opmath_t) const {
+                                   spike_t* __restrict__ out, opmath_t) const {
     const opmath_t* __restrict__ b = coeffs;
     const opmath_t* __restrict__ c = coeffs + L;
     const opmath_t reset_k = k.reset_k, reset_r = k.reset_r;
@@ -426,7 +427,7 @@ struct GeneralStep {
         const opmath_t sj = f(h);
         v_out[j] = reset(h, sj, reset_k, reset_r);
         s[j] = sj;
-        out[j] = static_cast<scalar_t>(sj);
+        out[j] = static_cast<spike_t>(sj);
       }
     } else {
       for (int64_t j = 0; j < L; ++j) {
@@ -435,7 +436,7 @@ struct GeneralStep {
         const opmath_t sj = f(vj);
         v_out[j] = vj;
         s[j] = sj;
-        out[j] = static_cast<scalar_t>(sj);
+        out[j] = static_cast<spike_t>(sj);
       }
     }
   }
@@ -475,10 +476,10 @@ struct GeneralStep {
 // Runs tasks [begin, end): each carries one chunk of neurons through all T steps.
 // buffer: (4 + Step::kCoeffRows) * chunking.chunk elements; s_row: chunking.chunk elements
 // (with p.stream).
-template <typename scalar_t, typename opmath_t, typename Step>
-NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step,
-                                     int64_t begin, int64_t end, opmath_t* buffer,
-                                     scalar_t* s_row) {
+template <typename scalar_t, typename opmath_t, typename spike_t, typename Step>
+NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t, spike_t>& p,
+                                     const Step& step, int64_t begin, int64_t end,
+                                     opmath_t* buffer, spike_t* s_row) {
   const Chunking& ch = p.chunking;
   opmath_t* sp = buffer;                  // [chunk] last spikes
   opmath_t* a = sp + ch.chunk;            // [chunk] leak of each neuron
@@ -497,7 +498,7 @@ NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p,
     }
     for (int64_t t = 0; t < p.T; ++t) {
       const scalar_t* xt = p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0;
-      scalar_t* st = p.s + t * p.s_view.stride_t + row * p.s_view.stride_b + m0;
+      spike_t* st = p.s + t * p.s_view.stride_t + row * p.s_view.stride_b + m0;
       if (t + kPrefetchSteps < p.T) {
         prefetch_row(xt + kPrefetchSteps * p.x_view.stride_t, L);
         if (!p.stream) prefetch_row<true>(st + kPrefetchSteps * p.s_view.stride_t, L);
@@ -519,28 +520,29 @@ NEUROKERN_INLINE void plif_fwd_tasks(const PlifFwdParams<scalar_t, opmath_t>& p,
 }
 
 // The same code compiled twice: for the baseline ISA and for AVX2 (see use_avx2()).
-template <typename scalar_t, typename opmath_t, typename Step>
-void plif_fwd_tasks_default(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step,
-                            int64_t begin, int64_t end, opmath_t* buffer, scalar_t* s_row) {
+template <typename scalar_t, typename opmath_t, typename spike_t, typename Step>
+void plif_fwd_tasks_default(const PlifFwdParams<scalar_t, opmath_t, spike_t>& p,
+                            const Step& step, int64_t begin, int64_t end, opmath_t* buffer,
+                            spike_t* s_row) {
   plif_fwd_tasks(p, step, begin, end, buffer, s_row);
 }
 
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
-template <typename scalar_t, typename opmath_t, typename Step>
+template <typename scalar_t, typename opmath_t, typename spike_t, typename Step>
 __attribute__((target("avx2"))) void plif_fwd_tasks_avx2(
-    const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step, int64_t begin, int64_t end,
-    opmath_t* buffer, scalar_t* s_row) {
+    const PlifFwdParams<scalar_t, opmath_t, spike_t>& p, const Step& step, int64_t begin,
+    int64_t end, opmath_t* buffer, spike_t* s_row) {
   plif_fwd_tasks(p, step, begin, end, buffer, s_row);
 }
 #endif
 
 // Runs the forward's tasks over all threads with `step` (PaperStep or GeneralStep).
-template <typename scalar_t, typename opmath_t, typename Step>
-void plif_fwd_run(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step) {
+template <typename scalar_t, typename opmath_t, typename spike_t, typename Step>
+void plif_fwd_run(const PlifFwdParams<scalar_t, opmath_t, spike_t>& p, const Step& step) {
   const bool avx2 = use_avx2();
   at::parallel_for(0, p.chunking.rows * p.chunking.per_row, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> buffer((4 + Step::kCoeffRows) * p.chunking.chunk);
-    std::vector<scalar_t> s_row(p.stream ? p.chunking.chunk : 0);
+    std::vector<spike_t> s_row(p.stream ? p.chunking.chunk : 0);
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
     if (avx2) {
       plif_fwd_tasks_avx2(p, step, begin, end, buffer.data(), s_row.data());
@@ -552,8 +554,8 @@ void plif_fwd_run(const PlifFwdParams<scalar_t, opmath_t>& p, const Step& step) 
 }
 
 // The parameters of a plif_fwd call (everything but the neuron's step).
-template <typename scalar_t>
-PlifFwdParams<scalar_t, at::opmath_type<scalar_t>> plif_fwd_params(
+template <typename scalar_t, typename spike_t>
+PlifFwdParams<scalar_t, at::opmath_type<scalar_t>, spike_t> plif_fwd_params(
     const at::Tensor& x, const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
     const std::optional<at::Tensor>& s0, double v_th, bool batch_first, int64_t checkpoint,
     at::Tensor& s, at::Tensor& v_saved, at::Tensor& v_last, at::Tensor& s_last) {
@@ -561,14 +563,14 @@ PlifFwdParams<scalar_t, at::opmath_type<scalar_t>> plif_fwd_params(
   const int64_t B = x.size(batch_first ? 0 : 1);
   const int64_t C = x.size(2);
   const int64_t M = c10::multiply_integers(x.sizes().slice(2));
-  PlifFwdParams<scalar_t, opmath_t> p;
+  PlifFwdParams<scalar_t, opmath_t, spike_t> p;
   p.x = x.const_data_ptr<scalar_t>();
   p.x_view = seq_view(x, batch_first);
   p.alpha = alpha.const_data_ptr<opmath_t>();
   p.scalar_alpha = alpha.dim() == 0;
   p.v0 = ptr_or_null<opmath_t>(v0);
   p.s0 = ptr_or_null<opmath_t>(s0);
-  p.s = s.mutable_data_ptr<scalar_t>();
+  p.s = s.mutable_data_ptr<spike_t>();
   p.s_view = seq_view(s, batch_first);
   p.v_saved = checkpoint > 0 && v_saved.numel() > 0 ? v_saved.mutable_data_ptr<opmath_t>()
                                                      : nullptr;
@@ -585,21 +587,21 @@ PlifFwdParams<scalar_t, at::opmath_type<scalar_t>> plif_fwd_params(
   return p;
 }
 
-template <typename scalar_t, bool SIGNED, bool SPIKING>
+template <typename scalar_t, typename spike_t, bool SIGNED, bool SPIKING>
 void plif_fwd_kernel(const at::Tensor& x,                  // [T, B, C, *S] or [B, T, C, *S]
                      const at::Tensor& alpha,              // [C] or 0-d, compute dtype
                      const std::optional<at::Tensor>& v0,  // [B, C, *S] compute dtype
                      const std::optional<at::Tensor>& s0,  // [B, C, *S] compute dtype
                      double v_th, double gamma, bool batch_first,
                      int64_t checkpoint,    // k >= 1, or 0: nothing saved
-                     at::Tensor& s,         // x's shape, contiguous
+                     at::Tensor& s,         // x's shape, contiguous, spike_t
                      at::Tensor& v_saved,   // [ceil(T / k), N], or [0] with checkpoint = 0
                      at::Tensor& v_last,    // [B, C, *S]
                      at::Tensor& s_last) {  // [B, C, *S]
   using opmath_t = at::opmath_type<scalar_t>;
   using Act = Activation<opmath_t, SIGNED, SPIKING>;
-  const auto p = plif_fwd_params<scalar_t>(x, alpha, v0, s0, v_th, batch_first, checkpoint, s,
-                                           v_saved, v_last, s_last);
+  const auto p = plif_fwd_params<scalar_t, spike_t>(x, alpha, v0, s0, v_th, batch_first,
+                                                    checkpoint, s, v_saved, v_last, s_last);
   const Act act(v_th, gamma);
   plif_fwd_run(p, PaperStep<opmath_t, Act>{act});
 }
@@ -666,6 +668,32 @@ T* tag() {
   return nullptr;
 }
 
+// Calls fn(tag<T>()) with T the element type of the spikes (plif_fwd's s) or of their gradient
+// (plif_bwd's grad_s): x's scalar_t, or its compute dtype if `compute` (only float16/bfloat16
+// differ: float32/float64 compile one kernel).
+template <typename scalar_t, typename Fn>
+void dispatch_spike_type(bool compute, Fn&& fn) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    fn(tag<scalar_t>());
+  } else if (compute) {
+    fn(tag<opmath_t>());
+  } else {
+    fn(tag<scalar_t>());
+  }
+}
+
+// The spikes' dtype of plif_fwd: x's (spike_dtype None) or the compute dtype.
+at::ScalarType checked_spike_dtype(const std::optional<at::ScalarType>& spike_dtype,
+                                   at::ScalarType x_dtype, at::ScalarType opmath,
+                                   const char* op) {
+  if (!spike_dtype.has_value()) return x_dtype;
+  TORCH_CHECK(*spike_dtype == x_dtype || *spike_dtype == opmath, op,
+              ": spike_dtype must be x's dtype ", x_dtype, " or its compute dtype ", opmath,
+              ", got ", *spike_dtype);
+  return *spike_dtype;
+}
+
 // Calls fn(Fire type, FireSurrogate type, BEFORE) for the options: the forward's fire (the step,
 // or the smooth primitive of the surrogate) and its surrogate.
 template <typename opmath_t, typename Fn>
@@ -714,7 +742,7 @@ constexpr bool kPaperKernels<neurokern::Fire<T, SIGNED, neurokern::kFireStep>,
 
 // The generalised neuron's forward: plif_fwd_kernel with GeneralStep (or PaperStep, see
 // kPaperKernels).
-template <typename scalar_t>
+template <typename scalar_t, typename spike_t>
 void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
                              const std::optional<at::Tensor>& v0,
                              const std::optional<at::Tensor>& s0, double v_th, double gamma,
@@ -722,8 +750,8 @@ void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
                              const NeuronOptions& o, int64_t checkpoint, at::Tensor& s,
                              at::Tensor& v_saved, at::Tensor& v_last, at::Tensor& s_last) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto p = plif_fwd_params<scalar_t>(x, alpha, v0, s0, v_th, batch_first, checkpoint, s,
-                                           v_saved, v_last, s_last);
+  const auto p = plif_fwd_params<scalar_t, spike_t>(x, alpha, v0, s0, v_th, batch_first,
+                                                    checkpoint, s, v_saved, v_last, s_last);
   const auto k = o.coefficients<opmath_t>(v_th, false);
   dispatch_neuron<opmath_t>(is_signed, spiking, o, [&](auto* fire_tag, auto* sur_tag,
                                                        auto before) {
@@ -741,7 +769,8 @@ void plif_general_fwd_kernel(const at::Tensor& x, const at::Tensor& alpha,
 }
 
 // For t = 0..T-1: v = alpha_c v + x_t - v_th s; s = act(v), from (v0, s0) (zeros if None), with
-// the state in the compute dtype. Returns s (x's shape and dtype, contiguous), v_saved (in the
+// the state in the compute dtype. Returns s (x's shape, contiguous, in spike_dtype: x's dtype if
+// None, or the compute dtype), v_saved (in the
 // compute dtype: [ceil(T / k), N], row j = v after step min((j + 1) k, T) - 1, for
 // checkpoint = k >= 1; empty [0] for checkpoint = 0), v_last and s_last ([B, C, *S], x's dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
@@ -749,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
     const std::optional<at::Tensor>& s0_in, double v_th, double gamma, bool is_signed,
     bool batch_first, bool spiking, int64_t checkpoint, c10::string_view reset, double v_reset,
     bool reset_before_leak, bool decay_input, bool strict_threshold, c10::string_view surrogate,
-    double surrogate_scale) {
+    double surrogate_scale, std::optional<at::ScalarType> spike_dtype) {
   constexpr const char* op = "neurokern::plif_fwd";
   const NeuronOptions options =
       neuron_options(op, reset, v_reset, reset_before_leak, decay_input, strict_threshold,
@@ -763,7 +792,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
   const auto v0 = checked_state(v0_in, st_shape, opmath, op, "v0");
   const auto s0 = checked_state(s0_in, st_shape, opmath, op, "s0");
 
-  at::Tensor s = at::empty(x.sizes(), x.options());
+  const at::ScalarType s_dtype = checked_spike_dtype(spike_dtype, x.scalar_type(), opmath, op);
+  at::Tensor s = at::empty(x.sizes(), x.options().dtype(s_dtype));
   // With checkpoint = 0, v_saved is an empty [0] tensor (the shape plif_ops.py's fake gives it).
   at::Tensor v_saved = checkpoint > 0
       ? at::empty({saved_rows(T, checkpoint), N}, x.options().dtype(opmath))
@@ -774,15 +804,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "plif_fwd_cpu",
                                   [&] {
-    if (!options.paper()) {
-      plif_general_fwd_kernel<scalar_t>(x, alpha, v0, s0, v_th, gamma, is_signed, batch_first,
-                                        spiking, options, checkpoint, s, v_saved, v_last,
-                                        s_last);
-      return;
-    }
-    dispatch_bools(is_signed, spiking, [&](auto signed_c, auto spiking_c) {
-      plif_fwd_kernel<scalar_t, decltype(signed_c)::value, decltype(spiking_c)::value>(
-          x, alpha, v0, s0, v_th, gamma, batch_first, checkpoint, s, v_saved, v_last, s_last);
+    dispatch_spike_type<scalar_t>(s_dtype != x.scalar_type(), [&](auto* spike_tag) {
+      using spike_t = std::remove_pointer_t<decltype(spike_tag)>;
+      if (!options.paper()) {
+        plif_general_fwd_kernel<scalar_t, spike_t>(x, alpha, v0, s0, v_th, gamma, is_signed,
+                                                   batch_first, spiking, options, checkpoint, s,
+                                                   v_saved, v_last, s_last);
+        return;
+      }
+      dispatch_bools(is_signed, spiking, [&](auto signed_c, auto spiking_c) {
+        plif_fwd_kernel<scalar_t, spike_t, decltype(signed_c)::value,
+                        decltype(spiking_c)::value>(x, alpha, v0, s0, v_th, gamma, batch_first,
+                                                    checkpoint, s, v_saved, v_last, s_last);
+      });
     });
   });
   return {s, v_saved, v_last, s_last};
@@ -792,10 +826,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_fwd_cpu(
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// Pointers and sizes of one plif_bwd call (neuron index n = b * M + m as in the forward).
-template <typename scalar_t, typename opmath_t>
+// Pointers and sizes of one plif_bwd call (neuron index n = b * M + m as in the forward);
+// grad_t: dL/ds's element type, x's or the compute dtype (the forward's spike_t).
+template <typename scalar_t, typename opmath_t, typename grad_t>
 struct PlifBwdParams {
-  const scalar_t* grad_s;       // [T, B, M] view
+  const grad_t* grad_s;         // [T, B, M] view
   SeqView g_view;
   const opmath_t* grad_v_last;  // [N] or null (zeros)
   const opmath_t* grad_s_last;  // [N] or null (zeros)
@@ -828,8 +863,8 @@ int64_t bwd_buffer_len(int64_t chunk, int64_t T, int64_t k) {
 // The start of a backward task (plif_bwd_tasks and general_bwd_tasks): its neurons, their leaks
 // a, the carries into step T-1 (dv from grad_v_last, ds from grad_s_last; zeros if None) and
 // dalpha zeroed.
-template <typename scalar_t, typename opmath_t>
-NEUROKERN_INLINE TaskSpan bwd_task_start(const PlifBwdParams<scalar_t, opmath_t>& p,
+template <typename scalar_t, typename opmath_t, typename grad_t>
+NEUROKERN_INLINE TaskSpan bwd_task_start(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                          int64_t task, opmath_t* a, opmath_t* dv, opmath_t* ds,
                                          opmath_t* dalpha) {
   const TaskSpan span = task_span(p.chunking, task);
@@ -849,8 +884,8 @@ NEUROKERN_INLINE TaskSpan bwd_task_start(const PlifBwdParams<scalar_t, opmath_t>
 // dv_next holding the dv carry. On return dv_next holds dL/dv_t. HAS_PREV: v_prev holds v_{t-1}
 // (otherwise v_{t-1} = 0, or dalpha is not wanted: dalpha gets nothing).
 template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY,
-          bool HAS_PREV>
-NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* __restrict__ grad_s,
+          bool HAS_PREV, typename grad_t>
+NEUROKERN_INLINE void plif_bwd_step(int64_t L, const grad_t* __restrict__ grad_s,
                                     const opmath_t* __restrict__ v_t,
                                     const opmath_t* __restrict__ v_prev,
                                     const opmath_t* __restrict__ a,
@@ -875,8 +910,9 @@ NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* __restrict__ grad
   }
 }
 
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY>
-NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* grad_s, const opmath_t* v_t,
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, bool EXPLICIT_CARRY,
+          typename grad_t>
+NEUROKERN_INLINE void plif_bwd_step(int64_t L, const grad_t* grad_s, const opmath_t* v_t,
                                     const opmath_t* v_prev, const opmath_t* a,
                                     const opmath_t* ds_carry, opmath_t* dv_next,
                                     opmath_t* dalpha, scalar_t* dx, opmath_t neg_v_th,
@@ -893,15 +929,15 @@ NEUROKERN_INLINE void plif_bwd_step(int64_t L, const scalar_t* grad_s, const opm
 // The reverse pass over steps t_end-1 down to t_begin for one task's L neurons. v_row(t) gives
 // v_t ([L], t_begin <= t < t_end); v_before(t) gives v_{t-1}, or null when that is the zero
 // initial state. v_{t-1} serves only dalpha's sum, so without p.leak_grad it is not read.
-template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, typename VRow,
-          typename VBefore>
-NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p, const Sur& sur,
+template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, typename grad_t,
+          typename VRow, typename VBefore>
+NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Sur& sur,
                                      int64_t row, int64_t m0, int64_t L, int64_t t_begin,
                                      int64_t t_end, const VRow& v_row, const VBefore& v_before,
                                      const opmath_t* a, const opmath_t* ds_carry, opmath_t* dv,
                                      opmath_t* dalpha, scalar_t* dx_row) {
   for (int64_t t = t_end - 1; t >= t_begin; --t) {
-    const scalar_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
+    const grad_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
     scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
     scalar_t* out = p.stream ? dx_row : dxt;
     if (t - kPrefetchSteps >= 0) {
@@ -926,8 +962,9 @@ NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p,
 // and the checkpoint before it with the forward's step function. buffer: bwd_buffer_len
 // elements; scratch: chunking.chunk elements (the recomputed spikes, not needed, and with
 // p.stream each step's dx row before stream_row writes it out).
-template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
-NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act,
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH,
+          typename grad_t>
+NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act,
                                      const Sur& sur, int64_t begin, int64_t end,
                                      opmath_t* buffer, scalar_t* scratch) {
   const Chunking& ch = p.chunking;
@@ -995,8 +1032,9 @@ NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
   stream_fence();
 }
 
-template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
-void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act,
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH,
+          typename grad_t>
+void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act,
                             const Sur& sur, int64_t begin, int64_t end, opmath_t* buffer,
                             scalar_t* scratch) {
   plif_bwd_tasks<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end, buffer,
@@ -1004,9 +1042,10 @@ void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p, const Ac
 }
 
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
-template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH>
+template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH,
+          typename grad_t>
 __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
-    const PlifBwdParams<scalar_t, opmath_t>& p, const Act& act, const Sur& sur, int64_t begin,
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act, const Sur& sur, int64_t begin,
     int64_t end, opmath_t* buffer, scalar_t* scratch) {
   plif_bwd_tasks<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end, buffer,
                                                        scratch);
@@ -1016,8 +1055,8 @@ __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
 // The parameters of a plif_bwd call; `rows`: rows of chunk neurons in each task's buffer of
 // recomputed membranes (0: none); `reads_x`: the reverse pass reads x; `leak_grad`: dalpha's sum
 // wanted.
-template <typename scalar_t>
-PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
+template <typename scalar_t, typename grad_t>
+PlifBwdParams<scalar_t, at::opmath_type<scalar_t>, grad_t> plif_bwd_params(
     const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
     const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
     const at::Tensor& v_saved, const at::Tensor& alpha, const std::optional<at::Tensor>& v0,
@@ -1028,8 +1067,8 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
   const int64_t B = grad_s.size(batch_first ? 0 : 1);
   const int64_t C = grad_s.size(2);
   const int64_t M = c10::multiply_integers(grad_s.sizes().slice(2));
-  PlifBwdParams<scalar_t, opmath_t> p;
-  p.grad_s = grad_s.const_data_ptr<scalar_t>();
+  PlifBwdParams<scalar_t, opmath_t, grad_t> p;
+  p.grad_s = grad_s.const_data_ptr<grad_t>();
   p.g_view = seq_view(grad_s, batch_first);
   p.grad_v_last = ptr_or_null<opmath_t>(grad_v_last);
   p.grad_s_last = ptr_or_null<opmath_t>(grad_s_last);
@@ -1068,11 +1107,11 @@ PlifBwdParams<scalar_t, at::opmath_type<scalar_t>> plif_bwd_params(
 
 // The paper's backward over all threads, with the activation act and its surrogate sur
 // (Activation and Surrogate, or Fire and FireSurrogate: see kPaperKernels).
-template <typename scalar_t, typename Act, typename Sur, bool DETACH>
-void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
+template <typename scalar_t, typename grad_t, typename Act, typename Sur, bool DETACH>
+void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape, grad_t
                   const std::optional<at::Tensor>& grad_v_last,  // [B, C, *S] compute dtype
                   const std::optional<at::Tensor>& grad_s_last,  // [B, C, *S] compute dtype
-                  const at::Tensor& x,                           // grad_s's shape and dtype
+                  const at::Tensor& x,                           // grad_s's shape
                   const at::Tensor& v_saved,                     // [ceil(T / k), N] compute
                   const at::Tensor& alpha,                       // [C] or 0-d compute dtype
                   const std::optional<at::Tensor>& v0,           // [B, C, *S] compute dtype
@@ -1087,7 +1126,7 @@ void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
   // With recomputation, the buffer of min(k, T) + 2 rows of chunk neurons must fit in
   // kBwdBufferBytes (k = 1 needs no such buffer, and does not read x).
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
-  const auto p = plif_bwd_params<scalar_t>(
+  const auto p = plif_bwd_params<scalar_t, grad_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0,
       checkpoint > 1 ? std::min(checkpoint, T) + 2 : 0, checkpoint > 1, leak_grad);
@@ -1108,7 +1147,7 @@ void plif_bwd_run(const at::Tensor& grad_s,                      // x's shape
   });
 }
 
-template <typename scalar_t, bool SIGNED, bool SPIKING, bool DETACH>
+template <typename scalar_t, typename grad_t, bool SIGNED, bool SPIKING, bool DETACH>
 void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& grad_v_last,
                      const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
                      const at::Tensor& v_saved, const at::Tensor& alpha,
@@ -1117,8 +1156,8 @@ void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& 
                      bool leak_grad, at::Tensor& dx, at::Tensor& dalpha_per_neuron,
                      at::Tensor& dv0, at::Tensor& ds0) {
   using opmath_t = at::opmath_type<scalar_t>;
-  plif_bwd_run<scalar_t, Activation<opmath_t, SIGNED, SPIKING>, Surrogate<opmath_t, SIGNED>,
-               DETACH>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th,
+  plif_bwd_run<scalar_t, grad_t, Activation<opmath_t, SIGNED, SPIKING>,
+               Surrogate<opmath_t, SIGNED>, DETACH>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th,
                        batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0,
                        Activation<opmath_t, SIGNED, SPIKING>(v_th, gamma),
                        Surrogate<opmath_t, SIGNED>(v_th, gamma));
@@ -1169,9 +1208,9 @@ NEUROKERN_INLINE void fire_row(int64_t L, const opmath_t* __restrict__ v,
 
 // One reverse step of the paper order for L neurons (see above). v_prev: h_{t-1}; v_t: h_t;
 // s_prev: s_{t-1}.
-template <typename scalar_t, typename opmath_t, typename Sur>
+template <typename scalar_t, typename opmath_t, typename Sur, typename grad_t>
 NEUROKERN_INLINE void general_bwd_step_paper(
-    int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
+    int64_t L, const grad_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
     const opmath_t* __restrict__ v_t, const opmath_t* __restrict__ v_prev,
     const opmath_t* __restrict__ s_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, opmath_t* __restrict__ ds_c,
@@ -1199,9 +1238,9 @@ NEUROKERN_INLINE void general_bwd_step_paper(
 
 // One reverse step of the SpikingJelly order (see above). h_t, s_t: the step's h and spikes,
 // as the forward computed them; u_prev: u_{t-1}; LAST: t = T-1, where ds_c holds dL/ds_T.
-template <typename scalar_t, typename opmath_t, typename Sur, bool LAST>
+template <typename scalar_t, typename opmath_t, typename Sur, bool LAST, typename grad_t>
 NEUROKERN_INLINE void general_bwd_step_before(
-    int64_t L, const scalar_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
+    int64_t L, const grad_t* __restrict__ grad_s, const scalar_t* __restrict__ x,
     const opmath_t* __restrict__ h_t, const opmath_t* __restrict__ s_t,
     const opmath_t* __restrict__ u_prev, const opmath_t* __restrict__ a,
     const opmath_t* __restrict__ coeffs, const opmath_t* __restrict__ ds_c,
@@ -1229,17 +1268,17 @@ NEUROKERN_INLINE void general_bwd_step_before(
 // The row pointers of step t of one task (x, dL/ds, dx) and the prefetch of the rows
 // kPrefetchSteps steps earlier, for the reverse passes below (x's only with k = 1: with k > 1
 // the recomputation has just read the chunk's rows of x, which are still in the cache).
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 struct ReverseRows {
-  const scalar_t* g;
+  const grad_t* g;
   const scalar_t* x;
   scalar_t* dx;
 };
 
-template <typename scalar_t, typename opmath_t>
-NEUROKERN_INLINE ReverseRows<scalar_t> reverse_rows(
-    const PlifBwdParams<scalar_t, opmath_t>& p, int64_t t, int64_t row, int64_t m0, int64_t L) {
-  const ReverseRows<scalar_t> r{
+template <typename scalar_t, typename opmath_t, typename grad_t>
+NEUROKERN_INLINE ReverseRows<scalar_t, grad_t> reverse_rows(
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, int64_t t, int64_t row, int64_t m0, int64_t L) {
+  const ReverseRows<scalar_t, grad_t> r{
       p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0,
       p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0,
       p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0};
@@ -1253,9 +1292,9 @@ NEUROKERN_INLINE ReverseRows<scalar_t> reverse_rows(
 
 // The general reverse steps t_end-1 .. t_begin of the paper's order for one task's L neurons,
 // with v_{t-1} = v_before(t) and v_t = v_row(t) (general_bwd_tasks has the buffers' meanings).
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, typename VRow,
-          typename VBefore>
-NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>& p,
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, typename grad_t,
+          typename VRow, typename VBefore>
+NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                         const NeuronCoefficients<opmath_t>& k, const FireT& fire,
                                         const Sur& sur, int64_t row, int64_t m0, int64_t L,
                                         int64_t t_begin, int64_t t_end, const VRow& v_row,
@@ -1277,8 +1316,8 @@ NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t>&
 
 // The reverse steps t_end-1 .. t_begin of SpikingJelly's order for one task's L neurons:
 // step(t, x_t) gives {h_t, s_t} ([L] rows, recomputed or computed there), u_before(t) u_{t-1}.
-template <typename scalar_t, typename opmath_t, typename Sur, typename Step, typename UBefore>
-NEUROKERN_INLINE void general_bwd_steps_before(const PlifBwdParams<scalar_t, opmath_t>& p,
+template <typename scalar_t, typename opmath_t, typename Sur, typename grad_t, typename Step, typename UBefore>
+NEUROKERN_INLINE void general_bwd_steps_before(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                                const NeuronCoefficients<opmath_t>& k,
                                                const Sur& sur, int64_t row, int64_t m0,
                                                int64_t L, int64_t t_begin, int64_t t_end,
@@ -1317,8 +1356,9 @@ int64_t general_bwd_rows(int64_t T, int64_t k, bool before) {
 // reverse steps above. In SpikingJelly's order the recomputation keeps each step's h and
 // spikes, which the reverse step reads (with k = 1 it computes them from u_{t-1} and x_t).
 // buffer: general_bwd_rows(T, k, BEFORE) * chunk elements; scratch: chunk elements.
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
-NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>& p,
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
+          typename grad_t>
+NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                         const GeneralStep<opmath_t, FireT, BEFORE>& step,
                                         const NeuronCoefficients<opmath_t>& k, const Sur& sur,
                                         int64_t begin, int64_t end, opmath_t* buffer,
@@ -1416,8 +1456,9 @@ NEUROKERN_INLINE void general_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t>&
   stream_fence();
 }
 
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
-void general_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p,
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
+          typename grad_t>
+void general_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                const GeneralStep<opmath_t, FireT, BEFORE>& step,
                                const NeuronCoefficients<opmath_t>& k, const Sur& sur,
                                int64_t begin, int64_t end, opmath_t* buffer, scalar_t* scratch) {
@@ -1425,9 +1466,10 @@ void general_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t>& p,
 }
 
 #ifdef NEUROKERN_HAVE_AVX2_TARGET
-template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE>
+template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
+          typename grad_t>
 __attribute__((target("avx2"))) void general_bwd_tasks_avx2(
-    const PlifBwdParams<scalar_t, opmath_t>& p, const GeneralStep<opmath_t, FireT, BEFORE>& step,
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const GeneralStep<opmath_t, FireT, BEFORE>& step,
     const NeuronCoefficients<opmath_t>& k, const Sur& sur, int64_t begin, int64_t end,
     opmath_t* buffer, scalar_t* scratch) {
   general_bwd_tasks(p, step, k, sur, begin, end, buffer, scratch);
@@ -1435,7 +1477,7 @@ __attribute__((target("avx2"))) void general_bwd_tasks_avx2(
 #endif
 
 // The generalised neuron's backward (arguments as plif_bwd_kernel's).
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void plif_general_bwd_kernel(const at::Tensor& grad_s,
                              const std::optional<at::Tensor>& grad_v_last,
                              const std::optional<at::Tensor>& grad_s_last, const at::Tensor& x,
@@ -1449,7 +1491,7 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = grad_s.size(batch_first ? 1 : 0);
   const int64_t rows = general_bwd_rows(T, checkpoint, o.before);
-  const auto p = plif_bwd_params<scalar_t>(
+  const auto p = plif_bwd_params<scalar_t, grad_t>(
       grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
       checkpoint, dx, dalpha_per_neuron, dv0, ds0, rows, true, leak_grad);
   const auto k = o.coefficients<opmath_t>(v_th, detach_reset);
@@ -1464,7 +1506,7 @@ void plif_general_bwd_kernel(const at::Tensor& grad_s,
     if constexpr (kPaperKernels<FireT, Sur, kBefore>) {
       if (o.paper_form()) {
         auto run = [&](auto detach_c) {
-          plif_bwd_run<scalar_t, FireT, Sur, decltype(detach_c)::value>(
+          plif_bwd_run<scalar_t, grad_t, FireT, Sur, decltype(detach_c)::value>(
               grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
               checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0, fire, sur);
         };
@@ -1516,14 +1558,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   const auto [grad_s, T, C, N, st_shape, opmath] =
       checked_sequence(grad_s_in, op, "grad_s", batch_first, spiking, gamma);
 
+  // dx has x's dtype; grad_s has x's dtype or (the forward's spike_dtype) its compute dtype.
   // x is read only to recompute the membranes (k > 1), and by the general neuron's reverse pass.
-  at::Tensor x = grad_s;
+  check_cpu_float(x_in, op, "x");
+  const at::ScalarType x_dtype = x_in.scalar_type();
+  TORCH_CHECK(grad_s.scalar_type() == x_dtype || grad_s.scalar_type() == at::toOpMathType(x_dtype),
+              op, ": grad_s must have x's dtype ", x_dtype, " or its compute dtype ",
+              at::toOpMathType(x_dtype), ", got ", grad_s.scalar_type());
+  at::Tensor x = x_in;
   if (checkpoint > 1 || !options.paper()) {
-    check_cpu_float(x_in, op, "x");
     TORCH_CHECK(x_in.sizes() == grad_s.sizes(), op, ": x must have grad_s's shape ",
                 grad_s.sizes(), ", got ", x_in.sizes());
-    TORCH_CHECK(x_in.scalar_type() == grad_s.scalar_type(), op, ": x must have grad_s's dtype ",
-                grad_s.scalar_type(), ", got ", x_in.scalar_type());
     x = with_contiguous_neurons(x_in);
   }
   check_cpu_float(v_saved_in, op, "v_saved");
@@ -1544,33 +1589,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
       ? checked_state(s0_in, st_shape, opmath, op, "s0")
       : std::nullopt;
 
-  at::Tensor dx = at::empty(grad_s.sizes(), grad_s.options());
+  const auto x_options = grad_s.options().dtype(x_dtype);
+  at::Tensor dx = at::empty(grad_s.sizes(), x_options);
   at::Tensor dalpha_per_neuron = at::empty({N}, grad_s.options().dtype(opmath));
-  at::Tensor dv0 = at::empty(st_shape, grad_s.options());
-  at::Tensor ds0 = at::empty(st_shape, grad_s.options());
+  at::Tensor dv0 = at::empty(st_shape, x_options);
+  at::Tensor ds0 = at::empty(st_shape, x_options);
   if (N == 0) return {dx, dalpha_per_neuron, dv0, ds0};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_s.scalar_type(), "plif_bwd_cpu",
-                                  [&] {
-    if (!options.paper()) {
-      plif_general_bwd_kernel<scalar_t>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
-                                        s0, v_th, gamma, is_signed, batch_first, spiking,
-                                        detach_reset, options, checkpoint, leak_grad, dx,
-                                        dalpha_per_neuron, dv0, ds0);
-      return;
-    }
-    dispatch_bools(is_signed, detach_reset, [&](auto signed_c, auto detach_c) {
-      constexpr bool kSigned = decltype(signed_c)::value;
-      constexpr bool kDetach = decltype(detach_c)::value;
-      if (spiking) {
-        plif_bwd_kernel<scalar_t, kSigned, true, kDetach>(
-            grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-            batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
-      } else {
-        plif_bwd_kernel<scalar_t, kSigned, false, kDetach>(
-            grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
-            batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "plif_bwd_cpu", [&] {
+    dispatch_spike_type<scalar_t>(grad_s.scalar_type() != x_dtype, [&](auto* grad_tag) {
+      using grad_t = std::remove_pointer_t<decltype(grad_tag)>;
+      if (!options.paper()) {
+        plif_general_bwd_kernel<scalar_t, grad_t>(
+            grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma, is_signed,
+            batch_first, spiking, detach_reset, options, checkpoint, leak_grad, dx,
+            dalpha_per_neuron, dv0, ds0);
+        return;
       }
+      dispatch_bools(is_signed, detach_reset, [&](auto signed_c, auto detach_c) {
+        constexpr bool kSigned = decltype(signed_c)::value;
+        constexpr bool kDetach = decltype(detach_c)::value;
+        if (spiking) {
+          plif_bwd_kernel<scalar_t, grad_t, kSigned, true, kDetach>(
+              grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
+              batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
+        } else {
+          plif_bwd_kernel<scalar_t, grad_t, kSigned, false, kDetach>(
+              grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
+              batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0);
+        }
+      });
     });
   });
   return {dx, dalpha_per_neuron, dv0, ds0};

@@ -20,18 +20,21 @@ TORCH_LIBRARY(neurokern, m) {
   // Multi-step PLIF over x [T, B, C, *S] ([B, T, C, *S] if batch_first), N = B * C * prod(S),
   // with the generalised neuron's options (the carried state v is h, or u with
   // reset_before_leak).
-  // alpha: [C] or 0-d. Returns s (x's shape and dtype, contiguous), v_saved (what the backward
+  // alpha: [C] or 0-d. Returns s (x's shape, contiguous, in spike_dtype: x's dtype if None, or
+  // the compute dtype, float32 for half inputs, as snnTorch's spikes), v_saved (what the backward
   // needs, in the compute dtype, float32 for half inputs), v_last and s_last ([B, C, *S], x's
   // dtype). checkpoint = 0: nothing is saved (v_saved is empty); checkpoint = k >= 1: v_saved is
   // [ceil(T / k), N], row j the membrane after step min((j + 1) k, T) - 1 (k = 1: every step).
   m.def(
       "plif_fwd(Tensor x, Tensor alpha, Tensor? v0, Tensor? s0, float v_th, float gamma, "
       "bool signed, bool batch_first, bool spiking, int checkpoint, " NEUROKERN_NEURON_OPTIONS
-      ") -> (Tensor s, Tensor v_saved, Tensor v_last, Tensor s_last)");
+      ", ScalarType? spike_dtype=None) -> (Tensor s, Tensor v_saved, Tensor v_last, "
+      "Tensor s_last)");
   // Backward of plif_fwd from its v_saved (same checkpoint k >= 1). With k > 1 the membranes of
   // each chunk of k steps are recomputed from x and the checkpoint before it (v0/s0, zero if
   // None, before the first), bit-identically to the forward; with k = 1, x is not read.
-  // grad_v_last / grad_s_last may be None (zero). Returns dx (x's shape and dtype, contiguous),
+  // grad_v_last / grad_s_last may be None (zero); grad_s has x's dtype or, after a forward with
+  // spike_dtype, the compute dtype. Returns dx (x's shape and dtype, contiguous),
   // dalpha_per_neuron ([N] in the compute dtype: sum over t of dL/dv_t * v_{t-1}, reduced to
   // alpha's shape by the caller), dv0 and ds0 ([B, C, *S], x's dtype). leak_grad = False: the
   // caller needs no gradient of alpha, and dalpha_per_neuron's values are unspecified (the C++

@@ -169,6 +169,7 @@ def plif(
     strict_threshold=False,
     surrogate="atan",
     surrogate_scale=1.0,
+    spike_dtype=None,
 ):
     """Multi-step PLIF neuron (SPEC.md 2), all T steps in one call.
 
@@ -207,6 +208,9 @@ def plif(
         surrogate: "atan" (`surrogate_scale / (1 + gamma u^2)`) or "sigmoid"
             (`surrogate_scale gamma sig(gamma u) (1 - sig(gamma u))`), at `u = h - v_th`.
         surrogate_scale: the factor of the surrogate derivative, > 0.
+        spike_dtype: the dtype of `s`: None (x's) or x's compute dtype, float32 for a
+            float16/bfloat16 `x` (snnTorch's spikes are float32): written by the kernel, with
+            no conversion pass, and its gradient read as it comes. The state keeps x's dtype.
 
     Returns:
         spikes `s` shaped like `x`, or `(s, (v_T, s_T))` if `return_state`: `v_T` is the
@@ -255,6 +259,8 @@ def plif(
             _check_like(name, t, x)
             _check_shape(name, t, step_shape)
         state = tuple(state)
+    if _reference.spike_dtype_of(x.dtype, spike_dtype) == x.dtype:
+        spike_dtype = None  # the default call
     _dispatch.check_backend_name(backend)
     # The paper's PLIF, or the generalised neuron: its own GPU variants (docs/neurons.md)
     general = (reset, reset_before_leak, decay_input, strict_threshold, surrogate,
@@ -265,7 +271,7 @@ def plif(
         state=state, return_state=return_state, detach_reset=detach_reset, spiking=spiking,
         reset=reset, v_reset=v_reset, reset_before_leak=reset_before_leak,
         decay_input=decay_input, strict_threshold=strict_threshold, surrogate=surrogate,
-        surrogate_scale=float(surrogate_scale),
+        surrogate_scale=float(surrogate_scale), spike_dtype=spike_dtype,
     )
 
 

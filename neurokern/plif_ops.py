@@ -2,11 +2,13 @@
 and their registration with the dispatcher (backends "cpu" and "triton").
 
 Ops (same schema on both backends; the C++ ones are declared in csrc/register.cpp):
-    plif_fwd(x, alpha, v0?, s0?, v_th, gamma, signed, batch_first, spiking, checkpoint)
-        -> (s, v_saved, v_last, s_last)
+    plif_fwd(x, alpha, v0?, s0?, v_th, gamma, signed, batch_first, spiking, checkpoint,
+             *options, spike_dtype=None) -> (s, v_saved, v_last, s_last)
     plif_bwd(grad_s, grad_v_last?, grad_s_last?, x, v_saved, alpha, v0?, s0?, v_th, gamma,
-             signed, batch_first, spiking, detach_reset, checkpoint, leak_grad=True)
+             signed, batch_first, spiking, detach_reset, checkpoint, *options, leak_grad=True)
         -> (dx, dalpha_per_neuron, dv0, ds0)
+with `options` the generalised neuron's (OPTION_NAMES). The spikes s have x's dtype, or with
+`spike_dtype` x's compute dtype (float32 for half inputs: snnTorch's spikes); grad_s has s's.
 `neurokern::*` run the C++ CPU kernels, `neurokern_triton::*` the Triton kernels.
 
 What is saved for backward (nothing when no gradient is needed): x, which autograd holds
@@ -34,7 +36,7 @@ from neurokern._kernels import (
     eager_or_op, first_order_only, register_fakes, scalar_params, triton_available, triton_op,
 )
 from neurokern.dispatch import register
-from neurokern.reference import NEURON_DEFAULTS, compute_dtype
+from neurokern.reference import NEURON_DEFAULTS, compute_dtype, spike_dtype_of
 
 # Triton launch configuration per element size of x in bytes: neurons per program and warps
 # (the forward's and the backward's; each program loops over all T steps), and the checkpoint
@@ -248,11 +250,14 @@ if triton_available():
         spiking: bool, checkpoint: int, reset: str = "soft", v_reset: float = 0.0,
         reset_before_leak: bool = False, decay_input: bool = False,
         strict_threshold: bool = False, surrogate: str = "atan", surrogate_scale: float = 1.0,
+        spike_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
                    surrogate_scale)
         params = neuron_params(v_th, gamma, options, False, x.dtype, x.device)
-        s = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # the kernel's stores convert to s's element type
+        s = torch.empty_like(x, dtype=spike_dtype_of(x.dtype, spike_dtype),
+                             memory_format=torch.contiguous_format)
         (x, s), ((T, B, C, S1, S2), (x_strides, s_strides)) = _strided(batch_first, x, s)
         N = B * C * S1 * S2
         v_saved = x.new_empty(_saved_shape(T, N, checkpoint), dtype=compute_dtype(x.dtype))
@@ -291,8 +296,9 @@ if triton_available():
         # along with the loads the kernel makes anyway, so it is always computed
         options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
                    surrogate_scale)
-        params = neuron_params(v_th, gamma, options, detach_reset, grad_s.dtype, grad_s.device)
-        dx = torch.empty_like(grad_s, memory_format=torch.contiguous_format)
+        params = neuron_params(v_th, gamma, options, detach_reset, x.dtype, x.device)
+        spike_dtype_of(x.dtype, grad_s.dtype)  # x's dtype or its compute dtype: the kernel loads
+        dx = torch.empty_like(grad_s, dtype=x.dtype, memory_format=torch.contiguous_format)
         (grad_s, x, dx), ((T, B, C, S1, S2), (g_strides, x_strides, d_strides)) = _strided(
             batch_first, grad_s, x, dx)
         N = B * C * S1 * S2
@@ -301,7 +307,7 @@ if triton_available():
                              f"{tuple(v_saved.shape)} is not what plif_fwd saves with "
                              f"checkpoint={checkpoint} ({_saved_shape(T, N, checkpoint)})")
         dalpha = v_saved.new_empty((N,))
-        dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
+        dv0 = x.new_empty(_state_shape(x, batch_first))
         ds0 = torch.empty_like(dv0)
         has_state = v0 is not None
         if N:
@@ -313,7 +319,7 @@ if triton_available():
                 grad_s_last.contiguous() if grad_s_last is not None else ds0,
                 x, v_saved, alpha,
                 v0.contiguous() if has_state else dv0, s0.contiguous() if has_state else ds0,
-                scalar_params(v_th, gamma, grad_s.dtype, grad_s.device) if params is None
+                scalar_params(v_th, gamma, x.dtype, x.device) if params is None
                 else params,
                 dx, dalpha, dv0, ds0,
                 T, N, C, S1, S2, *g_strides, *x_strides, *d_strides,
@@ -328,9 +334,11 @@ if triton_available():
 
 
 def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, checkpoint,
-                   *options):
+                   reset="soft", v_reset=0.0, reset_before_leak=False, decay_input=False,
+                   strict_threshold=False, surrogate="atan", surrogate_scale=1.0,
+                   spike_dtype=None):
     v_last = x.new_empty(_state_shape(x, batch_first))
-    s = x.new_empty(x.shape)
+    s = x.new_empty(x.shape, dtype=spike_dtype_of(x.dtype, spike_dtype))
     steps = x.shape[1 if batch_first else 0]
     v_saved = x.new_empty(_saved_shape(steps, v_last.numel(), checkpoint),
                           dtype=compute_dtype(x.dtype))
@@ -340,9 +348,8 @@ def _plif_fwd_fake(x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, 
 def _plif_bwd_fake(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, gamma,
                    signed, batch_first, spiking, detach_reset, checkpoint, *options,
                    leak_grad=True):
-    dv0 = grad_s.new_empty(_state_shape(grad_s, batch_first))
-    return (grad_s.new_empty(grad_s.shape), v_saved.new_empty((dv0.numel(),)), dv0,
-            torch.empty_like(dv0))
+    dv0 = x.new_empty(_state_shape(x, batch_first))
+    return (x.new_empty(x.shape), v_saved.new_empty((dv0.numel(),)), dv0, torch.empty_like(dv0))
 
 
 register_fakes("plif", _plif_fwd_fake, _plif_bwd_fake)
@@ -358,16 +365,16 @@ class PLIFFunction(torch.autograd.Function):
     """Multi-step PLIF on a fused backend. Inputs `(x, alpha, v0, s0)`, outputs
     `(s, v_last, s_last)`; the backward runs the reverse-time kernel from x and the saved
     membranes (every `checkpoint_interval`-th step). `options`: the generalised neuron's
-    options (OPTION_NAMES), `()` for the paper's PLIF."""
+    options (OPTION_NAMES), `()` for the paper's PLIF; `spike_dtype`: s's dtype (None: x's)."""
 
     @staticmethod
     def forward(ctx, x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset,
-                backend, options=()):
+                backend, options=(), spike_dtype=None):
         fwd = eager_or_op(plif_ops(backend)[0])
         checkpoint = (checkpoint_interval(backend, x.dtype) if any(ctx.needs_input_grad[:4])
                       else 0)
         s, v_saved, v_last, s_last = fwd(x, alpha, v0, s0, v_th, gamma, signed, batch_first,
-                                         spiking, checkpoint, *options)
+                                         spiking, checkpoint, *options, spike_dtype=spike_dtype)
         ctx.save_for_backward(x, v_saved, alpha, v0, s0)
         ctx.set_materialize_grads(False)
         ctx.args = (v_th, gamma, signed, batch_first, spiking, detach_reset, checkpoint,
@@ -383,7 +390,7 @@ class PLIFFunction(torch.autograd.Function):
         bwd = eager_or_op(plif_ops(backend)[1])
         if grad_s is None:  # only the final state was used, if anything
             if grad_v_last is None and grad_s_last is None:
-                return (None,) * 12
+                return (None,) * 13
             grad_s = torch.zeros_like(x)
         dx, dalpha_n, dv0, ds0 = bwd(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0,
                                      s0, v_th, gamma, signed, batch_first, spiking,
@@ -400,12 +407,12 @@ class PLIFFunction(torch.autograd.Function):
             dalpha = dalpha.to(alpha.dtype)
         has_state = v0 is not None
         return (dx, dalpha, dv0 if has_state else None, ds0 if has_state else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _plif_impl(backend):
     def impl(x, alpha, *, v_th, gamma, signed, batch_first, state, return_state, detach_reset,
-             spiking, **options):
+             spiking, spike_dtype=None, **options):
         if options.get("reset", "soft") != "hard":  # v_reset is not used: the paper's path
             options["v_reset"] = NEURON_DEFAULTS["v_reset"]
         options = tuple(options.get(name, NEURON_DEFAULTS[name]) for name in OPTION_NAMES)
@@ -414,7 +421,7 @@ def _plif_impl(backend):
         v0, s0 = state if state is not None else (None, None)
         s, v_last, s_last = PLIFFunction.apply(
             x, alpha, v0, s0, v_th, gamma, signed, batch_first, spiking, detach_reset, backend,
-            () if options == PAPER_OPTIONS else options)
+            () if options == PAPER_OPTIONS else options, spike_dtype)
         return (s, (v_last, s_last)) if return_state else s
     return impl
 

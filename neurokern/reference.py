@@ -31,6 +31,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def spike_dtype_of(x_dtype: torch.dtype, spike_dtype) -> torch.dtype:
+    """The dtype of plif's spikes: x's (spike_dtype None), or spike_dtype if it is x's or x's
+    compute dtype; anything else is refused."""
+    if spike_dtype is None:
+        return x_dtype
+    if not isinstance(spike_dtype, torch.dtype):
+        raise TypeError(f"spike_dtype must be a torch.dtype or None, got "
+                        f"{type(spike_dtype).__name__}")
+    if spike_dtype not in (x_dtype, compute_dtype(x_dtype)):
+        raise ValueError(f"spike_dtype must be x's dtype {x_dtype} or its compute dtype "
+                         f"{compute_dtype(x_dtype)}, got {spike_dtype}")
+    return spike_dtype
+
+
 # ---------------------------------------------------------------------------------------------
 # Spike activations (SPEC.md 1)
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +226,7 @@ def plif(
     strict_threshold: bool = False,
     surrogate: str = "atan",
     surrogate_scale: float = 1.0,
+    spike_dtype=None,
 ):
     """Multi-step leaky integrate-and-fire neuron; the defaults are the paper's PLIF.
 
@@ -237,6 +252,7 @@ def plif(
             `reset_before_leak`, s_0 is not used).
         return_state: also return the final `(v_T, s_T)`.
         detach_reset: stop the gradient through the spikes in the reset.
+        spike_dtype: the dtype of `s` (None: x's); the state `(v_T, s_T)` keeps x's.
 
     Returns:
         `s` shaped like `x`, or `(s, (v_T, s_T))` with `return_state`.
@@ -288,7 +304,7 @@ def plif(
             v = reset_map(h, s)
             s = fire(v)
         spikes.append(s)
-    out = torch.stack(spikes, time_dim).to(x.dtype)
+    out = torch.stack(spikes, time_dim).to(spike_dtype_of(x.dtype, spike_dtype))
     if return_state:
         return out, (v.to(x.dtype), s.to(x.dtype))
     return out

@@ -281,9 +281,11 @@ def cotangents(case, s, v_last, gen):
     return [view_like(s, how, gen), view_like(v_last, how, gen), view_like(v_last, how, gen)]
 
 
-def run(case, backend, dtype, x, alpha, state, spiking=True):
+def run(case, backend, dtype, x, alpha, state, spiking=True, spike_dtype=None,
+        state_grads_as=None):
     """`(s, v_T, s_T, dx, dalpha, dv0, ds0)` in float64 on the CPU, from `backend` with the
-    inputs cast to `dtype`, and the incoming gradients of `cotangents`."""
+    inputs cast to `dtype`, and the incoming gradients of `cotangents` in the dtypes of the
+    outputs (those of the final state first rounded to `state_grads_as`, if given)."""
     device = backend_device(backend)
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     x = x.detach().to(device, dtype).requires_grad_()
@@ -297,9 +299,13 @@ def run(case, backend, dtype, x, alpha, state, spiking=True):
         s, (v_last, s_last) = nk.plif(
             x, alpha, v_th=case["v_th"], gamma=case["gamma"], signed=case["opts"]["signed"],
             batch_first=case["layout"] == "batch_major", state=st_, return_state=True,
-            detach_reset=case["detach_reset"], spiking=spiking, backend=backend, **opts)
+            detach_reset=case["detach_reset"], spiking=spiking, backend=backend,
+            spike_dtype=spike_dtype, **opts)
         gen = torch.Generator().manual_seed(case["seed"] + 1)
-        grads = [g.to(device, dtype) for g in cotangents(case, s, v_last, gen)]
+        grads = cotangents(case, s, v_last, gen)
+        if state_grads_as is not None:
+            grads[1:] = [g.to(state_grads_as) for g in grads[1:]]
+        grads = [g.to(device, o.dtype) for g, o in zip(grads, (s, v_last, s_last))]
         leaves = [x, alpha] + ([] if st_ is None else list(st_))
         wanted = [t for t in leaves if t.requires_grad]
         found = iter(torch.autograd.grad((s, v_last, s_last), wanted, grads, allow_unused=True,
@@ -415,6 +421,64 @@ def test_cpu_low_precision_against_float64_reference(poison_empty, backend, dtyp
 @given(case=neuron_cases())
 def test_triton_low_precision_against_float64_reference(poison_empty, backend, dtype, case):
     check_low_precision(backend, dtype, case)
+
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def check_float32_spikes(backend, dtype, case):
+    """spike_dtype=float32 for a float16/bfloat16 x (snnTorch's spikes): the kernels compute in
+    float32 anyway, so the run equals the float32 run on the same rounded inputs, with the
+    incoming gradient of the spikes in float32 as it comes (no rounding to x's dtype): spikes
+    and dalpha exactly, the final state and dx, dv0, ds0 that run's rounded to x's dtype (one
+    unit in the last place on the Triton interpreter, which truncates)."""
+    x, alpha, state = make_inputs(case)
+    x_q = x.to(dtype).double()
+    state_q = None if state is None else tuple(t.to(dtype).double() for t in state)
+    out = run(case, backend, dtype, x, alpha, state, spike_dtype=torch.float32)
+    f32 = run(case, backend, torch.float32, x_q, alpha, state_q, state_grads_as=dtype)
+    assert torch.equal(out[0], f32[0]), "spikes differ"
+    assert torch.equal(out[2], f32[2]), "final spikes differ"
+    rtol = 0 if backend == "cpu" else torch.finfo(dtype).eps
+    for index in (1, 3, 5, 6)[:len(out) - 3]:  # v_T, dx (dv0, ds0 with a state): x's dtype
+        rounded = f32[index].to(dtype).double()
+        torch.testing.assert_close(out[index], rounded, rtol=rtol, atol=0, msg=NAMES[index])
+    torch.testing.assert_close(out[4], f32[4], rtol=0 if backend == "cpu" else 1e-6, atol=0,
+                               msg="dalpha")
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@given(case=neuron_cases())
+def test_cpu_float32_spikes_of_half_inputs(poison_empty, backend, dtype, case):
+    check_float32_spikes(backend, dtype, case)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@FEWER
+@given(case=neuron_cases())
+def test_triton_float32_spikes_of_half_inputs(poison_empty, backend, dtype, case):
+    check_float32_spikes(backend, dtype, case)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_DTYPES])
+def test_spike_dtype(backend, dtype):
+    """spike_dtype: s in x's compute dtype, the state in x's dtype; the same spikes as the
+    default call; another dtype is refused before any kernel runs."""
+    device = "cpu" if backend == "reference" else backend_device(backend)
+    x = torch.randn(5, 2, 3, 4, device=device).to(dtype)
+    alpha = torch.full((3,), 0.8, device=device, dtype=reference.compute_dtype(dtype))
+    compute = reference.compute_dtype(dtype)
+    s, (v, s_last) = nk.plif(x, alpha, return_state=True, backend=backend, spike_dtype=compute)
+    assert s.dtype == compute and v.dtype == s_last.dtype == dtype
+    assert torch.equal(s, nk.plif(x, alpha, backend=backend).to(compute))
+    for bad in (torch.float64 if dtype != torch.float64 else torch.float32, torch.int32):
+        with pytest.raises(ValueError, match="spike_dtype must be x's dtype"):
+            nk.plif(x, alpha, backend=backend, spike_dtype=bad)
+    with pytest.raises(TypeError, match="spike_dtype must be a torch.dtype"):
+        nk.plif(x, alpha, backend=backend, spike_dtype="float32")
 
 
 def gradcheck_cases(detach_reset=False):
@@ -544,6 +608,18 @@ def test_opcheck_general(backend):
             torch.library.opcheck(bwd, (torch.randn_like(s), torch.randn_like(v_last), None, x,
                                         v_saved, alpha, *state, 1.0, 4.0, False, False, True,
                                         True, k, *options), dict(leak_grad=leak_grad))
+    # float32 spikes of a bfloat16 x (spike_dtype), and their float32 gradient
+    x, state = x.bfloat16(), tuple(t.bfloat16() for t in state)
+    k = checkpoint_interval(backend, x.dtype)
+    for options in ((), ("hard", -0.2, True, True, False, "sigmoid", 1.0)):
+        args = (x, alpha, *state, 1.0, 4.0, False, False, True, k, *options)
+        spikes = dict(spike_dtype=torch.float32)
+        torch.library.opcheck(fwd, args, spikes)
+        s, v_saved, v_last, _ = fwd(*args, **spikes)
+        assert s.dtype == torch.float32 and v_last.dtype == torch.bfloat16
+        torch.library.opcheck(bwd, (torch.randn_like(s), torch.randn_like(v_last), None, x,
+                                    v_saved, alpha, *state, 1.0, 4.0, False, False, True, True,
+                                    k, *options))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -213,8 +213,10 @@ class Leaky(nn.Module):
             x = x.reshape(x.shape[0], *view)
             mem0 = mem0.reshape(view)
         v_th = float(self.threshold)
+        # float32 spikes straight from the kernel for a half x (snnTorch's dtype), no conversion
         common = dict(v_th=v_th, strict_threshold=True, return_state=True,
-                      backend=self.backend, **self.spike_grad.plif_kwargs())
+                      backend=self.backend, spike_dtype=torch.float32 if half else None,
+                      **self.spike_grad.plif_kwargs())
         if self.reset_mechanism == "subtract":
             # r = Theta(mem - threshold) is the previous step's spike: the paper's s_0.
             fired = (mem0.detach() > v_th).to(x.dtype)
@@ -247,7 +249,7 @@ class Leaky(nn.Module):
             spk = torch.cat(spikes) if len(spikes) > 1 else spk
         mem_t = mem_t.reshape(step_shape)
         self.mem = mem_t.float() if half else mem_t
-        spk = spk.reshape(x.shape[0], *step_shape).float()
+        spk = spk.reshape(x.shape[0], *step_shape).float()  # float64 x: float32, as snnTorch
         gsf = self.graded_spikes_factor
         if isinstance(gsf, nn.Parameter) or gsf.numel() != 1 or float(gsf) != 1.0:
             spk = spk * gsf  # a pass over all spikes: skipped for the default factor 1
