@@ -931,11 +931,12 @@ NEUROKERN_INLINE void plif_bwd_step(int64_t L, const grad_t* grad_s, const opmat
 // initial state. v_{t-1} serves only dalpha's sum, so without p.leak_grad it is not read.
 template <typename scalar_t, typename opmath_t, typename Sur, bool DETACH, typename grad_t,
           typename VRow, typename VBefore>
-NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Sur& sur,
-                                     int64_t row, int64_t m0, int64_t L, int64_t t_begin,
-                                     int64_t t_end, const VRow& v_row, const VBefore& v_before,
-                                     const opmath_t* a, const opmath_t* ds_carry, opmath_t* dv,
-                                     opmath_t* dalpha, scalar_t* dx_row) {
+NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
+                                     const Sur& sur, int64_t row, int64_t m0, int64_t L,
+                                     int64_t t_begin, int64_t t_end, const VRow& v_row,
+                                     const VBefore& v_before, const opmath_t* a,
+                                     const opmath_t* ds_carry, opmath_t* dv, opmath_t* dalpha,
+                                     scalar_t* dx_row) {
   for (int64_t t = t_end - 1; t >= t_begin; --t) {
     const grad_t* gt = p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0;
     scalar_t* dxt = p.dx + t * p.dx_view.stride_t + row * p.dx_view.stride_b + m0;
@@ -964,8 +965,8 @@ NEUROKERN_INLINE void plif_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, gra
 // p.stream each step's dx row before stream_row writes it out).
 template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH,
           typename grad_t>
-NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act,
-                                     const Sur& sur, int64_t begin, int64_t end,
+NEUROKERN_INLINE void plif_bwd_tasks(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
+                                     const Act& act, const Sur& sur, int64_t begin, int64_t end,
                                      opmath_t* buffer, scalar_t* scratch) {
   const Chunking& ch = p.chunking;
   opmath_t* dv = buffer;                   // [chunk] dL/dv of the step after the current one
@@ -1045,8 +1046,8 @@ void plif_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, 
 template <typename scalar_t, typename opmath_t, typename Act, typename Sur, bool DETACH,
           typename grad_t>
 __attribute__((target("avx2"))) void plif_bwd_tasks_avx2(
-    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act, const Sur& sur, int64_t begin,
-    int64_t end, opmath_t* buffer, scalar_t* scratch) {
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const Act& act, const Sur& sur,
+    int64_t begin, int64_t end, opmath_t* buffer, scalar_t* scratch) {
   plif_bwd_tasks<scalar_t, opmath_t, Act, Sur, DETACH>(p, act, sur, begin, end, buffer,
                                                        scratch);
 }
@@ -1157,10 +1158,10 @@ void plif_bwd_kernel(const at::Tensor& grad_s, const std::optional<at::Tensor>& 
                      at::Tensor& dv0, at::Tensor& ds0) {
   using opmath_t = at::opmath_type<scalar_t>;
   plif_bwd_run<scalar_t, grad_t, Activation<opmath_t, SIGNED, SPIKING>,
-               Surrogate<opmath_t, SIGNED>, DETACH>(grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th,
-                       batch_first, checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0,
-                       Activation<opmath_t, SIGNED, SPIKING>(v_th, gamma),
-                       Surrogate<opmath_t, SIGNED>(v_th, gamma));
+               Surrogate<opmath_t, SIGNED>, DETACH>(
+      grad_s, grad_v_last, grad_s_last, x, v_saved, alpha, v0, s0, v_th, batch_first,
+      checkpoint, leak_grad, dx, dalpha_per_neuron, dv0, ds0,
+      Activation<opmath_t, SIGNED, SPIKING>(v_th, gamma), Surrogate<opmath_t, SIGNED>(v_th, gamma));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1277,7 +1278,8 @@ struct ReverseRows {
 
 template <typename scalar_t, typename opmath_t, typename grad_t>
 NEUROKERN_INLINE ReverseRows<scalar_t, grad_t> reverse_rows(
-    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, int64_t t, int64_t row, int64_t m0, int64_t L) {
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, int64_t t, int64_t row, int64_t m0,
+    int64_t L) {
   const ReverseRows<scalar_t, grad_t> r{
       p.grad_s + t * p.g_view.stride_t + row * p.g_view.stride_b + m0,
       p.x + t * p.x_view.stride_t + row * p.x_view.stride_b + m0,
@@ -1316,7 +1318,8 @@ NEUROKERN_INLINE void general_bwd_steps(const PlifBwdParams<scalar_t, opmath_t, 
 
 // The reverse steps t_end-1 .. t_begin of SpikingJelly's order for one task's L neurons:
 // step(t, x_t) gives {h_t, s_t} ([L] rows, recomputed or computed there), u_before(t) u_{t-1}.
-template <typename scalar_t, typename opmath_t, typename Sur, typename grad_t, typename Step, typename UBefore>
+template <typename scalar_t, typename opmath_t, typename Sur, typename grad_t, typename Step,
+          typename UBefore>
 NEUROKERN_INLINE void general_bwd_steps_before(const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
                                                const NeuronCoefficients<opmath_t>& k,
                                                const Sur& sur, int64_t row, int64_t m0,
@@ -1469,9 +1472,9 @@ void general_bwd_tasks_default(const PlifBwdParams<scalar_t, opmath_t, grad_t>& 
 template <typename scalar_t, typename opmath_t, typename FireT, typename Sur, bool BEFORE,
           typename grad_t>
 __attribute__((target("avx2"))) void general_bwd_tasks_avx2(
-    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p, const GeneralStep<opmath_t, FireT, BEFORE>& step,
-    const NeuronCoefficients<opmath_t>& k, const Sur& sur, int64_t begin, int64_t end,
-    opmath_t* buffer, scalar_t* scratch) {
+    const PlifBwdParams<scalar_t, opmath_t, grad_t>& p,
+    const GeneralStep<opmath_t, FireT, BEFORE>& step, const NeuronCoefficients<opmath_t>& k,
+    const Sur& sur, int64_t begin, int64_t end, opmath_t* buffer, scalar_t* scratch) {
   general_bwd_tasks(p, step, k, sur, begin, end, buffer, scratch);
 }
 #endif
@@ -1562,9 +1565,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plif_bwd_cpu(
   // x is read only to recompute the membranes (k > 1), and by the general neuron's reverse pass.
   check_cpu_float(x_in, op, "x");
   const at::ScalarType x_dtype = x_in.scalar_type();
-  TORCH_CHECK(grad_s.scalar_type() == x_dtype || grad_s.scalar_type() == at::toOpMathType(x_dtype),
-              op, ": grad_s must have x's dtype ", x_dtype, " or its compute dtype ",
-              at::toOpMathType(x_dtype), ", got ", grad_s.scalar_type());
+  const at::ScalarType x_opmath = at::toOpMathType(x_dtype);  // opmath is grad_s's
+  TORCH_CHECK(grad_s.scalar_type() == x_dtype || grad_s.scalar_type() == x_opmath, op,
+              ": grad_s must have x's dtype ", x_dtype, " or its compute dtype ", x_opmath,
+              ", got ", grad_s.scalar_type());
   at::Tensor x = x_in;
   if (checkpoint > 1 || !options.paper()) {
     TORCH_CHECK(x_in.sizes() == grad_s.sizes(), op, ": x must have grad_s's shape ",

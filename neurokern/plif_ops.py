@@ -297,7 +297,9 @@ if triton_available():
         options = (reset, v_reset, reset_before_leak, decay_input, strict_threshold, surrogate,
                    surrogate_scale)
         params = neuron_params(v_th, gamma, options, detach_reset, x.dtype, x.device)
-        spike_dtype_of(x.dtype, grad_s.dtype)  # x's dtype or its compute dtype: the kernel loads
+        if grad_s.dtype not in (x.dtype, compute_dtype(x.dtype)):  # the kernel loads either
+            raise ValueError(f"neurokern_triton::plif_bwd: grad_s must have x's dtype {x.dtype} "
+                             f"or its compute dtype {compute_dtype(x.dtype)}, got {grad_s.dtype}")
         dx = torch.empty_like(grad_s, dtype=x.dtype, memory_format=torch.contiguous_format)
         (grad_s, x, dx), ((T, B, C, S1, S2), (g_strides, x_strides, d_strides)) = _strided(
             batch_first, grad_s, x, dx)

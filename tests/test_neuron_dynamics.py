@@ -481,6 +481,24 @@ def test_spike_dtype(backend, dtype):
         nk.plif(x, alpha, backend=backend, spike_dtype="float32")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bwd_refuses_a_gradient_of_another_dtype(backend):
+    """plif_bwd reads dL/ds in x's dtype or its compute dtype (spike_dtype), nothing else: a
+    float32 gradient for a float64 x, or float16 for bfloat16, is refused, not misread."""
+    from neurokern.plif_ops import checkpoint_interval, plif_ops
+
+    device = backend_device(backend)
+    fwd, bwd = plif_ops(backend)
+    for x_dtype, grad_dtype in ((f64, torch.float32), (torch.bfloat16, torch.float16)):
+        x = torch.randn(4, 2, 3, 5, device=device, dtype=x_dtype)
+        alpha = torch.full((3,), 0.9, device=device, dtype=reference.compute_dtype(x_dtype))
+        k = checkpoint_interval(backend, x.dtype)
+        s, v_saved, _, _ = fwd(x, alpha, None, None, 1.0, 4.0, False, False, True, k)
+        with pytest.raises((RuntimeError, ValueError), match="grad_s must have x's dtype"):
+            bwd(torch.ones_like(s, dtype=grad_dtype), None, None, x, v_saved, alpha, None, None,
+                1.0, 4.0, False, False, True, False, k)
+
+
 def gradcheck_cases(detach_reset=False):
     """Smooth-mode cases: every reset x order x input decay x surrogate, and signed spikes
     (soft or no reset, atan) x order x input decay; a scalar or [C] leak, an initial state or
